@@ -1,0 +1,1 @@
+"""The `gtorrent` command line: a thin typer + rich layer over the `gtorrent` library."""

@@ -1,0 +1,100 @@
+"""The typer application and the one error boundary of the CLI.
+
+`main()` runs the command tree in non-standalone mode so that every failure comes back here: library
+errors (`GtorrentError`) and usage errors (bad flags) are printed as `error: …` / `hint: …` with their
+exit codes, anything unexpected as a one-line internal error. A traceback appears only with --debug
+(or GTORRENT_DEBUG=1). Commands import the model runtime lazily, so `gtorrent id` never loads ONNX
+Runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Annotated
+
+import typer
+from typer import _click as click  # typer >= 0.29 vendors click
+
+from gtorrent import __version__
+from gtorrent.environment import DUAL_INSTALL_HINT, DUAL_INSTALL_WARNING, both_ort_builds_installed
+from gtorrent.errors import GtorrentError
+
+from . import output
+from .identity import id_command
+from .run import run_command
+
+app = typer.Typer(
+    name="gtorrent",
+    help="Serve and use large language models over a peer-to-peer swarm.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals can hold keys
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        output.write_text(f"gtorrent {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """gtorrent: serve and use LLMs over a peer-to-peer swarm."""
+
+
+app.command("id")(id_command)
+app.command("run")(run_command)
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    args = list(argv[: argv.index("--")] if "--" in argv else argv)
+    return "--debug" in args or os.environ.get("GTORRENT_DEBUG", "") not in ("", "0")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gtorrent` console script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(args)
+    if both_ort_builds_installed():
+        output.warning(DUAL_INSTALL_WARNING, DUAL_INSTALL_HINT)
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="gtorrent", standalone_mode=False)
+    except GtorrentError as exc:
+        if debug:
+            output.err.print_exception()
+        output.error(exc.message, exc.hint)
+        return exc.exit_code
+    except click.exceptions.UsageError as exc:
+        if debug:
+            output.err.print_exception()
+        path = exc.ctx.command_path if exc.ctx is not None else "gtorrent"
+        output.error(exc.format_message(), f"see `{path} --help`")
+        return 2
+    except click.exceptions.Abort:
+        output.error("aborted")
+        return 130
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the boundary: never a bare traceback for users
+        if debug:
+            output.err.print_exception()
+        output.error(f"internal error: {type(exc).__name__}: {exc}", "run again with --debug and report the traceback")
+        return 70
+    return result if isinstance(result, int) else 0
+
+
+def entry() -> None:
+    sys.exit(main())
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,390 @@
+"""A decoder-only causal language model on ONNX Runtime: load, generate (streaming), score.
+
+Invariants:
+- Inputs are bound by name, never by position: Llama-style exports order them `input_ids,
+  attention_mask, position_ids, past…` and GPT-2-style `input_ids, past…, attention_mask, position_ids`.
+- With a KV-cache export (`past_key_values.{i}.key/value` -> `present.{i}.key/value`) the prompt is
+  prefilled once and each new token costs one single-token step; the cache stays in ONNX Runtime's own
+  memory (IOBinding), so on a GPU it never crosses to the host. Without a cache the whole sequence is
+  re-run each step. Both paths give the same greedy tokens.
+- Greedy decoding (temperature 0) is deterministic; sampling draws from a generator seeded per request.
+- The session is shared by concurrent generations (ORT sessions are thread-safe); all per-request state
+  lives in the generation call.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from ..errors import ModelError, NotACausalLMError, UnsupportedModelError, UsageError
+from .chat import chat_template_of, render_chat
+from .detok import IncrementalDetokenizer
+from .files import ModelFiles, bundled_model_path, locate_model, model_id
+from .providers import CUDA, Device, providers_for
+from .sampling import SamplingParams, log_softmax, sample_token
+
+_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_KNOWN_INPUTS = {"input_ids", "attention_mask", "position_ids"}
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+DEFAULT_CONTEXT_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 128  # new tokens at most
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None  # sampling seed; None draws one from the OS
+    stop_at_eos: bool = True
+    use_cache: bool = True  # False re-runs the whole sequence every step (a check, not a mode to serve)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise UsageError(f"max-tokens must be >= 1, got {self.max_tokens}", hint="e.g. --max-tokens 128")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "length" | "context"
+    ttft_s: float  # from the call to the first new token
+    total_s: float  # from the call to the last new token
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second after the first one: the steady decode rate."""
+        decode_s = self.total_s - self.ttft_s
+        return (self.tokens - 1) / decode_s if self.tokens > 1 and decode_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the ONNX graph's inputs and outputs map onto a decoder's step."""
+
+    input_names: frozenset[str]
+    past_names: tuple[str, ...]  # past_key_values.{i}.{key,value}, ordered by layer
+    present_names: tuple[str, ...]  # matching present.{i}.{key,value}
+    past_shape: tuple[int, int]  # (kv heads, head dim)
+    past_dtype: Any
+
+    @property
+    def has_cache(self) -> bool:
+        return bool(self.past_names)
+
+
+def _int_from(config: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _inspect(session: ort.InferenceSession, config: dict[str, Any], onnx_path: Path) -> _Layout:
+    inputs = {arg.name: arg for arg in session.get_inputs()}
+    outputs = {arg.name for arg in session.get_outputs()}
+    if "input_ids" not in inputs or "logits" not in outputs:
+        raise NotACausalLMError(
+            f"{onnx_path} is not a causal language model: it needs an `input_ids` input and a `logits` "
+            f"output, it has inputs {sorted(inputs)} and outputs {sorted(outputs)}"
+        )
+    if "use_cache_branch" in inputs:
+        raise UnsupportedModelError(
+            f"{onnx_path} is a legacy merged decoder (it has a `use_cache_branch` input), which gtorrent "
+            "does not run"
+        )
+    past: dict[tuple[int, str], str] = {}
+    for name in inputs:
+        match = _PAST_RE.match(name)
+        if match:
+            past[(int(match.group(1)), match.group(2))] = name
+        elif name not in _KNOWN_INPUTS:
+            raise UnsupportedModelError(f"{onnx_path} has an input gtorrent does not know how to fill: `{name}`")
+    ordered = sorted(past)
+    present = tuple(f"present.{layer}.{kind}" for layer, kind in ordered)
+    missing = [name for name in present if name not in outputs]
+    if missing:
+        raise UnsupportedModelError(f"{onnx_path} takes a KV cache but does not return {missing[0]}")
+    heads, head_dim, dtype = 0, 0, np.float32
+    if ordered:
+        first = inputs[past[ordered[0]]]
+        shape = first.shape
+        heads = shape[1] if isinstance(shape[1], int) else 0
+        head_dim = shape[3] if isinstance(shape[3], int) else 0
+        attention_heads = _int_from(config, "num_attention_heads", "n_head")
+        heads = heads or _int_from(config, "num_key_value_heads") or attention_heads or 0
+        hidden = _int_from(config, "hidden_size", "n_embd")
+        head_dim = head_dim or _int_from(config, "head_dim") or (
+            hidden // attention_heads if hidden and attention_heads else 0
+        )
+        if not heads or not head_dim:
+            raise UnsupportedModelError(f"cannot tell the KV-cache shape of {onnx_path} from the graph or config.json")
+        if first.type not in _ORT_DTYPES:
+            raise UnsupportedModelError(f"{onnx_path} has a KV cache of unsupported type {first.type}")
+        dtype = _ORT_DTYPES[first.type]
+    return _Layout(
+        input_names=frozenset(inputs),
+        past_names=tuple(past[key] for key in ordered),
+        present_names=present,
+        past_shape=(heads, head_dim),
+        past_dtype=dtype,
+    )
+
+
+def _eos_ids(*configs: dict[str, Any]) -> frozenset[int]:
+    for config in configs:
+        value = config.get("eos_token_id")
+        if isinstance(value, int):
+            return frozenset({value})
+        if isinstance(value, list) and value:
+            return frozenset(v for v in value if isinstance(v, int))
+    return frozenset()
+
+
+class LanguageModel:
+    """One loaded model. Create it with `LanguageModel.load`."""
+
+    def __init__(
+        self,
+        files: ModelFiles,
+        session: ort.InferenceSession,
+        tokenizer: Tokenizer,
+        *,
+        model_id: str,
+        load_s: float,
+    ) -> None:
+        self.files = files
+        self.session = session
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.load_s = load_s
+        self.config = files.read_json("config.json")
+        self.generation_config = files.read_json("generation_config.json")
+        self.tokenizer_config = files.read_json("tokenizer_config.json")
+        self.layout = _inspect(session, self.config, files.onnx_path)
+        self.provider = session.get_providers()[0]
+        self._ort_device = "cuda" if self.provider == CUDA else "cpu"
+        self.eos_ids = _eos_ids(self.generation_config, self.config)
+        self.context_length = (
+            _int_from(self.config, "max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+            or DEFAULT_CONTEXT_LENGTH
+        )
+        self.chat_template = chat_template_of(self.tokenizer_config)
+        self._output_names = ["logits", *self.layout.present_names]
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        device: Device = "auto",
+        cache_dir: Path | None = None,
+        intra_op_threads: int = 0,
+    ) -> LanguageModel:
+        """Load MODEL (an .onnx file or its folder; None = the bundled demo model)."""
+        started = time.perf_counter()
+        files = locate_model(model)
+        try:
+            tokenizer = Tokenizer.from_file(str(files.tokenizer_path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise ModelError(
+                f"cannot read {files.tokenizer_path} as a tokenizers tokenizer ({exc})",
+                hint="use the tokenizer.json written by the model's export",
+            ) from exc
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: keep ORT's provider-probe chatter off the terminal
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads > 0:
+            options.intra_op_num_threads = intra_op_threads
+        try:
+            session = ort.InferenceSession(str(files.onnx_path), options, providers=providers_for(device))
+        except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
+            raise NotACausalLMError(f"cannot load {files.onnx_path} as an ONNX model ({_first_line(exc)})") from exc
+        identifier = model_id(files, cache_dir)
+        return cls(files, session, tokenizer, model_id=identifier, load_s=time.perf_counter() - started)
+
+    @property
+    def name(self) -> str:
+        if self.files.folder.resolve() == bundled_model_path().resolve():
+            return "gtorrent-demo"
+        return self.files.folder.name
+
+    @property
+    def has_cache(self) -> bool:
+        return self.layout.has_cache
+
+    # ----------------------------------------------------------------- text
+
+    def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        """Token ids of `prompt`; with `chat`, formatted as one user turn by the model's template."""
+        if chat:
+            if self.chat_template is None:
+                raise UsageError(
+                    f"model {self.name} has no chat template (no chat_template in tokenizer_config.json)",
+                    hint="run without --chat",
+                )
+            text = render_chat(self.chat_template, [{"role": "user", "content": prompt}], self.tokenizer_config)
+            return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return list(self.tokenizer.encode(prompt, add_special_tokens=True).ids)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    # ----------------------------------------------------------------- inference
+
+    def _empty_past(self) -> ort.OrtValue:
+        heads, head_dim = self.layout.past_shape
+        zeros = np.zeros((1, heads, 0, head_dim), dtype=self.layout.past_dtype)
+        return ort.OrtValue.ortvalue_from_numpy(zeros, self._ort_device, 0)
+
+    def _step(
+        self, new_ids: list[int], past_len: int, past: list[ort.OrtValue] | None
+    ) -> tuple[npt.NDArray[np.float32], list[ort.OrtValue]]:
+        """Run the graph on `new_ids` after `past_len` cached positions; return (logits[seq, vocab], present)."""
+        binding = self.session.io_binding()
+        seq = len(new_ids)
+        binding.bind_cpu_input("input_ids", np.asarray([new_ids], dtype=np.int64))
+        names = self.layout.input_names
+        if "attention_mask" in names:
+            binding.bind_cpu_input("attention_mask", np.ones((1, past_len + seq), dtype=np.int64))
+        if "position_ids" in names:
+            positions = np.arange(past_len, past_len + seq, dtype=np.int64)[None, :]
+            binding.bind_cpu_input("position_ids", positions)
+        if self.layout.has_cache:
+            values = past if past is not None else [self._empty_past()] * len(self.layout.past_names)
+            for name, value in zip(self.layout.past_names, values, strict=True):
+                binding.bind_ortvalue_input(name, value)
+        for name in self._output_names:
+            binding.bind_output(name, self._ort_device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[0]
+        return logits, list(outputs[1:])
+
+    def forward(self, token_ids: list[int]) -> npt.NDArray[np.float32]:
+        """Logits [len(token_ids), vocab] of one full pass with no cache."""
+        logits, _ = self._step(token_ids, 0, None)
+        return logits
+
+    def iter_tokens(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[tuple[int, str]]:
+        """Yield (token id, reason) for each new token; reason is "" until the last one says why it ended."""
+        if not prompt_ids:
+            raise UsageError("the prompt is empty", hint='give a prompt, e.g. gtorrent run "Hello"')
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise UsageError(
+                f"the prompt is {len(prompt_ids)} tokens; model {self.name} holds {self.context_length}",
+                hint="shorten the prompt",
+            )
+        budget = min(params.max_tokens, room)
+        rng = np.random.default_rng(params.seed)
+        cached = self.layout.has_cache and params.use_cache
+        ids = list(prompt_ids)
+        past: list[ort.OrtValue] | None = None
+        past_len = 0
+        pending = ids
+        for produced in range(1, budget + 1):
+            if cached:
+                logits, past = self._step(pending, past_len, past)
+                past_len += len(pending)
+            else:
+                logits, _ = self._step(ids, 0, None)
+            token = sample_token(logits[-1], params.sampling, rng)
+            ids.append(token)
+            pending = [token]
+            if params.stop_at_eos and token in self.eos_ids:
+                yield token, "eos"
+                return
+            if produced == budget:
+                yield token, "length" if budget == params.max_tokens else "context"
+                return
+            yield token, ""
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        params: GenerationParams | None = None,
+        *,
+        chat: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Generate a continuation of `prompt` (text or token ids), calling `on_text` with each new piece."""
+        params = params or GenerationParams()
+        started = time.perf_counter()
+        prompt_ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat=chat)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        produced: list[int] = []
+        ttft_s: float | None = None
+        reason = "length"
+        for token, reason in self.iter_tokens(prompt_ids, params):
+            if ttft_s is None:
+                ttft_s = time.perf_counter() - started
+            if reason == "eos":
+                break  # the end-of-sequence token is not part of the answer
+            produced.append(token)
+            piece = detok.push(token)
+            if piece and on_text is not None:
+                on_text(piece)
+        tail = detok.flush()
+        if tail and on_text is not None:
+            on_text(tail)
+        total_s = time.perf_counter() - started
+        return GenerationResult(
+            text=detok.text,
+            token_ids=produced,
+            prompt_tokens=len(prompt_ids),
+            finish_reason=reason,
+            ttft_s=ttft_s if ttft_s is not None else total_s,
+            total_s=total_s,
+        )
+
+    def score_ids(self, prompt_ids: list[int], continuation_ids: list[int]) -> npt.NDArray[np.float64]:
+        """Per-token log-probabilities of `continuation_ids` given `prompt_ids`, in one forward pass."""
+        if not prompt_ids:
+            raise UsageError("scoring needs a non-empty prompt")
+        if not continuation_ids:
+            return np.zeros(0, dtype=np.float64)
+        total = len(prompt_ids) + len(continuation_ids)
+        if total > self.context_length:
+            raise UsageError(f"prompt + continuation is {total} tokens; model {self.name} holds {self.context_length}")
+        logits = self.forward(prompt_ids + continuation_ids)
+        start = len(prompt_ids) - 1
+        predicted = log_softmax(logits[start : start + len(continuation_ids)])
+        result: npt.NDArray[np.float64] = predicted[np.arange(len(continuation_ids)), continuation_ids]
+        return result
+
+    def score(self, prompt: str, continuation: str) -> npt.NDArray[np.float64]:
+        """Per-token log-probabilities of `continuation` (tokenized on its own) after `prompt`."""
+        prompt_ids = self.encode(prompt)
+        continuation_ids = list(self.tokenizer.encode(continuation, add_special_tokens=False).ids)
+        return self.score_ids(prompt_ids, continuation_ids)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,44 @@
+"""Shared fixtures: every test gets its own GTORRENT_HOME, and the committed models by path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gtorrent.runtime.files import bundled_model_path
+
+MODELS = Path(__file__).parent / "models"
+DEMO = bundled_model_path()
+GPT2 = MODELS / "gpt2-tiny"
+GPT2_NOCACHE = MODELS / "gpt2-tiny-nocache"
+
+
+@pytest.fixture(autouse=True)
+def gtorrent_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("GTORRENT_HOME", str(home))
+    monkeypatch.delenv("GTORRENT_DEBUG", raising=False)
+    return home
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, out={self.out!r}, err={self.err!r})"
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """Run `gtorrent ARGS…` in-process through the real entry point and its error boundary."""
+    from gtorrent_cli.app import main
+
+    def invoke(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke
