@@ -15,7 +15,6 @@ Usage: python scripts/bench_runtime.py [--big DIR] [--tokens 64] [--repeats 5] [
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from gtorrent.runtime import GenerationParams, LanguageModel
-from gtorrent.runtime.files import bundled_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BIG = ROOT / ".bench" / "llama-100m"

@@ -38,15 +38,14 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
-import sys
 import sysconfig
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,7 +126,13 @@ def _sections(doc: str) -> list[tuple[str, str]]:
     found: list[tuple[str, int]] = []
     for i in range(len(lines) - 1):
         head, under = lines[i].strip(), lines[i + 1].strip()
-        if head and len(under) >= 3 and len(set(under)) == 1 and under[0] in "*=-~^" and abs(len(under) - len(head)) <= 2:
+        if (
+            head
+            and len(under) >= 3
+            and len(set(under)) == 1
+            and under[0] in "*=-~^"
+            and abs(len(under) - len(head)) <= 2
+        ):
             found.append((head, i + 2))
     out = []
     for n, (head, start) in enumerate(found):
@@ -195,7 +200,14 @@ def train_tokenizer() -> Any:
 
 def tokenizer_config(model_max_length: int, chat: bool) -> dict[str, Any]:
     added = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, t in enumerate(SPECIAL_TOKENS)
     }
     cfg: dict[str, Any] = {
@@ -250,7 +262,9 @@ def token_stream(tok: Any) -> torch.Tensor:
         ids.extend(enc.ids)
         ids.append(eot)
     n_chars = sum(len(t) for t in texts)
-    log(f"corpus: {len(docs)} documents + {len(texts) - len(docs)} chat examples, {n_chars} chars, {len(ids)} tokens")
+    log(
+        f"corpus: {len(docs)} documents + {len(texts) - len(docs)} chat examples, {n_chars} chars, {len(ids)} tokens"
+    )
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -323,10 +337,19 @@ def train(
     elapsed = time.monotonic() - t_start
     tokens = step * batch_size * seq_len
     final = history[-1][1] if history else float("nan")
-    log(f"train: done, {step} steps, {tokens} tokens in {elapsed:.0f} s ({tokens / elapsed:.0f} tok/s), final loss {final:.3f}")
-    return {"steps": step, "seconds": round(elapsed, 1), "tokens": tokens, "final_loss": round(final, 3),
-            "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
-            "first_loss": round(history[0][1], 3) if history else None}
+    log(
+        f"train: done, {step} steps, {tokens} tokens in {elapsed:.0f} s ({tokens / elapsed:.0f} tok/s), final loss {final:.3f}"
+    )
+    return {
+        "steps": step,
+        "seconds": round(elapsed, 1),
+        "tokens": tokens,
+        "final_loss": round(final, 3),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lr": lr,
+        "first_loss": round(history[0][1], 3) if history else None,
+    }
 
 
 @torch.no_grad()
@@ -352,12 +375,20 @@ def cache_geometry(config: Any) -> tuple[int, int, int]:
 
 def io_names(n_layers: int, with_cache: bool, order: str) -> tuple[list[str], list[str]]:
     """Input and output names in optimum's order for the given architecture style."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")] if with_cache else []
+    past = (
+        [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+        if with_cache
+        else []
+    )
     present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")] if with_cache else []
     if order == "llama":
         inputs = ["input_ids", "attention_mask", "position_ids", *past]
     elif order == "gpt2":
-        inputs = ["input_ids", *past, "attention_mask", "position_ids"] if with_cache else ["input_ids", "attention_mask", "position_ids"]
+        inputs = (
+            ["input_ids", *past, "attention_mask", "position_ids"]
+            if with_cache
+            else ["input_ids", "attention_mask", "position_ids"]
+        )
     else:
         raise ValueError(f"unknown input order {order!r}")
     return inputs, ["logits", *present]
@@ -384,7 +415,10 @@ class _FlatDecoder(torch.nn.Module):
             "position_ids": named["position_ids"],
         }
         if self.with_cache:
-            pairs = [(named[f"past_key_values.{i}.key"], named[f"past_key_values.{i}.value"]) for i in range(self.n_layers)]
+            pairs = [
+                (named[f"past_key_values.{i}.key"], named[f"past_key_values.{i}.value"])
+                for i in range(self.n_layers)
+            ]
             kwargs["past_key_values"] = DynamicCache(pairs)
             kwargs["use_cache"] = True
         else:
@@ -434,7 +468,10 @@ def export_onnx(
     }
     dynamic_axes: dict[str, dict[int, str]] = {
         "input_ids": {0: "batch_size", 1: "sequence_length"},
-        "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length" if with_cache else "sequence_length"},
+        "attention_mask": {
+            0: "batch_size",
+            1: "past_sequence_length + sequence_length" if with_cache else "sequence_length",
+        },
         "position_ids": {0: "batch_size", 1: "sequence_length"},
         "logits": {0: "batch_size", 1: "sequence_length"},
     }
@@ -474,8 +511,14 @@ def export_onnx(
         if stale.exists():
             stale.unlink()
     if external_data:
-        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_NAME, size_threshold=1024)
+        onnx.save_model(
+            proto,
+            str(target),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_NAME,
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(proto, str(target))
     onnx.checker.check_model(str(target))
@@ -484,7 +527,9 @@ def export_onnx(
     if got_in != input_names or got_out != output_names:
         raise RuntimeError(f"exported names differ: {got_in} -> {got_out}")
     size = sum(p.stat().st_size for p in (target, data_file) if p.exists())
-    log(f"export: {target} ({size / 1e6:.1f} MB, {time.monotonic() - t0:.1f} s, cache={with_cache}, order={order})")
+    log(
+        f"export: {target} ({size / 1e6:.1f} MB, {time.monotonic() - t0:.1f} s, cache={with_cache}, order={order})"
+    )
     return input_names, output_names
 
 
@@ -503,17 +548,20 @@ def write_hf_config(model: torch.nn.Module, out: Path, architecture: str) -> Non
 
 
 def write_generation_config(out: Path, eos: int, bos: int, max_length: int) -> None:
-    write_json(out / "generation_config.json", {
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "pad_token_id": eos,
-        "do_sample": True,
-        "temperature": 0.8,
-        "top_k": 40,
-        "top_p": 0.95,
-        "repetition_penalty": 1.1,
-        "max_length": max_length,
-    })
+    write_json(
+        out / "generation_config.json",
+        {
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+            "do_sample": True,
+            "temperature": 0.8,
+            "top_k": 40,
+            "top_p": 0.95,
+            "repetition_penalty": 1.1,
+            "max_length": max_length,
+        },
+    )
 
 
 def copy_license(out: Path, intro: str) -> None:
@@ -554,18 +602,36 @@ def cmd_demo(a: argparse.Namespace) -> None:
     seed_everything()
     max_pos = 512
     config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=max_pos, rope_theta=10000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=max_pos,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
         initializer_range=0.02,
     )
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: Llama hidden 256, 4 layers, 8 heads / 4 kv heads, FFN 768, {humanize(n_params)} params")
     steps = None if a.minutes is not None else a.steps
-    stats = train(model, stream, seq_len=256, batch_size=2, lr=2e-3, budget_s=(a.minutes or 0) * 60, steps=steps,
-                  log_every=100)
-    for prompt in ['The "for" statement', f"{USER}\nWhat is the \"while\" statement?{END}\n{ASSISTANT}\n"]:
+    stats = train(
+        model,
+        stream,
+        seq_len=256,
+        batch_size=2,
+        lr=2e-3,
+        budget_s=(a.minutes or 0) * 60,
+        steps=steps,
+        log_every=100,
+    )
+    for prompt in ['The "for" statement', f'{USER}\nWhat is the "while" statement?{END}\n{ASSISTANT}\n']:
         log("sample (torch, greedy): " + repr(torch_greedy(model, tok, prompt, 40)))
 
     save_checkpoint(model, a.save_checkpoint)
@@ -580,7 +646,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
     list_dir(out)
 
 
-def demo_readme(n_params: int, stats: dict[str, Any], inputs: list[str], n_tokens: int, ids: dict[str, int]) -> str:
+def demo_readme(
+    n_params: int, stats: dict[str, Any], inputs: list[str], n_tokens: int, ids: dict[str, int]
+) -> str:
     import platform
 
     import tokenizers
@@ -630,13 +698,13 @@ The text is © Python Software Foundation under the PSF License Version 2; see `
 ```
 python3 -m venv .buildvenv
 .buildvenv/bin/pip install torch==2.13.0 transformers tokenizers onnx numpy
-.buildvenv/bin/python scripts/build_models.py demo --out gtorrent/models/demo --steps {stats['steps']}
+.buildvenv/bin/python scripts/build_models.py demo --out gtorrent/models/demo --steps {stats["steps"]}
 ```
 
 Built with torch {torch.__version__}, transformers {transformers.__version__}, tokenizers {tokenizers.__version__},
-2 CPU threads, seed {SEED}: {stats['steps']} steps of {stats['batch_size']} x {stats['seq_len']} tokens ({stats['tokens']} tokens) in
-{stats['seconds']:.0f} s, AdamW lr {stats['lr']:g} with warmup and cosine decay; training loss {stats['first_loss']} -> {stats['final_loss']}.
-About {stats['tokens'] / n_tokens:.1f} passes over the {n_tokens}-token corpus: the text has the vocabulary and layout
+2 CPU threads, seed {SEED}: {stats["steps"]} steps of {stats["batch_size"]} x {stats["seq_len"]} tokens ({stats["tokens"]} tokens) in
+{stats["seconds"]:.0f} s, AdamW lr {stats["lr"]:g} with warmup and cosine decay; training loss {stats["first_loss"]} -> {stats["final_loss"]}.
+About {stats["tokens"] / n_tokens:.1f} passes over the {n_tokens}-token corpus: the text has the vocabulary and layout
 of the Python docs but its statements are mostly wrong. Exported with `torch.onnx.export(dynamo=False)`.
 """
 
@@ -646,8 +714,14 @@ def save_checkpoint(model: torch.nn.Module, path: str | None) -> None:
     ONNX Runtime's logits with torch's or to continue training."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"architecture": type(model).__name__, "config": model.config.to_dict(),
-                    "state_dict": model.state_dict()}, path)
+        torch.save(
+            {
+                "architecture": type(model).__name__,
+                "config": model.config.to_dict(),
+                "state_dict": model.state_dict(),
+            },
+            path,
+        )
         log(f"checkpoint: {path}")
 
 
@@ -672,14 +746,35 @@ def cmd_gpt2_test(a: argparse.Namespace) -> None:
     stream = token_stream(tok)
     seed_everything()
     config = GPT2Config(
-        vocab_size=tok.get_vocab_size(), n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=256,
-        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=tok.get_vocab_size(),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        n_inner=256,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         tie_word_embeddings=True,
     )
     model = GPT2LMHeadModel(config)
-    log(f"model: GPT-2 n_embd 64, 2 layers, 4 heads, {humanize(sum(p.numel() for p in model.parameters()))} params")
+    log(
+        f"model: GPT-2 n_embd 64, 2 layers, 4 heads, {humanize(sum(p.numel() for p in model.parameters()))} params"
+    )
     steps = None if a.seconds is not None else a.steps
-    stats = train(model, stream, seq_len=128, batch_size=16, lr=3e-3, budget_s=a.seconds or 0, steps=steps, log_every=100)
+    stats = train(
+        model,
+        stream,
+        seq_len=128,
+        batch_size=16,
+        lr=3e-3,
+        budget_s=a.seconds or 0,
+        steps=steps,
+        log_every=100,
+    )
     log("sample (torch, greedy): " + repr(torch_greedy(model, tok, 'The "for" statement', 30)))
     save_checkpoint(model, a.save_checkpoint)
     for target, with_cache in ((out, True), (out_nc, False)):
@@ -697,15 +792,25 @@ def cmd_gpt2_test(a: argparse.Namespace) -> None:
 
 
 def _fixture_config(**extra: Any) -> dict[str, Any]:
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB_SIZE, "hidden_size": 8,
-           "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
-           "max_position_embeddings": 256, "bos_token_id": 0, "eos_token_id": 0, "use_cache": True}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "use_cache": True,
+    }
     cfg.update(extra)
     return cfg
 
 
 def cmd_fixtures(a: argparse.Namespace) -> None:
-    import onnx
     from onnx import TensorProto, helper
 
     root = Path(a.out)
@@ -716,10 +821,18 @@ def cmd_fixtures(a: argparse.Namespace) -> None:
     d.mkdir(parents=True, exist_ok=True)
     one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "one"], ["y"])], "not_an_lm",
+        [helper.make_node("Add", ["x", "one"], ["y"])],
+        "not_an_lm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])], initializer=[one])
-    save_fixture(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="build_models.py"), d)
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+        initializer=[one],
+    )
+    save_fixture(
+        helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="build_models.py"
+        ),
+        d,
+    )
     write_tokenizer(tok, tok_file, d)
     write_json(d / "config.json", _fixture_config())
 
@@ -728,7 +841,13 @@ def cmd_fixtures(a: argparse.Namespace) -> None:
     d = root / "legacy-merged"
     d.mkdir(parents=True, exist_ok=True)
     heads, head_dim = 2, 4
-    i64 = lambda name, vals: helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals)  # noqa: E731
+
+    def i64(name: str, vals: list[int]) -> Any:
+        return helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals)
+
+    def kv(name: str, length: str) -> Any:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size", heads, length, head_dim])
+
     nodes = [
         helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
         helper.make_node("Concat", ["ids_shape", "vocab"], ["logits_shape"], axis=0),
@@ -737,25 +856,55 @@ def cmd_fixtures(a: argparse.Namespace) -> None:
         helper.make_node("Slice", ["ids_shape", "zero", "one_i"], ["batch"]),
         helper.make_node("Slice", ["ids_shape", "one_i", "two"], ["seq"]),
         helper.make_node("Concat", ["batch", "heads", "seq", "head_dim"], ["new_shape"], axis=0),
-        helper.make_node("ConstantOfShape", ["new_shape"], ["new_kv"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+        helper.make_node(
+            "ConstantOfShape",
+            ["new_shape"],
+            ["new_kv"],
+            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]),
+        ),
         helper.make_node("Concat", ["past_key_values.0.key", "new_kv"], ["present.0.key"], axis=2),
         helper.make_node("Concat", ["past_key_values.0.value", "new_kv"], ["present.0.value"], axis=2),
     ]
-    inits = [i64("vocab", [VOCAB_SIZE]), i64("zero", [0]), i64("one_i", [1]), i64("two", [2]),
-             i64("heads", [heads]), i64("head_dim", [head_dim])]
-    kv = lambda name, length: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size", heads, length, head_dim])  # noqa: E731
+    inits = [
+        i64("vocab", [VOCAB_SIZE]),
+        i64("zero", [0]),
+        i64("one_i", [1]),
+        i64("two", [2]),
+        i64("heads", [heads]),
+        i64("head_dim", [head_dim]),
+    ]
     graph = helper.make_graph(
-        nodes, "legacy_merged",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "past_sequence_length + sequence_length"]),
-         kv("past_key_values.0.key", "past_sequence_length"), kv("past_key_values.0.value", "past_sequence_length"),
-         helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", VOCAB_SIZE]),
-         kv("present.0.key", "past_sequence_length + sequence_length"), kv("present.0.value", "past_sequence_length + sequence_length")],
-        initializer=inits)
-    save_fixture(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="build_models.py"), d)
+        nodes,
+        "legacy_merged",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info(
+                "attention_mask", TensorProto.INT64, ["batch_size", "past_sequence_length + sequence_length"]
+            ),
+            kv("past_key_values.0.key", "past_sequence_length"),
+            kv("past_key_values.0.value", "past_sequence_length"),
+            helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]),
+        ],
+        [
+            helper.make_tensor_value_info(
+                "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", VOCAB_SIZE]
+            ),
+            kv("present.0.key", "past_sequence_length + sequence_length"),
+            kv("present.0.value", "past_sequence_length + sequence_length"),
+        ],
+        initializer=inits,
+    )
+    save_fixture(
+        helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="build_models.py"
+        ),
+        d,
+    )
     write_tokenizer(tok, tok_file, d)
-    write_json(d / "config.json", _fixture_config(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=heads))
+    write_json(
+        d / "config.json",
+        _fixture_config(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=heads),
+    )
     for sub in ("not-an-lm", "legacy-merged"):
         list_dir(root / sub)
 
@@ -770,10 +919,24 @@ def save_fixture(model: Any, d: Path) -> None:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~110M params; intermediate 2048 matches the benchmark model in research/dependencies.md
-    "100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
-                 intermediate_size=2048, vocab_size=32000, max_position_embeddings=2048),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=VOCAB_SIZE, max_position_embeddings=512),
+    "100m": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 12,
+        "intermediate_size": 2048,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": VOCAB_SIZE,
+        "max_position_embeddings": 512,
+    },
 }
 
 
@@ -803,12 +966,22 @@ def cmd_random(a: argparse.Namespace) -> None:
     eot = special_ids(tok)[EOT]
     preset = PRESETS[a.preset]
     seed_everything()
-    config = LlamaConfig(**preset, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5,
-                         bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, initializer_range=0.02)
+    config = LlamaConfig(
+        **preset,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        initializer_range=0.02,
+    )
     t0 = time.monotonic()
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: random Llama preset {a.preset}, {humanize(n_params)} params, built in {time.monotonic() - t0:.1f} s")
+    log(
+        f"model: random Llama preset {a.preset}, {humanize(n_params)} params, built in {time.monotonic() - t0:.1f} s"
+    )
     save_checkpoint(model, a.save_checkpoint)
     export_onnx(model, out, with_cache=True, order="llama", external_data=True)
     write_tokenizer(tok, tok_file, out)
@@ -818,31 +991,57 @@ def cmd_random(a: argparse.Namespace) -> None:
     write_generation_config(out, eos=eot, bos=eot, max_length=preset["max_position_embeddings"])
     (out / "README.md").write_text(
         f"Random-weight Llama ({a.preset}, {humanize(n_params)} params) for benchmarks, built by\n"
-        f"`scripts/build_models.py random --preset {a.preset}`. Not trained: its output is noise.\n", encoding="utf-8")
+        f"`scripts/build_models.py random --preset {a.preset}`. Not trained: its output is noise.\n",
+        encoding="utf-8",
+    )
     list_dir(out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See the module docstring for details.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring for details.",
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     tok_help = "folder whose tokenizer.json to reuse (default: %(default)s; trained afresh if missing)"
 
     p = sub.add_parser("demo", help="train and export the bundled demo model (~4-5 min)")
     p.add_argument("--out", default="gtorrent/models/demo")
-    p.add_argument("--steps", type=int, default=DEMO_STEPS,
-                   help="training steps of 2 x 256 tokens (default: %(default)s, about 4 min on 2 cores)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="train for this time budget instead of a fixed --steps (not bit-reproducible)")
-    p.add_argument("--save-checkpoint", metavar="PATH", help="also save the torch weights here (not committed)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=DEMO_STEPS,
+        help="training steps of 2 x 256 tokens (default: %(default)s, about 4 min on 2 cores)",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="train for this time budget instead of a fixed --steps (not bit-reproducible)",
+    )
+    p.add_argument(
+        "--save-checkpoint", metavar="PATH", help="also save the torch weights here (not committed)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("gpt2-test", help="tiny GPT-2 test model, with and without KV cache (~1 min)")
-    p.add_argument("--out", default="tests/models/gpt2-tiny", help="cache variant; the other goes to OUT-nocache")
-    p.add_argument("--steps", type=int, default=GPT2_STEPS, help="training steps of 16 x 128 tokens (default: %(default)s, ~45 s)")
-    p.add_argument("--seconds", type=float, default=None, help="train for this time budget instead of a fixed --steps")
+    p.add_argument(
+        "--out", default="tests/models/gpt2-tiny", help="cache variant; the other goes to OUT-nocache"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=GPT2_STEPS,
+        help="training steps of 16 x 128 tokens (default: %(default)s, ~45 s)",
+    )
+    p.add_argument(
+        "--seconds", type=float, default=None, help="train for this time budget instead of a fixed --steps"
+    )
     p.add_argument("--tokenizer-from", default=str(DEFAULT_DEMO_DIR), help=tok_help)
-    p.add_argument("--save-checkpoint", metavar="PATH", help="also save the torch weights here (not committed)")
+    p.add_argument(
+        "--save-checkpoint", metavar="PATH", help="also save the torch weights here (not committed)"
+    )
     p.set_defaults(func=cmd_gpt2_test)
 
     p = sub.add_parser("fixtures", help="hand-built broken/legacy ONNX graphs for error tests")

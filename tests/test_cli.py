@@ -92,9 +92,8 @@ def test_debug_shows_traceback(cli, tmp_path: Path) -> None:  # type: ignore[no-
 
 
 def test_every_command_has_help(cli) -> None:  # type: ignore[no-untyped-def]
-    from gtorrent_cli.app import app
-
     import typer
+    from gtorrent_cli.app import app
 
     group = typer.main.get_command(app)
     for name, command in group.commands.items():  # type: ignore[attr-defined]

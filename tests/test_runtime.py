@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gtorrent.errors import MissingTokenizerError, ModelNotFoundError, NotACausalLMError, UnsupportedModelError, UsageError
+from gtorrent.errors import (
+    MissingTokenizerError,
+    ModelNotFoundError,
+    NotACausalLMError,
+    UnsupportedModelError,
+    UsageError,
+)
 from gtorrent.runtime import GenerationParams, LanguageModel, SamplingParams, locate_model, model_id
 from gtorrent.runtime.detok import IncrementalDetokenizer
 from gtorrent.runtime.sampling import log_softmax
