@@ -7,7 +7,7 @@ use by `scripts/build_models.py random --preset 100m` into .bench/, which needs 
 1. decode tokens/s of gtorrent's generation loop vs a minimal hand-written onnxruntime greedy loop on
    the very same session (ratio; target >= 0.95). Runs alternate A/B and the median is reported.
 2. the KV-cache speedup per decoded token at 256 tokens of context (cache vs full recomputation).
-3. load time (session + tokenizer + model id), first with an empty hash cache and then cached.
+3. load time (session + tokenizer + model id), and the model-id hashing alone: uncached vs cached.
 
 Usage: python scripts/bench_runtime.py [--big DIR] [--tokens 64] [--repeats 5] [--skip-big]
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gtorrent.runtime import GenerationParams, LanguageModel
+from gtorrent.runtime import GenerationParams, LanguageModel, model_id
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BIG = ROOT / ".bench" / "llama-100m"
@@ -96,8 +96,11 @@ def bench_model(label: str, path: Path | None, tokens: int, repeats: int) -> dic
         lm = LanguageModel.load(path, cache_dir=Path(cache))
         load_cold = time.perf_counter() - started
         started = time.perf_counter()
-        LanguageModel.load(path, cache_dir=Path(cache))
-        load_warm = time.perf_counter() - started
+        model_id(lm.files, Path(cache))
+        hash_cached = time.perf_counter() - started
+    started = time.perf_counter()
+    model_id(lm.files, None)
+    hash_cold = time.perf_counter() - started
     prompt = prompt_of(lm, 16)
     # warm-up both loops once; check they agree token for token
     ours, _ = gtorrent_greedy(lm, prompt, tokens)
@@ -122,13 +125,14 @@ def bench_model(label: str, path: Path | None, tokens: int, repeats: int) -> dic
         "cached_ms": cached * 1000,
         "full_ms": full * 1000,
         "kv_speedup": full / cached,
-        "load_cold_s": load_cold,
-        "load_warm_s": load_warm,
+        "load_s": load_cold,
+        "hash_cold_s": hash_cold,
+        "hash_cached_s": hash_cached,
     }
     print(
         f"{label:<14} decode {ours_tps:8.1f} tok/s  hand loop {theirs_tps:8.1f} tok/s  ratio {row['ratio']:.3f}  |  "
         f"@256 ctx: cached {cached * 1000:6.2f} ms/tok, full {full * 1000:7.2f} ms/tok, speedup {row['kv_speedup']:5.1f}x  |  "
-        f"load {load_cold:.2f} s cold-hash, {load_warm:.2f} s cached  [{lm.provider}]",
+        f"load {load_cold:.2f} s (model id: {hash_cold * 1000:.0f} ms to hash, {hash_cached * 1000:.1f} ms cached)  [{lm.provider}]",
         flush=True,
     )
     return row

@@ -22,6 +22,7 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # start of the window re-decoded for context (spaces, merges)
         self._read_offset = 0  # tokens up to here have been released as text
         self._emitted: list[str] = []
+        self._prefix_text = ""  # decode(ids[prefix_offset:read_offset]), cached: it only changes on release
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
@@ -29,12 +30,13 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; return the text that became final (possibly '')."""
         self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        prefix_text = self._prefix_text
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
             delta = new_text[len(prefix_text) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
+            self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
             self._emitted.append(delta)
             return delta
         return ""
@@ -43,10 +45,10 @@ class IncrementalDetokenizer:
         """Release whatever is held back (an incomplete character at the very end becomes U+FFFD)."""
         if self._read_offset == len(self._ids):
             return ""
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
-        delta = new_text[len(prefix_text) :]
+        delta = new_text[len(self._prefix_text) :]
         self._prefix_offset = self._read_offset = len(self._ids)
+        self._prefix_text = ""
         self._emitted.append(delta)
         return delta
 

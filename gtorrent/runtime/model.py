@@ -4,9 +4,9 @@ Invariants:
 - Inputs are bound by name, never by position: Llama-style exports order them `input_ids,
   attention_mask, position_ids, past…` and GPT-2-style `input_ids, past…, attention_mask, position_ids`.
 - With a KV-cache export (`past_key_values.{i}.key/value` -> `present.{i}.key/value`) the prompt is
-  prefilled once and each new token costs one single-token step; the cache stays in ONNX Runtime's own
-  memory (IOBinding), so on a GPU it never crosses to the host. Without a cache the whole sequence is
-  re-run each step. Both paths give the same greedy tokens.
+  prefilled once and each new token costs one single-token step; on a GPU the cache stays in device
+  memory (IOBinding) and never crosses to the host. Without a cache the whole sequence is re-run each
+  step. Both paths give the same greedy tokens.
 - Greedy decoding (temperature 0) is deterministic; sampling draws from a generator seeded per request.
 - The session is shared by concurrent generations (ORT sessions are thread-safe); all per-request state
   lives in the generation call.
@@ -187,6 +187,7 @@ class LanguageModel:
         self.layout = _inspect(session, self.config, files.onnx_path)
         self.provider = session.get_providers()[0]
         self._ort_device = "cuda" if self.provider == CUDA else "cpu"
+        self._bind_on_device = self.provider == CUDA  # keep the KV cache on the GPU between steps
         self.eos_ids = _eos_ids(self.generation_config, self.config)
         self.context_length = (
             _int_from(self.config, "max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
@@ -194,6 +195,10 @@ class LanguageModel:
         )
         self.chat_template = chat_template_of(self.tokenizer_config)
         self._output_names = ["logits", *self.layout.present_names]
+        # read-only views of these are sliced per step instead of allocating new arrays
+        self._ones = np.ones((1, self.context_length), dtype=np.int64)
+        self._positions = np.arange(self.context_length, dtype=np.int64)[None, :]
+        self._ones.flags.writeable = self._positions.flags.writeable = False
 
     # ----------------------------------------------------------------- loading
 
@@ -221,6 +226,7 @@ class LanguageModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads > 0:
             options.intra_op_num_threads = intra_op_threads
+
         try:
             session = ort.InferenceSession(str(files.onnx_path), options, providers=providers_for(device))
         except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
@@ -257,34 +263,45 @@ class LanguageModel:
 
     # ----------------------------------------------------------------- inference
 
-    def _empty_past(self) -> ort.OrtValue:
+    def _empty_past(self) -> list[Any]:
         heads, head_dim = self.layout.past_shape
         zeros = np.zeros((1, heads, 0, head_dim), dtype=self.layout.past_dtype)
-        return ort.OrtValue.ortvalue_from_numpy(zeros, self._ort_device, 0)
+        if self._bind_on_device:
+            zeros = ort.OrtValue.ortvalue_from_numpy(zeros, self._ort_device, 0)
+        return [zeros] * len(self.layout.past_names)
 
-    def _step(
-        self, new_ids: list[int], past_len: int, past: list[ort.OrtValue] | None
-    ) -> tuple[npt.NDArray[np.float32], list[ort.OrtValue]]:
-        """Run the graph on `new_ids` after `past_len` cached positions; return (logits[seq, vocab], present)."""
-        binding = self.session.io_binding()
+    def _feeds(self, new_ids: list[int], past_len: int) -> dict[str, npt.NDArray[np.int64]]:
         seq = len(new_ids)
-        binding.bind_cpu_input("input_ids", np.asarray([new_ids], dtype=np.int64))
+        feeds = {"input_ids": np.asarray([new_ids], dtype=np.int64)}
         names = self.layout.input_names
         if "attention_mask" in names:
-            binding.bind_cpu_input("attention_mask", np.ones((1, past_len + seq), dtype=np.int64))
+            feeds["attention_mask"] = self._ones[:, : past_len + seq]
         if "position_ids" in names:
-            positions = np.arange(past_len, past_len + seq, dtype=np.int64)[None, :]
-            binding.bind_cpu_input("position_ids", positions)
-        if self.layout.has_cache:
-            values = past if past is not None else [self._empty_past()] * len(self.layout.past_names)
-            for name, value in zip(self.layout.past_names, values, strict=True):
-                binding.bind_ortvalue_input(name, value)
+            feeds["position_ids"] = self._positions[:, past_len : past_len + seq]
+        return feeds
+
+    def _step(self, new_ids: list[int], past_len: int, past: list[Any] | None) -> tuple[npt.NDArray[np.float32], list[Any]]:
+        """Run the graph on `new_ids` after `past_len` cached positions; return (logits[seq, vocab], present).
+
+        On CPU the cache travels as numpy arrays through `session.run` (the fastest path there); on a GPU
+        it stays on the device as OrtValues through IOBinding, and only the logits come to the host.
+        """
+        feeds = self._feeds(new_ids, past_len)
+        values = (past if past is not None else self._empty_past()) if self.layout.has_cache else []
+        if not self._bind_on_device:
+            feeds.update(zip(self.layout.past_names, values, strict=True))
+            outputs = self.session.run(self._output_names, feeds)
+            return outputs[0][0], outputs[1:]
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(self.layout.past_names, values, strict=True):
+            binding.bind_ortvalue_input(name, value)
         for name in self._output_names:
             binding.bind_output(name, self._ort_device)
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[0]
-        return logits, list(outputs[1:])
+        bound = binding.get_outputs()
+        return bound[0].numpy()[0], list(bound[1:])
 
     def forward(self, token_ids: list[int]) -> npt.NDArray[np.float32]:
         """Logits [len(token_ids), vocab] of one full pass with no cache."""
@@ -305,7 +322,7 @@ class LanguageModel:
         rng = np.random.default_rng(params.seed)
         cached = self.layout.has_cache and params.use_cache
         ids = list(prompt_ids)
-        past: list[ort.OrtValue] | None = None
+        past: list[Any] | None = None
         past_len = 0
         pending = ids
         for produced in range(1, budget + 1):
