@@ -22,8 +22,12 @@ from gtorrent.environment import DUAL_INSTALL_HINT, DUAL_INSTALL_WARNING, both_o
 from gtorrent.errors import GtorrentError
 
 from . import output
+from .ask import ask_command
 from .identity import id_command
+from .peers import peers_command
 from .run import run_command
+from .seed import seed_command
+from .tracker import tracker_command
 
 app = typer.Typer(
     name="gtorrent",
@@ -53,6 +57,10 @@ def root(
 
 app.command("id")(id_command)
 app.command("run")(run_command)
+app.command("tracker")(tracker_command)
+app.command("seed")(seed_command)
+app.command("ask")(ask_command)
+app.command("peers")(peers_command)
 
 
 def _debug_requested(argv: Sequence[str]) -> bool:
@@ -96,5 +104,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(main())
-if __name__ == "__main__":
-    entry()

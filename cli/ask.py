@@ -1,0 +1,78 @@
+"""`gtorrent ask`: ask the swarm, streaming the answer to the terminal."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from gtorrent.identity import short_id
+
+from . import output
+from .common import JsonOption, TrackerOption, VerboseOption, settings
+
+
+def ask_command(
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name or id (optional when the swarm serves one).")] = None,
+    tracker: TrackerOption = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, max=65536, help="New tokens at most.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, max=100.0, help="0 is greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the K likeliest tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, help="Seed for reproducible sampling.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Format the prompt with the model's chat template.")] = False,
+    direct: Annotated[bool, typer.Option("--direct", help="Go straight to the seed over CurveZMQ (the only mode for now).")] = True,
+    json_output: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Ask the swarm: find a seed of the model, stream its answer (retrying on another seed if one fails)."""
+    from gtorrent.asker import AskEvents, AskRequest
+    from gtorrent.errors import UsageError
+    from gtorrent.node import ask
+
+    if top_p <= 0:
+        raise UsageError("top-p must be in (0, 1]", hint="use --top-p 1 to disable it")
+    request = AskRequest(prompt, model, max_tokens, temperature, top_k, top_p, seed, chat)
+    streamed = {"any": False}
+
+    def on_text(piece: str) -> None:
+        streamed["any"] = True
+        output.write_text(piece)
+
+    def on_attempt(record, attempt: int) -> None:  # type: ignore[no-untyped-def]
+        if verbose:
+            output.info(f"[dim]asking seed {short_id(record.peer_id)} at {record.endpoint} (attempt {attempt})[/]")
+
+    def on_restart(record, reason: str, lost: int) -> None:  # type: ignore[no-untyped-def]
+        if streamed["any"]:
+            output.write_text("\n")
+            streamed["any"] = False
+        output.warning(f"seed {short_id(record.peer_id)} failed ({reason}); restarting the answer on another seed")
+
+    events = AskEvents(on_text=None if json_output else on_text, on_attempt=on_attempt, on_restart=on_restart)
+    result = ask(settings(tracker), request, events)
+    if json_output:
+        output.print_json(
+            {
+                "text": result.text,
+                "tokens": result.tokens,
+                "seed": result.seed,
+                "model_id": result.model_id,
+                "finish_reason": result.finish_reason,
+                "ttft_s": round(result.ttft_s, 6),
+                "total_s": round(result.total_s, 6),
+                "tokens_per_s": round(result.tokens_per_s, 3),
+                "attempts": result.attempts,
+                "failures": result.failures,
+                "mode": "direct",
+            }
+        )
+        return
+    output.write_text("\n")
+    if verbose:
+        output.info(
+            f"[dim]seed {short_id(result.seed)} · model {result.model_id[:12]} · first token "
+            f"{output.human_seconds(result.ttft_s)} · {result.tokens} tokens in {output.human_seconds(result.total_s)} · "
+            f"{result.tokens_per_s:.1f} tokens/s · attempts {result.attempts}[/]"
+        )

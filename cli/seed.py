@@ -1,0 +1,56 @@
+"""`gtorrent seed`: serve a model to the swarm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gtorrent.node import DEFAULT_SEED_BIND, SeedEvents, run_seed
+
+from . import output
+from .common import TrackerOption, settings
+from .run import MODEL_HELP
+
+
+def seed_command(
+    model: Annotated[Path | None, typer.Argument(help=MODEL_HELP, show_default=False)] = None,
+    tracker: TrackerOption = None,
+    bind: Annotated[str, typer.Option("--bind", help="Address to serve on (port 0: any free port).")] = DEFAULT_SEED_BIND,
+    name: Annotated[str | None, typer.Option("--name", help="Model name to announce (default: its folder name).")] = None,
+    max_concurrency: Annotated[
+        int, typer.Option("--max-concurrency", min=1, max=64, help="Requests generated at once; the rest queue.")
+    ] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto (GPU when usable), cpu or cuda.")] = "auto",
+) -> None:
+    """Serve MODEL to the swarm (without MODEL: the bundled demo model)."""
+    from gtorrent.errors import UsageError
+    from gtorrent.runtime import LanguageModel
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}", hint="use --device auto, cpu or cuda")
+    node = settings(tracker)
+    with output.err.status("loading model (hashing its files on first use)…", spinner="dots"):
+        lm = LanguageModel.load(model, device=device, cache_dir=node.home / "cache")  # type: ignore[arg-type]
+    output.info(f"loaded [bold]{name or lm.name}[/] ({lm.model_id[:12]}) in {output.human_seconds(lm.load_s)} on {lm.provider}")
+
+    def tracker_started(url: str) -> None:
+        output.info(f"[yellow]no tracker answered at {url}: started one in this process[/]")
+
+    def ready(seed) -> None:  # type: ignore[no-untyped-def]
+        output.info(
+            f"[green]seeding[/] as {seed.identity.peer_id} on {seed.server.endpoint} "
+            f"to {', '.join(t.address for t in seed.trackers)} · up to {max_concurrency} at once · Ctrl-C to stop"
+        )
+
+    def announced(errors: dict[str, str]) -> None:
+        for url, message in errors.items():
+            output.warning(f"announce to {url} failed: {message}")
+
+    def stopping() -> None:
+        output.info("stopping: telling the trackers…")
+
+    events = SeedEvents(tracker_started=tracker_started, ready=ready, announced=announced, stopping=stopping)
+    counters = run_seed(node, lm, bind=bind, name=name, max_concurrency=max_concurrency, events=events)
+    output.info(f"seed stopped ({counters.get('received', 0)} requests, {counters.get('dropped', 0)} dropped)")

@@ -1,0 +1,176 @@
+"""The client side of trackers: announce a record, query records, merge what several trackers say.
+
+Trackers are untrusted for integrity: every record returned is verified on its own signature, records
+from several trackers are merged by peer id (the highest sequence wins), and expired or stopped
+records are dropped. A tracker can hide peers; it cannot forge, alter or resurrect them.
+
+A tracker URL is `tcp://host:port`, optionally `#PEER_ID` to pin the tracker's identity. The client
+first asks the plain bootstrap port for the tracker's signed record (`hello`) and then talks CurveZMQ
+to the endpoint and key in it (see tracker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+
+import zmq.asyncio
+
+from .errors import GtorrentError
+from .protocol import Message, PeerRecord, ProtocolError
+from .transport import Connection, TransportError, check_endpoint
+
+DEFAULT_TRACKER = "tcp://127.0.0.1:7700"
+TRACKERS_ENV = "GTORRENT_TRACKERS"
+TRACKER_TIMEOUT_S = 3.0
+TRACKER_HINT = "start one with `gtorrent tracker`, or pass --tracker URL / set GTORRENT_TRACKERS"
+
+
+class TrackerUnreachable(GtorrentError):
+    default_hint = TRACKER_HINT
+
+
+class TrackerRejected(GtorrentError):
+    """A tracker refused an announce (the code says why: replay, expired, invalid, ttl)."""
+
+    def __init__(self, url: str, code: str, message: str) -> None:
+        super().__init__(f"tracker {url} refused the announce: {message}")
+        self.code = code
+
+
+def trackers_from(flags: list[str] | None) -> tuple[list[str], bool]:
+    """Tracker URLs from --tracker flags, else GTORRENT_TRACKERS, else the default. Returns (urls, explicit)."""
+    urls = [u for u in (flags or []) if u]
+    if not urls:
+        urls = [u.strip() for u in os.environ.get(TRACKERS_ENV, "").split(",") if u.strip()]
+    explicit = bool(urls)
+    urls = urls or [DEFAULT_TRACKER]
+    for url in urls:
+        check_endpoint(url.split("#", 1)[0], "tracker address")
+    return list(dict.fromkeys(urls)), explicit
+
+
+@dataclass
+class TrackerClient:
+    ctx: zmq.asyncio.Context
+    url: str
+    timeout_s: float = TRACKER_TIMEOUT_S
+    record: PeerRecord | None = None  # the tracker's own, once known
+
+    @property
+    def address(self) -> str:
+        return self.url.split("#", 1)[0]
+
+    @property
+    def pinned(self) -> str | None:
+        return self.url.split("#", 1)[1] if "#" in self.url else None
+
+    async def _tracker_record(self) -> PeerRecord:
+        if self.record is not None and self.record.expires > time.time():
+            return self.record
+        async with Connection(self.ctx, self.address, server_key=None, name=f"tracker {self.address}") as conn:
+            try:
+                reply = await conn.request("hello", {}, frozenset({"hello_ok"}), self.timeout_s)
+            except TransportError as exc:
+                raise TrackerUnreachable(f"cannot reach tracker {self.address} (no answer in {self.timeout_s:g} s)") from exc
+        try:
+            record = PeerRecord.from_wire(reply["record"])
+        except ProtocolError as exc:
+            raise TrackerUnreachable(f"tracker {self.address} sent an invalid record ({exc})") from exc
+        if "tracker" not in record.roles:
+            raise TrackerUnreachable(f"{self.address} is not a tracker")
+        if self.pinned is not None and record.peer_id != self.pinned:
+            raise TrackerUnreachable(
+                f"tracker {self.address} is {record.peer_id}, not the pinned {self.pinned}",
+                hint="check the #PEER_ID part of the tracker URL",
+            )
+        self.record = record
+        return record
+
+    async def _request(self, kind: str, body: dict[str, object], expected: frozenset[str]) -> Message:
+        tracker = await self._tracker_record()
+        name = f"tracker {self.address}"
+        async with Connection(self.ctx, tracker.endpoint, server_key=tracker.curve_key, name=name) as conn:
+            try:
+                return await conn.request(kind, body, expected | {"error"}, self.timeout_s)
+            except TransportError as exc:
+                self.record = None  # it may have restarted on another port
+                raise TrackerUnreachable(f"cannot reach tracker {self.address} ({exc})") from exc
+
+    async def announce(self, record: PeerRecord) -> Message:
+        reply = await self._request("announce", {"record": record.to_wire()}, frozenset({"announce_ok"}))
+        if reply.kind == "error":
+            raise TrackerRejected(self.address, reply["code"], reply["message"])
+        return reply
+
+    async def query(self, model: str | None = None, role: str | None = None) -> list[PeerRecord]:
+        body: dict[str, object] = {}
+        if model is not None:
+            body["model"] = model
+        if role is not None:
+            body["role"] = role
+        reply = await self._request("query", body, frozenset({"peers"}))
+        if reply.kind == "error":
+            raise TrackerUnreachable(f"tracker {self.address} refused the query: {reply['message']}")
+        records = []
+        for doc in reply["records"]:
+            try:
+                records.append(PeerRecord.from_wire(doc))
+            except ProtocolError:
+                continue  # a tracker handing out forged records gets them dropped, not believed
+        return records
+
+
+@dataclass
+class Discovery:
+    """The answers of several trackers, merged."""
+
+    records: dict[str, PeerRecord] = field(default_factory=dict)
+    reached: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def merge(self, records: list[PeerRecord], now: float) -> None:
+        for record in records:
+            if record.stopped or record.expires <= now:
+                continue
+            known = self.records.get(record.peer_id)
+            if known is None or record.seq > known.seq:
+                self.records[record.peer_id] = record
+
+
+async def discover(
+    ctx: zmq.asyncio.Context, urls: list[str], *, model: str | None = None, role: str | None = None,
+    timeout_s: float = TRACKER_TIMEOUT_S,
+) -> Discovery:
+    """Query every tracker at once; raise TrackerUnreachable only if none answers."""
+    clients = [TrackerClient(ctx, url, timeout_s) for url in urls]
+    results = await asyncio.gather(*(c.query(model, role) for c in clients), return_exceptions=True)
+    found = Discovery()
+    now = time.time()
+    for client, result in zip(clients, results, strict=True):
+        if isinstance(result, BaseException):
+            if not isinstance(result, GtorrentError):
+                raise result
+            found.failed[client.address] = result.message
+        else:
+            found.reached.append(client.address)
+            found.merge(result, now)
+    if not found.reached:
+        detail = "; ".join(found.failed.values())
+        raise TrackerUnreachable(detail if len(urls) == 1 else f"no tracker answered ({detail})")
+    return found
+
+
+async def announce_all(ctx: zmq.asyncio.Context, urls: list[str], record: PeerRecord, timeout_s: float = TRACKER_TIMEOUT_S) -> dict[str, str]:
+    """Announce to every tracker; return {url: error} for the ones that failed."""
+    clients = [TrackerClient(ctx, url, timeout_s) for url in urls]
+    results = await asyncio.gather(*(c.announce(record) for c in clients), return_exceptions=True)
+    errors = {}
+    for client, result in zip(clients, results, strict=True):
+        if isinstance(result, BaseException):
+            if not isinstance(result, GtorrentError):
+                raise result
+            errors[client.address] = result.message
+    return errors

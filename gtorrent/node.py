@@ -1,0 +1,221 @@
+"""The composition root: builds and wires each kind of node from settings, and runs it until stopped.
+
+Everything above this module (the CLI) calls these functions; everything below never reaches up. Each
+`run_*` function owns its event loop's lifetime: it binds, announces, serves until SIGINT/SIGTERM, then
+says goodbye to the trackers and closes every socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .asker import AskEvents, AskRequest, AskResult, AskTimeouts, ask_direct
+from .discovery import DEFAULT_TRACKER, TrackerClient, TrackerUnreachable, discover
+from .identity import load_or_create_identity
+from .paths import home_dir
+from .store import Store
+from .tracker import TrackerService
+from .transport import new_context
+
+DEFAULT_SEED_BIND = "tcp://127.0.0.1:0"
+PROBE_TIMEOUT_S = 1.0
+
+
+@dataclass
+class NodeSettings:
+    home: Path = field(default_factory=home_dir)
+    trackers: list[str] = field(default_factory=lambda: [DEFAULT_TRACKER])
+    trackers_explicit: bool = False  # given by --tracker or GTORRENT_TRACKERS
+
+
+async def _until_signalled(stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or not a Unix loop
+            pass
+    await stop.wait()
+
+
+# ---------------------------------------------------------------------- tracker
+
+
+def run_tracker(settings: NodeSettings, bind: str, on_ready: Callable[[TrackerService], None]) -> dict[str, int]:
+    identity, _ = load_or_create_identity(settings.home)
+    service = TrackerService(identity, settings.home / "tracker.db")
+
+    async def main() -> None:
+        service.bind(bind)
+        serving = asyncio.create_task(service.serve())
+        on_ready(service)
+        waiting = asyncio.create_task(_until_signalled())
+        done, _ = await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        serving.cancel()
+        for task in done:
+            if task is serving and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    try:
+        asyncio.run(main())
+    finally:
+        service.close()
+    return service.counters
+
+
+# ---------------------------------------------------------------------- seed
+
+
+@dataclass
+class SeedEvents:
+    tracker_started: Callable[[str], None] = lambda url: None
+    ready: Callable[[Any], None] = lambda seed: None
+    announced: Callable[[dict[str, str]], None] = lambda errors: None
+    stopping: Callable[[], None] = lambda: None
+
+
+async def _tracker_alive(ctx: Any, url: str) -> bool:
+    try:
+        await TrackerClient(ctx, url, PROBE_TIMEOUT_S)._tracker_record()
+    except TrackerUnreachable:
+        return False
+    return True
+
+
+def run_seed(
+    settings: NodeSettings,
+    model: Any,
+    *,
+    bind: str,
+    name: str | None,
+    max_concurrency: int,
+    events: SeedEvents,
+) -> dict[str, int]:
+    """Serve `model` (a loaded LanguageModel) until signalled."""
+    from .seed import SeedService
+
+    identity, _ = load_or_create_identity(settings.home)
+
+    async def main() -> dict[str, int]:
+        local_tracker: TrackerService | None = None
+        trackers = list(settings.trackers)
+        seed = SeedService(identity, model, trackers=trackers, name=name, max_concurrency=max_concurrency)
+        seed.on_announce = events.announced
+        try:
+            if not settings.trackers_explicit and not await _tracker_alive(seed.ctx, DEFAULT_TRACKER):
+                local_tracker = TrackerService(identity, settings.home / "tracker.db")
+                local_tracker.bind(DEFAULT_TRACKER)
+                asyncio.create_task(local_tracker.serve())
+                events.tracker_started(local_tracker.url)
+            seed.bind(bind)
+            serving = asyncio.create_task(seed.serve())
+            await seed.announce()
+            events.ready(seed)
+            waiting = asyncio.create_task(_until_signalled())
+            await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            events.stopping()
+            serving.cancel()
+            await seed.stop()
+            return dict(seed.server.counters)
+        finally:
+            seed.close()
+            if local_tracker is not None:
+                local_tracker.close()
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- ask and peers
+
+
+def ask(
+    settings: NodeSettings,
+    request: AskRequest,
+    events: AskEvents | None = None,
+    timeouts: AskTimeouts | None = None,
+) -> AskResult:
+    store = Store.open(settings.home)
+
+    async def main() -> AskResult:
+        ctx = new_context()
+        try:
+            return await ask_direct(ctx, settings.trackers, request, store, events, timeouts)
+        finally:
+            ctx.destroy(linger=0)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        store.close()
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    peer_id: str
+    roles: list[str]
+    models: list[dict[str, Any]]
+    endpoint: str
+    online: bool  # listed by a tracker now
+    reputation: float
+    trusted: bool
+    asks_ok: int
+    asks_failed: int
+    median_ttft_s: float | None
+    median_tokens_per_s: float | None
+    queue: float | None
+    last_seen: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {**self.__dict__}
+
+
+def list_peers(settings: NodeSettings, model: str | None = None) -> tuple[list[PeerRow], dict[str, str]]:
+    """Trackers' view merged with the local store. Returns (rows, {tracker: error})."""
+    store = Store.open(settings.home)
+
+    async def query() -> Any:
+        ctx = new_context()
+        try:
+            return await discover(ctx, settings.trackers)
+        finally:
+            ctx.destroy(linger=0)
+
+    try:
+        found = asyncio.run(query())
+        now = time.time()
+        store.saw_peers(found.records.values(), now)
+        known = {r.peer_id: r for r in store.known_records()}
+        online = found.records
+        rows = []
+        for peer_id, record in {**known, **online}.items():
+            if model is not None and not record.serves(model):
+                continue
+            standing = store.standing(peer_id)
+            rows.append(
+                PeerRow(
+                    peer_id=peer_id,
+                    roles=list(record.roles),
+                    models=[m.to_wire() for m in record.models],
+                    endpoint=record.endpoint,
+                    online=peer_id in online,
+                    reputation=round(standing.reputation, 4),
+                    trusted=standing.trusted,
+                    asks_ok=standing.asks_ok,
+                    asks_failed=standing.asks_failed,
+                    median_ttft_s=standing.median_ttft_s,
+                    median_tokens_per_s=standing.median_tokens_per_s,
+                    queue=record.load.get("queue") if peer_id in online else None,
+                    last_seen=store.last_seen(peer_id),
+                )
+            )
+        rows.sort(key=lambda r: (not r.online, -r.reputation, r.peer_id))
+        return rows, found.failed
+    finally:
+        store.close()

@@ -1,0 +1,338 @@
+"""Wire records and messages: encoding, decoding, size limits and validation (pure, no sockets).
+
+Every message is one ZeroMQ frame holding a UTF-8 JSON object with a protocol version `v` and a type
+`t`, optionally followed by raw binary frames. A message is checked against the schema of its type
+before any field is used; anything malformed, oversized, of an unknown version or type, is rejected
+with `ProtocolError` (the transport counts and drops it; a node never stops on bad input).
+
+A `PeerRecord` is what a peer announces to trackers. It is signed with the peer's Ed25519 key over a
+canonical encoding (sorted keys, no whitespace) prefixed with a versioned label, and carries the public
+key itself; the peer id is the fingerprint of that key. So a client can check every record it receives
+without trusting the tracker that handed it over: a tracker can hide peers but never forge them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .identity import Identity, PeerId, b64, peer_id_for, unb64, verify_signature
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 256 * 1024  # one JSON frame
+MAX_FRAMES = 8
+MAX_RECORD_TTL_S = 3600.0  # a record may not claim to stay valid longer than this
+RECORD_LABEL = b"gtorrent/record/v1\n"
+ROLES = frozenset({"seed", "relay", "verifier", "tracker"})
+MAX_MODELS_PER_RECORD = 16
+MAX_PROMPT_CHARS = 64 * 1024
+
+
+class ProtocolError(ValueError):
+    """A message or record that must be dropped; the text says why (for counters and logs)."""
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def canonical(value: Any) -> bytes:
+    """The canonical JSON bytes of a value: the exact bytes that get signed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def encode(kind: str, body: dict[str, Any] | None = None, *binary: bytes) -> list[bytes]:
+    """Frames of a message of type `kind`."""
+    header = {"v": PROTOCOL_VERSION, "t": kind, **(body or {})}
+    data = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"{kind} message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return [data, *binary]
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: str
+    body: dict[str, Any]
+    binary: tuple[bytes, ...] = ()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.body[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.body.get(key, default)
+
+
+def decode(frames: list[bytes], expected: frozenset[str] | None = None) -> Message:
+    """Parse and validate a message; raise ProtocolError for anything not exactly right."""
+    if not frames or len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"bad frame count {len(frames)}")
+    head = frames[0]
+    if len(head) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(head)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        body = json.loads(head.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"not a JSON message ({type(exc).__name__})") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError("message is not a JSON object")
+    version, kind = body.pop("v", None), body.pop("t", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version!r}")
+    if not isinstance(kind, str) or kind not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    if expected is not None and kind not in expected:
+        raise ProtocolError(f"unexpected message type {kind!r}")
+    _check_schema(kind, body)
+    return Message(kind, body, tuple(frames[1:]))
+
+
+def _reject_constant(name: str) -> None:
+    raise ProtocolError(f"non-finite number {name}")
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type | tuple[type, ...]
+    required: bool = True
+    max_len: int | None = None  # for str, list and dict
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+def _check_schema(kind: str, body: dict[str, Any]) -> None:
+    schema = SCHEMAS[kind]
+    for name in body:
+        if name not in schema:
+            raise ProtocolError(f"{kind}: unknown field {name!r}")
+    for name, spec in schema.items():
+        if name not in body:
+            if spec.required:
+                raise ProtocolError(f"{kind}: missing field {name!r}")
+            continue
+        _check_value(f"{kind}.{name}", body[name], spec)
+
+
+def _check_value(where: str, value: Any, spec: Field) -> None:
+    kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ProtocolError(f"{where}: expected {kinds[0].__name__}, got bool")
+    if not isinstance(value, kinds):
+        raise ProtocolError(f"{where}: expected {' or '.join(k.__name__ for k in kinds)}")
+    if spec.max_len is not None and isinstance(value, (str, list, dict)) and len(value) > spec.max_len:
+        raise ProtocolError(f"{where}: longer than {spec.max_len}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(f"{where}: not finite")
+        if spec.minimum is not None and value < spec.minimum:
+            raise ProtocolError(f"{where}: below {spec.minimum}")
+        if spec.maximum is not None and value > spec.maximum:
+            raise ProtocolError(f"{where}: above {spec.maximum}")
+
+
+NUMBER = (int, float)
+ID = Field(str, max_len=64)
+REQUEST_ID = Field(str, max_len=64)
+
+SCHEMAS: dict[str, dict[str, Field]] = {
+    # tracker
+    "hello": {},
+    "hello_ok": {"record": Field(dict, max_len=32)},
+    "announce": {"record": Field(dict, max_len=32)},
+    "announce_ok": {"interval_s": Field(NUMBER, minimum=0), "peers": Field(int, minimum=0)},
+    "query": {
+        "model": Field(str, required=False, max_len=128),
+        "role": Field(str, required=False, max_len=16),
+        "limit": Field(int, required=False, minimum=1, maximum=1000),
+    },
+    "peers": {"records": Field(list, max_len=1000)},
+    "error": {"code": Field(str, max_len=64), "message": Field(str, max_len=1024), "id": Field(str, required=False, max_len=64)},
+    # seed
+    "generate": {
+        "id": REQUEST_ID,
+        "model": Field(str, max_len=128),
+        "prompt": Field(str, max_len=MAX_PROMPT_CHARS),
+        "max_tokens": Field(int, minimum=1, maximum=1 << 16),
+        "temperature": Field(NUMBER, minimum=0, maximum=100),
+        "top_k": Field(int, minimum=0, maximum=1 << 20),
+        "top_p": Field(NUMBER, minimum=0, maximum=1),
+        "seed": Field(int, required=False, minimum=0, maximum=(1 << 63) - 1),
+        "chat": Field(bool, required=False),
+    },
+    "accepted": {"id": REQUEST_ID, "queue": Field(int, minimum=0)},
+    "token": {"id": REQUEST_ID, "n": Field(int, minimum=0), "text": Field(str, max_len=4096)},
+    "done": {
+        "id": REQUEST_ID,
+        "tokens": Field(int, minimum=0),
+        "finish_reason": Field(str, max_len=16),
+        "ttft_s": Field(NUMBER, minimum=0),
+        "total_s": Field(NUMBER, minimum=0),
+        "model_id": ID,
+    },
+    "ping": {},
+    "pong": {},
+}
+
+
+# --------------------------------------------------------------------------- peer records
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    name: str
+    context_length: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "name": self.name, "context_length": self.context_length}
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """A signed self-description of a peer. Build with `PeerRecord.sign`, parse with `from_wire`."""
+
+    peer_id: PeerId
+    signing_key: bytes
+    onion_key: bytes
+    curve_key: bytes
+    endpoint: str
+    roles: tuple[str, ...]
+    models: tuple[ModelInfo, ...]
+    load: dict[str, float]
+    seq: int
+    expires: float  # unix time
+    stopped: bool = False
+    signature: bytes = field(default=b"", repr=False)
+
+    def unsigned_wire(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "signing_key": b64(self.signing_key),
+            "onion_key": b64(self.onion_key),
+            "curve_key": b64(self.curve_key),
+            "endpoint": self.endpoint,
+            "roles": list(self.roles),
+            "models": [m.to_wire() for m in self.models],
+            "load": dict(self.load),
+            "seq": self.seq,
+            "expires": self.expires,
+            "stopped": self.stopped,
+        }
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.unsigned_wire(), "signature": b64(self.signature)}
+
+    @classmethod
+    def sign(
+        cls,
+        identity: Identity,
+        *,
+        endpoint: str,
+        roles: tuple[str, ...],
+        models: tuple[ModelInfo, ...] = (),
+        load: dict[str, float] | None = None,
+        seq: int,
+        expires: float,
+        stopped: bool = False,
+    ) -> PeerRecord:
+        record = cls(
+            peer_id=identity.peer_id,
+            signing_key=identity.signing_public,
+            onion_key=identity.onion_public,
+            curve_key=identity.curve_public,
+            endpoint=endpoint,
+            roles=tuple(sorted(set(roles))),
+            models=models,
+            load=dict(load or {}),
+            seq=seq,
+            expires=expires,
+            stopped=stopped,
+        )
+        return replace(record, signature=identity.sign(RECORD_LABEL + canonical(record.unsigned_wire())))
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> PeerRecord:
+        """Parse and verify a record; raise ProtocolError unless it is well-formed and correctly signed."""
+        if not isinstance(doc, dict):
+            raise ProtocolError("record is not an object")
+        _check_schema_record(doc)
+        try:
+            keys = {name: unb64(doc[name]) for name in ("signing_key", "onion_key", "curve_key", "signature")}
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError("record: bad base64") from exc
+        if any(len(keys[name]) != 32 for name in ("signing_key", "onion_key", "curve_key")) or len(keys["signature"]) != 64:
+            raise ProtocolError("record: bad key or signature length")
+        if peer_id_for(keys["signing_key"]) != doc["peer_id"]:
+            raise ProtocolError("record: peer id does not match its signing key")
+        unsigned = {k: v for k, v in doc.items() if k != "signature"}
+        if not verify_signature(keys["signing_key"], keys["signature"], RECORD_LABEL + canonical(unsigned)):
+            raise ProtocolError("record: bad signature")
+        roles = tuple(doc["roles"])
+        if not set(roles) <= ROLES:
+            raise ProtocolError("record: unknown role")
+        models = tuple(ModelInfo(m["model_id"], m["name"], m["context_length"]) for m in doc["models"])
+        return cls(
+            peer_id=doc["peer_id"],
+            signing_key=keys["signing_key"],
+            onion_key=keys["onion_key"],
+            curve_key=keys["curve_key"],
+            endpoint=doc["endpoint"],
+            roles=roles,
+            models=models,
+            load={k: float(v) for k, v in doc["load"].items()},
+            seq=doc["seq"],
+            expires=float(doc["expires"]),
+            stopped=doc["stopped"],
+            signature=keys["signature"],
+        )
+
+    def serves(self, model: str) -> bool:
+        """True when this record serves `model`, given as a model id, a unique id prefix, or a name."""
+        return any(m.model_id == model or m.name == model or (len(model) >= 8 and m.model_id.startswith(model)) for m in self.models)
+
+
+RECORD_SCHEMA: dict[str, Field] = {
+    "peer_id": Field(str, max_len=64),
+    "signing_key": Field(str, max_len=64),
+    "onion_key": Field(str, max_len=64),
+    "curve_key": Field(str, max_len=64),
+    "endpoint": Field(str, max_len=256),
+    "roles": Field(list, max_len=8),
+    "models": Field(list, max_len=MAX_MODELS_PER_RECORD),
+    "load": Field(dict, max_len=16),
+    "seq": Field(int, minimum=0, maximum=(1 << 63) - 1),
+    "expires": Field(NUMBER, minimum=0),
+    "stopped": Field(bool),
+    "signature": Field(str, max_len=128),
+}
+MODEL_SCHEMA: dict[str, Field] = {
+    "model_id": Field(str, max_len=64),
+    "name": Field(str, max_len=128),
+    "context_length": Field(int, minimum=1, maximum=1 << 24),
+}
+
+
+def _check_schema_record(doc: dict[str, Any]) -> None:
+    for name in doc:
+        if name not in RECORD_SCHEMA:
+            raise ProtocolError(f"record: unknown field {name!r}")
+    for name, spec in RECORD_SCHEMA.items():
+        if name not in doc:
+            raise ProtocolError(f"record: missing field {name!r}")
+        _check_value(f"record.{name}", doc[name], spec)
+    for role in doc["roles"]:
+        if not isinstance(role, str):
+            raise ProtocolError("record.roles: not a string")
+    for model in doc["models"]:
+        if not isinstance(model, dict) or set(model) != set(MODEL_SCHEMA):
+            raise ProtocolError("record.models: bad entry")
+        for name, spec in MODEL_SCHEMA.items():
+            _check_value(f"record.models.{name}", model[name], spec)
+    for key, value in doc["load"].items():
+        if not isinstance(key, str) or len(key) > 32:
+            raise ProtocolError("record.load: bad key")
+        _check_value(f"record.load.{key}", value, Field(NUMBER, minimum=0))

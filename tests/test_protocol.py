@@ -1,0 +1,112 @@
+"""Wire messages and signed records: validation is strict, signatures are checked before use."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import pytest
+
+from gtorrent.identity import Identity, b64
+from gtorrent.protocol import (
+    MAX_MESSAGE_BYTES,
+    ModelInfo,
+    PeerRecord,
+    ProtocolError,
+    decode,
+    encode,
+)
+
+ME = Identity.generate()
+
+
+def record(**changes: object) -> PeerRecord:
+    base = dict(
+        endpoint="tcp://127.0.0.1:5000",
+        roles=("seed",),
+        models=(ModelInfo("ab" * 32, "demo", 512),),
+        load={"queue": 1.0},
+        seq=1,
+        expires=time.time() + 60,
+    )
+    base.update(changes)
+    return PeerRecord.sign(ME, **base)  # type: ignore[arg-type]
+
+
+def test_roundtrip() -> None:
+    frames = encode("query", {"model": "demo", "role": "seed"})
+    message = decode(frames)
+    assert message.kind == "query" and message["model"] == "demo"
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [b"\xff\xfe not utf8"],
+        [b"not json"],
+        [b"[1,2,3]"],
+        [json.dumps({"t": "query"}).encode()],  # no version
+        [json.dumps({"v": 99, "t": "query"}).encode()],
+        [json.dumps({"v": 1, "t": "launch_missiles"}).encode()],
+        [json.dumps({"v": 1, "t": "query", "extra": 1}).encode()],
+        [json.dumps({"v": 1, "t": "query", "limit": "ten"}).encode()],
+        [json.dumps({"v": 1, "t": "query", "limit": 10**9}).encode()],
+        [json.dumps({"v": 1, "t": "query", "limit": True}).encode()],
+        [b'{"v":1,"t":"token","id":"x","n":0,"text":NaN}'],
+        [json.dumps({"v": 1, "t": "generate", "id": "x"}).encode()],  # missing fields
+        [b"{" * 100_000],
+        [b'{"v":1,"t":"query","model":"' + b"a" * MAX_MESSAGE_BYTES + b'"}'],
+        [b"{}"] * 9,
+    ],
+)
+def test_malformed_messages_are_rejected(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        decode(frames)
+
+
+def test_unexpected_type_is_rejected() -> None:
+    with pytest.raises(ProtocolError, match="unexpected"):
+        decode(encode("ping"), frozenset({"query"}))
+
+
+def test_record_verifies() -> None:
+    signed = record()
+    parsed = PeerRecord.from_wire(json.loads(json.dumps(signed.to_wire())))
+    assert parsed == signed
+    assert parsed.serves("demo") and parsed.serves("ab" * 32) and parsed.serves("abababab") and not parsed.serves("ab")
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda doc: doc.update(endpoint="tcp://10.9.9.9:1"),
+        lambda doc: doc.update(seq=doc["seq"] + 1),
+        lambda doc: doc.update(expires=doc["expires"] + 1000),
+        lambda doc: doc.update(roles=["seed", "relay"]),
+        lambda doc: doc["models"][0].update(name="other"),
+        lambda doc: doc.update(peer_id=Identity.generate().peer_id),
+        lambda doc: doc.update(signing_key=b64(Identity.generate().signing_public)),
+        lambda doc: doc.update(signature=b64(b"\x00" * 64)),
+        lambda doc: doc.update(signature="%%%"),
+        lambda doc: doc.pop("signature"),
+        lambda doc: doc.update(roles=["overlord"]),
+        lambda doc: doc.update(load={"queue": -1}),
+    ],
+)
+def test_forged_or_altered_records_are_rejected(tamper) -> None:  # type: ignore[no-untyped-def]
+    doc = record().to_wire()
+    tamper(doc)
+    with pytest.raises(ProtocolError):
+        PeerRecord.from_wire(doc)
+
+
+def test_record_signed_by_another_key_is_rejected() -> None:
+    other = Identity.generate()
+    doc = record().to_wire()
+    forged = PeerRecord.sign(other, endpoint="tcp://127.0.0.1:1", roles=("seed",), seq=5, expires=time.time() + 60)
+    doc["signature"] = forged.to_wire()["signature"]
+    with pytest.raises(ProtocolError, match="signature"):
+        PeerRecord.from_wire(doc)
+    assert replace(record(), signature=b"").signature == b""
