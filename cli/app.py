@@ -25,6 +25,7 @@ from . import output
 from .ask import ask_command
 from .identity import id_command
 from .peers import peers_command
+from .relay import relay_command
 from .run import run_command
 from .seed import seed_command
 from .tracker import tracker_command
@@ -59,6 +60,7 @@ app.command("id")(id_command)
 app.command("run")(run_command)
 app.command("tracker")(tracker_command)
 app.command("seed")(seed_command)
+app.command("relay")(relay_command)
 app.command("ask")(ask_command)
 app.command("peers")(peers_command)
 
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = exc.ctx.command_path if exc.ctx is not None else "gtorrent"
         output.error(exc.format_message(), f"see `{path} --help`")
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         output.error("aborted")
         return 130
     except KeyboardInterrupt:

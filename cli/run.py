@@ -27,7 +27,7 @@ def run_command(
     top_p: Annotated[
         float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample from the smallest set with this mass.")
     ] = 1.0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, help="Seed for reproducible sampling.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Format the prompt with the model's chat template.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto (GPU when usable), cpu or cuda.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,

@@ -41,7 +41,7 @@ def seed_command(
     def ready(seed) -> None:  # type: ignore[no-untyped-def]
         output.info(
             f"[green]seeding[/] as {seed.identity.peer_id} on {seed.server.endpoint} "
-            f"to {', '.join(t.address for t in seed.trackers)} · up to {max_concurrency} at once · Ctrl-C to stop"
+            f"to {', '.join(t.address for t in seed.announcer.trackers)} · up to {max_concurrency} at once · Ctrl-C to stop"
         )
 
     def announced(errors: dict[str, str]) -> None:

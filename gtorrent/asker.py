@@ -17,15 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import zmq.asyncio
-
 from .discovery import discover
 from .errors import GtorrentError, UsageError
 from .identity import short_id
-from .protocol import PeerRecord
+from .protocol import PeerRecord, ProtocolError, decode, encode
 from .reputation import choice_key
 from .store import Store
-from .transport import Connection, PeerTimeout, TransportError
+from .transport import Connection, Context, PeerTimeout, TransportError
 
 MAX_ATTEMPTS = 3
 
@@ -83,6 +81,30 @@ class SeedFailed(GtorrentError):
         self.outcome = outcome
 
 
+def generate_body(request: AskRequest, model_id: str, request_id: str) -> dict[str, object]:
+    body: dict[str, object] = {
+        "id": request_id,
+        "model": model_id,
+        "prompt": request.prompt,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_k": request.top_k,
+        "top_p": request.top_p,
+        "chat": request.chat,
+    }
+    if request.seed is not None:
+        body["seed"] = request.seed
+    return body
+
+
+def check_request(request: AskRequest) -> None:
+    """Refuse locally what every seed would refuse, before blaming any seed for it."""
+    try:
+        decode(encode("generate", generate_body(request, "0" * 64, "0" * 16)))
+    except ProtocolError as exc:
+        raise UsageError(f"the request is not valid: {exc}", hint="shorten the prompt or lower --top-k / --max-tokens") from exc
+
+
 def resolve_model(seeds: list[PeerRecord], wanted: str | None) -> tuple[str, list[PeerRecord]]:
     """The model id to ask for and the seeds serving it."""
     served = {m.model_id: m.name for record in seeds for m in record.models}
@@ -111,7 +133,7 @@ def rank_seeds(seeds: list[PeerRecord], store: Store, now: float) -> list[PeerRe
 
 
 async def ask_seed(
-    ctx: zmq.asyncio.Context,
+    ctx: Context,
     seed: PeerRecord,
     model_id: str,
     request: AskRequest,
@@ -121,24 +143,15 @@ async def ask_seed(
 ) -> AskResult:
     """One attempt, straight to `seed` over CurveZMQ with a throwaway key."""
     request_id = secrets.token_hex(8)
-    body: dict[str, object] = {
-        "id": request_id,
-        "model": model_id,
-        "prompt": request.prompt,
-        "max_tokens": request.max_tokens,
-        "temperature": request.temperature,
-        "top_k": request.top_k,
-        "top_p": request.top_p,
-        "chat": request.chat,
-    }
-    if request.seed is not None:
-        body["seed"] = request.seed
+    body = generate_body(request, model_id, request_id)
     pieces: list[str] = []
     ttft_s: float | None = None
     kinds = frozenset({"accepted", "token", "done", "error"})
     async with Connection(ctx, seed.endpoint, server_key=seed.curve_key, name=f"seed {short_id(seed.peer_id)}") as conn:
         first = await conn.request("generate", body, kinds, timeouts.accept_s)
         if first.kind == "error":
+            if first.get("code") == "bad_request":
+                raise UsageError(f"the seed refused the request: {first['message']}")
             raise SeedFailed(f"seed {short_id(seed.peer_id)} refused: {first['message']}")
         if first.kind != "accepted" or first["id"] != request_id:
             raise SeedFailed(f"seed {short_id(seed.peer_id)} answered out of order")
@@ -170,13 +183,15 @@ async def ask_seed(
                     attempts=1,
                 )
             elif message.kind == "error":
+                if message.get("code") == "bad_request":  # the request is at fault, not the seed
+                    raise UsageError(f"the seed refused the request: {message['message']}")
                 raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {message['message']}")
             else:
                 raise SeedFailed(f"seed {short_id(seed.peer_id)} sent {message.kind} mid-answer")
 
 
 async def ask_direct(
-    ctx: zmq.asyncio.Context,
+    ctx: Context,
     trackers: list[str],
     request: AskRequest,
     store: Store,
@@ -186,11 +201,21 @@ async def ask_direct(
 ) -> AskResult:
     events = events or AskEvents()
     timeouts = timeouts or AskTimeouts()
+    check_request(request)
     started = time.perf_counter()
-    found = await discover(ctx, trackers, role="seed")
+    found = await discover(ctx, trackers, model=request.model, role="seed")
+    if not found.records and request.model is not None:
+        found = await discover(ctx, trackers, role="seed")  # only to say what the swarm does serve
     store.saw_peers(found.records.values())
     model_id, seeds = resolve_model(list(found.records.values()), request.model)
-    ranked = rank_seeds(seeds, store, time.time())[:max_attempts]
+    now = time.time()
+    usable = [s for s in seeds if store.standing(s.peer_id).trusted]
+    if not usable:
+        raise NoSeedError(
+            f"every seed of model {model_id[:12]} is untrusted ({len(seeds)} seen)",
+            hint="wait for their reputation to recover, or check them with `gtorrent peers`",
+        )
+    ranked = rank_seeds(usable, store, now)[:max_attempts]
     failures: list[dict[str, str]] = []
     for attempt, seed in enumerate(ranked, 1):
         if events.on_attempt is not None:

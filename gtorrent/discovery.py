@@ -12,15 +12,17 @@ to the endpoint and key in it (see tracker.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import zmq.asyncio
 
 from .errors import GtorrentError
 from .protocol import Message, PeerRecord, ProtocolError
-from .transport import Connection, TransportError, check_endpoint
+from .transport import Context, Connection, TransportError, check_endpoint
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRACKER = "tcp://127.0.0.1:7700"
 TRACKERS_ENV = "GTORRENT_TRACKERS"
@@ -54,7 +56,7 @@ def trackers_from(flags: list[str] | None) -> tuple[list[str], bool]:
 
 @dataclass
 class TrackerClient:
-    ctx: zmq.asyncio.Context
+    ctx: Context
     url: str
     timeout_s: float = TRACKER_TIMEOUT_S
     record: PeerRecord | None = None  # the tracker's own, once known
@@ -141,7 +143,7 @@ class Discovery:
 
 
 async def discover(
-    ctx: zmq.asyncio.Context, urls: list[str], *, model: str | None = None, role: str | None = None,
+    ctx: Context, urls: list[str], *, model: str | None = None, role: str | None = None,
     timeout_s: float = TRACKER_TIMEOUT_S,
 ) -> Discovery:
     """Query every tracker at once; raise TrackerUnreachable only if none answers."""
@@ -163,7 +165,7 @@ async def discover(
     return found
 
 
-async def announce_all(ctx: zmq.asyncio.Context, urls: list[str], record: PeerRecord, timeout_s: float = TRACKER_TIMEOUT_S) -> dict[str, str]:
+async def announce_all(ctx: Context, urls: list[str], record: PeerRecord, timeout_s: float = TRACKER_TIMEOUT_S) -> dict[str, str]:
     """Announce to every tracker; return {url: error} for the ones that failed."""
     clients = [TrackerClient(ctx, url, timeout_s) for url in urls]
     results = await asyncio.gather(*(c.announce(record) for c in clients), return_exceptions=True)
@@ -174,3 +176,48 @@ async def announce_all(ctx: zmq.asyncio.Context, urls: list[str], record: PeerRe
                 raise result
             errors[client.address] = result.message
     return errors
+
+
+class Announcer:
+    """Keeps one peer's record fresh on every tracker: announce, re-announce, say goodbye."""
+
+    def __init__(self, ctx: Context, urls: list[str], make_record: Callable[[bool], PeerRecord],
+                 max_interval_s: float = 30.0) -> None:
+        self.trackers = [TrackerClient(ctx, url) for url in urls]
+        self.make_record = make_record
+        self.interval_s = max_interval_s
+        self.max_interval_s = max_interval_s
+        self.errors: dict[str, str] = {}
+        self.on_announce: Callable[[dict[str, str]], None] | None = None
+
+    async def announce(self, *, stopped: bool = False) -> dict[str, str]:
+        """Announce to every tracker at once; return {tracker: error} for those that failed."""
+        record = self.make_record(stopped)
+        results = await asyncio.gather(*(t.announce(record) for t in self.trackers), return_exceptions=True)
+        errors: dict[str, str] = {}
+        for tracker, result in zip(self.trackers, results, strict=True):
+            if isinstance(result, GtorrentError):
+                errors[tracker.address] = result.message
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self.interval_s = max(1.0, min(float(result["interval_s"]), self.max_interval_s))
+        self.errors = errors
+        if self.on_announce is not None:
+            self.on_announce(errors)
+        return errors
+
+    async def loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.announce()
+            except Exception:  # noqa: BLE001 - keep serving; the next round retries
+                log.exception("announce failed")
+
+    async def stop(self) -> dict[str, str]:
+        """Announce `stopped`; return {tracker: error} for those that did not hear it."""
+        try:
+            return await asyncio.wait_for(self.announce(stopped=True), timeout=5.0)
+        except (TimeoutError, GtorrentError) as exc:
+            return {"*": str(exc)}

@@ -105,29 +105,85 @@ def run_seed(
 
     async def main() -> dict[str, int]:
         local_tracker: TrackerService | None = None
+        tasks: list[asyncio.Task[None]] = []
         trackers = list(settings.trackers)
         seed = SeedService(identity, model, trackers=trackers, name=name, max_concurrency=max_concurrency)
-        seed.on_announce = events.announced
+        seed.announcer.on_announce = events.announced
         try:
             if not settings.trackers_explicit and not await _tracker_alive(seed.ctx, DEFAULT_TRACKER):
                 local_tracker = TrackerService(identity, settings.home / "tracker.db")
                 local_tracker.bind(DEFAULT_TRACKER)
-                asyncio.create_task(local_tracker.serve())
+                tasks.append(asyncio.create_task(local_tracker.serve()))
                 events.tracker_started(local_tracker.url)
             seed.bind(bind)
-            serving = asyncio.create_task(seed.serve())
+            tasks.append(asyncio.create_task(seed.serve()))
             await seed.announce()
             events.ready(seed)
             waiting = asyncio.create_task(_until_signalled())
-            await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({*tasks, waiting}, return_when=asyncio.FIRST_COMPLETED)
             events.stopping()
-            serving.cancel()
+            for task in tasks:
+                task.cancel()
             await seed.stop()
+            for task in done:
+                if task is not waiting and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]  # a service died: say so, do not exit quietly
             return dict(seed.server.counters)
         finally:
             seed.close()
             if local_tracker is not None:
                 local_tracker.close()
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- relay
+
+
+@dataclass
+class RelayEvents:
+    ready: Callable[[Any], None] = lambda relay: None
+    announced: Callable[[dict[str, str]], None] = lambda errors: None
+    stopping: Callable[[], None] = lambda: None
+
+
+def run_relay(settings: NodeSettings, *, bind: str, events: RelayEvents, idle_timeout_s: float = 120.0) -> dict[str, int]:
+    """Relay circuits until signalled. Never imports the model runtime."""
+    from .discovery import Announcer
+    from .protocol import PeerRecord
+    from .relay import RelayService, serve_relay
+    from .transport import Server
+
+    identity, _ = load_or_create_identity(settings.home)
+
+    async def main() -> dict[str, int]:
+        ctx = new_context()
+        server = Server(ctx, curve_secret=identity.curve_secret, name="relay")
+        relay = RelayService(identity, ctx, idle_timeout_s=idle_timeout_s)
+
+        def record(stopped: bool) -> PeerRecord:
+            now = time.time()
+            return PeerRecord.sign(identity, endpoint=server.endpoint, roles=("relay",), seq=int(now * 1000),
+                                   expires=now + 90.0, stopped=stopped)
+
+        announcer = Announcer(ctx, settings.trackers, record)
+        announcer.on_announce = events.announced
+        try:
+            server.bind(bind)
+            tasks = [asyncio.create_task(serve_relay(server, relay)), asyncio.create_task(relay.expire_loop())]
+            await announcer.announce()
+            tasks.append(asyncio.create_task(announcer.loop()))
+            events.ready((identity, server, relay))
+            await _until_signalled()
+            events.stopping()
+            for task in tasks:
+                task.cancel()
+            await announcer.stop()
+            return {**relay.counters, **server.counters}
+        finally:
+            relay.close()
+            server.close()
+            ctx.destroy(linger=0)
 
     return asyncio.run(main())
 

@@ -73,3 +73,13 @@ def write_private_file(path: Path, data: bytes, *, replace: bool = False) -> Non
 def loose_permissions(path: Path) -> int:
     """The permission bits of `path` that give group or others any access (0 for a private file)."""
     return stat.S_IMODE(path.stat().st_mode) & 0o077
+
+
+def create_private(path: Path) -> None:
+    """Create `path` empty with mode 0600 unless it exists (for files other libraries then open)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise HomeError(f"cannot create {path} ({exc.strerror or exc})") from exc

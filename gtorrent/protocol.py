@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,8 +27,12 @@ MAX_FRAMES = 8
 MAX_RECORD_TTL_S = 3600.0  # a record may not claim to stay valid longer than this
 RECORD_LABEL = b"gtorrent/record/v1\n"
 ROLES = frozenset({"seed", "relay", "verifier", "tracker"})
-MAX_MODELS_PER_RECORD = 16
+MAX_MODELS_PER_RECORD = 8
+MAX_RECORD_BYTES = 4096  # canonical size of one signed record; keeps query answers bounded
 MAX_PROMPT_CHARS = 64 * 1024
+
+
+_ENDPOINT_RE = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}$")
 
 
 class ProtocolError(ValueError):
@@ -72,13 +77,13 @@ def decode(frames: list[bytes], expected: frozenset[str] | None = None) -> Messa
     if len(head) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(head)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        body = json.loads(head.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        body = json.loads(head.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int too long
         raise ProtocolError(f"not a JSON message ({type(exc).__name__})") from exc
     if not isinstance(body, dict):
         raise ProtocolError("message is not a JSON object")
     version, kind = body.pop("v", None), body.pop("t", None)
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # True == 1 in Python
         raise ProtocolError(f"unsupported protocol version {version!r}")
     if not isinstance(kind, str) or kind not in SCHEMAS:
         raise ProtocolError(f"unknown message type {kind!r}")
@@ -86,6 +91,13 @@ def decode(frames: list[bytes], expected: frozenset[str] | None = None) -> Messa
         raise ProtocolError(f"unexpected message type {kind!r}")
     _check_schema(kind, body)
     return Message(kind, body, tuple(frames[1:]))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ProtocolError("duplicate key in a JSON object")
+    return result
 
 
 def _reject_constant(name: str) -> None:
@@ -175,6 +187,11 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     },
     "ping": {},
     "pong": {},
+    # circuits (onion.py): circuit ids are per link, 63-bit, chosen at random by the asker
+    "create": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1), "key": Field(str, max_len=64)},
+    "created": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1), "auth": Field(str, max_len=64)},
+    "cell": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1)},  # + one binary frame of CELL_BYTES
+    "destroy": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1), "reason": Field(str, required=False, max_len=64)},
 }
 
 
@@ -260,6 +277,8 @@ class PeerRecord:
         if not isinstance(doc, dict):
             raise ProtocolError("record is not an object")
         _check_schema_record(doc)
+        if len(canonical(doc)) > MAX_RECORD_BYTES:
+            raise ProtocolError(f"record larger than {MAX_RECORD_BYTES} bytes")
         try:
             keys = {name: unb64(doc[name]) for name in ("signing_key", "onion_key", "curve_key", "signature")}
         except (ValueError, TypeError) as exc:
@@ -271,6 +290,8 @@ class PeerRecord:
         unsigned = {k: v for k, v in doc.items() if k != "signature"}
         if not verify_signature(keys["signing_key"], keys["signature"], RECORD_LABEL + canonical(unsigned)):
             raise ProtocolError("record: bad signature")
+        if not _ENDPOINT_RE.match(doc["endpoint"]):
+            raise ProtocolError("record: endpoint is not tcp://HOST:PORT")
         roles = tuple(doc["roles"])
         if not set(roles) <= ROLES:
             raise ProtocolError("record: unknown role")
@@ -305,7 +326,7 @@ RECORD_SCHEMA: dict[str, Field] = {
     "models": Field(list, max_len=MAX_MODELS_PER_RECORD),
     "load": Field(dict, max_len=16),
     "seq": Field(int, minimum=0, maximum=(1 << 63) - 1),
-    "expires": Field(NUMBER, minimum=0),
+    "expires": Field(NUMBER, minimum=0, maximum=1e11),
     "stopped": Field(bool),
     "signature": Field(str, max_len=128),
 }
@@ -335,4 +356,4 @@ def _check_schema_record(doc: dict[str, Any]) -> None:
     for key, value in doc["load"].items():
         if not isinstance(key, str) or len(key) > 32:
             raise ProtocolError("record.load: bad key")
-        _check_value(f"record.load.{key}", value, Field(NUMBER, minimum=0))
+        _check_value(f"record.load.{key}", value, Field(NUMBER, minimum=0, maximum=1e9))

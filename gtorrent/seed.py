@@ -15,20 +15,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .discovery import TrackerClient
-from .errors import GtorrentError
+from .discovery import Announcer
+from .errors import GtorrentError, UsageError
 from .identity import Identity
 from .protocol import Message, ModelInfo, PeerRecord
+from .relay import RelayService, serve_relay
 from .runtime import GenerationParams, LanguageModel, SamplingParams
 from .transport import Reply, Server, new_context
 
 log = logging.getLogger(__name__)
 
 RECORD_TTL_S = 90.0
+MAX_QUEUE_PER_SLOT = 8  # requests waiting per concurrent slot before the seed answers "busy"
+MAX_CHUNK_CHARS = 4000  # a token message's text stays under the protocol's 4096
 LATENCY_EWMA = 0.125  # weight of the newest request latency (TCP SRTT style, as the paper)
 
 
@@ -63,15 +65,14 @@ class SeedService:
         self.name = name or model.name
         self.ctx = new_context()
         self.server = Server(self.ctx, curve_secret=identity.curve_secret, name="seed")
-        self.trackers = [TrackerClient(self.ctx, url) for url in trackers]
+        self.announcer = Announcer(self.ctx, trackers, lambda stopped: self.record(stopped=stopped), RECORD_TTL_S / 3)
+        self.relay = RelayService(identity, self.ctx)  # every seed relays other seeds' traffic
         self.max_concurrency = max_concurrency
-        self.roles = ("seed", *extra_roles)
+        self.max_queue = MAX_QUEUE_PER_SLOT * max_concurrency
+        self.roles = ("seed", "relay", *extra_roles)
         self.load = SeedLoad()
         self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
         self.slots = asyncio.Semaphore(max_concurrency)
-        self.reannounce_s = 30.0
-        self.announce_errors: dict[str, str] = {}
-        self.on_announce: Callable[[dict[str, str]], None] | None = None
 
     def bind(self, url: str) -> str:
         return self.server.bind(url)
@@ -94,30 +95,7 @@ class SeedService:
         )
 
     async def announce(self, *, stopped: bool = False) -> dict[str, str]:
-        """Announce to every tracker at once; return {tracker: error} for those that failed."""
-        record = self.record(stopped=stopped)
-        results = await asyncio.gather(*(t.announce(record) for t in self.trackers), return_exceptions=True)
-        errors: dict[str, str] = {}
-        for tracker, result in zip(self.trackers, results, strict=True):
-            if isinstance(result, GtorrentError):
-                errors[tracker.address] = result.message
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                interval = float(result["interval_s"])
-                self.reannounce_s = max(1.0, min(interval, RECORD_TTL_S / 3))
-        self.announce_errors = errors
-        if self.on_announce is not None:
-            self.on_announce(errors)
-        return errors
-
-    async def _announce_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.reannounce_s)
-            try:
-                await self.announce()
-            except Exception:
-                log.exception("announce failed")
+        return await self.announcer.announce(stopped=stopped)
 
     # ------------------------------------------------------------------ requests
 
@@ -140,6 +118,9 @@ class SeedService:
             )
         except GtorrentError as exc:
             await reply.send("error", {"code": "bad_request", "message": exc.message, "id": request_id})
+            return
+        if self.load.waiting >= self.max_queue:
+            await reply.send("error", {"code": "busy", "message": "the seed's queue is full", "id": request_id})
             return
         self.load.waiting += 1
         await reply.send("accepted", {"id": request_id, "queue": self.load.waiting + self.load.running - 1})
@@ -182,13 +163,17 @@ class SeedService:
                 text.append(pieces.get_nowait())
             finished = text[-1] is None
             joined = "".join(t for t in text if t is not None)
-            if joined:
-                await reply.send("token", {"id": request_id, "n": count, "text": joined})
+            for start in range(0, len(joined), MAX_CHUNK_CHARS):
+                await reply.send("token", {"id": request_id, "n": count, "text": joined[start : start + MAX_CHUNK_CHARS]})
                 count += 1
         try:
             result = await future
-        except GtorrentError as exc:
-            await reply.send("error", {"code": "generation_failed", "message": exc.message, "id": request_id})
+        except UsageError as exc:  # the request itself is wrong (e.g. longer than the context)
+            await reply.send("error", {"code": "bad_request", "message": exc.message[:1000], "id": request_id})
+            return
+        except Exception as exc:  # noqa: BLE001 - tell the asker instead of leaving it waiting
+            log.exception("generation failed")
+            await reply.send("error", {"code": "internal", "message": f"generation failed ({type(exc).__name__})", "id": request_id})
             return
         self.load.finished(time.perf_counter() - started)
         await reply.send(
@@ -205,8 +190,9 @@ class SeedService:
 
     async def serve(self) -> None:
         tasks = [
-            asyncio.create_task(self.server.serve(self.handle, frozenset({"generate", "ping"}))),
-            asyncio.create_task(self._announce_loop()),
+            asyncio.create_task(serve_relay(self.server, self.relay, self.handle, frozenset({"generate", "ping"}))),
+            asyncio.create_task(self.announcer.loop()),
+            asyncio.create_task(self.relay.expire_loop()),
         ]
         try:
             await asyncio.gather(*tasks)
@@ -216,12 +202,10 @@ class SeedService:
 
     async def stop(self) -> dict[str, str]:
         """Tell the trackers this seed is gone; return {tracker: error} for those that did not hear it."""
-        try:
-            return await asyncio.wait_for(self.announce(stopped=True), timeout=5.0)
-        except (TimeoutError, GtorrentError) as exc:
-            return {"*": str(exc)}
+        return await self.announcer.stop()
 
     def close(self) -> None:
+        self.relay.close()
         self.server.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.ctx.term()

@@ -19,7 +19,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from . import reputation
-from .paths import ensure_private_dir
+from .paths import create_private, ensure_private_dir
 from .protocol import PeerRecord
 
 DB_NAME = "gtorrent.db"
@@ -64,6 +64,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         ensure_private_dir(path.parent)
         self.path = path
+        create_private(path)  # SQLite gives the -wal/-shm files the database file's mode
         self.db = Database(path)
         self.db.enable_wal()
         migrations.apply(self.db)

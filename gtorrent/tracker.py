@@ -29,7 +29,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from .identity import Identity
-from .paths import ensure_private_dir
+from .paths import create_private, ensure_private_dir
 from .protocol import MAX_RECORD_TTL_S, Message, PeerRecord, ProtocolError
 from .transport import Reply, Server, new_context
 
@@ -39,6 +39,21 @@ REANNOUNCE_INTERVAL_S = 30.0  # what the tracker asks peers to keep to
 DEFAULT_QUERY_LIMIT = 200
 TRACKER_RECORD_TTL_S = 600.0
 CLOCK_SKEW_S = 60.0  # a record may claim this much more than the TTL, for clocks that run ahead
+
+
+QUERY_BUDGET_BYTES = 192 * 1024  # an answer stays well under the message limit
+
+
+def within_budget(records: list[dict[str, object]], budget: int = QUERY_BUDGET_BYTES) -> list[dict[str, object]]:
+    """The leading records whose encoding fits the budget (records are sorted by load, best first)."""
+    kept, used = [], 0
+    for record in records:
+        size = len(json.dumps(record, separators=(",", ":"))) + 1
+        if used + size > budget:
+            break
+        kept.append(record)
+        used += size
+    return kept
 
 
 class Rejected(ProtocolError):
@@ -72,7 +87,10 @@ class TrackerTable:
         known = self.entries.get(record.peer_id)
         if known is not None and known.expires > now and record.seq <= known.seq:
             raise Rejected("replay", f"sequence {record.seq} of {record.peer_id} is not above {known.seq}")
-        self._set(record.peer_id, _Entry(None if record.stopped else record, record.seq, record.expires))
+        # keep the latest expiry seen, so an older record cannot be replayed once a shorter-lived newer
+        # one has expired
+        expires = max(record.expires, known.expires) if known is not None else record.expires
+        self._set(record.peer_id, _Entry(None if record.stopped else record, record.seq, expires))
 
     def _set(self, peer_id: str, entry: _Entry | None) -> None:
         """Replace or remove an entry, keeping the live-record count in step."""
@@ -126,6 +144,7 @@ class TrackerDatabase:
 
     def __init__(self, path: Path) -> None:
         ensure_private_dir(path.parent)
+        create_private(path)  # SQLite gives the -wal/-shm files the database file's mode
         self.db = Database(path)
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
@@ -216,7 +235,7 @@ class TrackerService:
             await reply.send("hello_ok", {"record": self.own_record().to_wire()})
         elif message.kind == "query":
             records = self.table.query(message.get("model"), message.get("role"), message.get("limit", DEFAULT_QUERY_LIMIT))
-            await reply.send("peers", {"records": [r.to_wire() for r in records]})
+            await reply.send("peers", {"records": within_budget([r.to_wire() for r in records])})
         elif message.kind == "ping":
             await reply.send("pong", {})
 
@@ -232,7 +251,9 @@ class TrackerService:
             except Rejected as exc:
                 answers.append((reply, "error", {"code": exc.code, "message": str(exc)}))
             except ProtocolError as exc:
-                answers.append((reply, "error", {"code": "invalid", "message": str(exc)}))
+                answers.append((reply, "error", {"code": "invalid", "message": str(exc)[:500]}))
+            except Exception as exc:  # noqa: BLE001 - one odd announce must not sink the burst
+                answers.append((reply, "error", {"code": "invalid", "message": type(exc).__name__}))
             else:
                 answers.append((reply, "announce_ok", {}))
         if self.database is not None:

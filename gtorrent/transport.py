@@ -60,6 +60,9 @@ def check_endpoint(url: str, what: str = "endpoint") -> str:
     return url
 
 
+Context = zmq.asyncio.Context  # for type hints elsewhere: only this module imports zmq
+
+
 def new_context() -> zmq.asyncio.Context:
     return zmq.asyncio.Context()
 
@@ -82,8 +85,8 @@ class Reply:
         self._server = server
         self.route = route
 
-    async def send(self, kind: str, body: dict[str, Any] | None = None) -> None:
-        await self._server.send(self.route, encode(kind, body))
+    async def send(self, kind: str, body: dict[str, Any] | None = None, *binary: bytes) -> None:
+        await self._server.send(self.route, encode(kind, body, *binary))
 
 
 Handler = Callable[[Reply, Message], Awaitable[None]]
@@ -140,7 +143,12 @@ class Server:
                     break
             grouped: list[tuple[Reply, Message]] = []
             for frames in burst:
-                decoded = self._decode(frames, expected)
+                try:
+                    decoded = self._decode(frames, expected)
+                except Exception:  # noqa: BLE001 - whatever a peer sends, the node keeps serving
+                    self.counters["dropped"] += 1
+                    log.debug("%s: dropped an undecodable message", self.name, exc_info=True)
+                    continue
                 if decoded is None:
                     continue
                 reply, message = decoded
@@ -233,8 +241,8 @@ class Connection:
         self.dropped = 0
         self.sock.connect(endpoint)
 
-    async def send(self, kind: str, body: dict[str, Any] | None = None) -> None:
-        await self.sock.send_multipart(encode(kind, body))
+    async def send(self, kind: str, body: dict[str, Any] | None = None, *binary: bytes) -> None:
+        await self.sock.send_multipart(encode(kind, body, *binary))
 
     async def recv(self, timeout_s: float, expected: frozenset[str]) -> Message:
         """The next valid message; raise PeerTimeout, PeerDisconnected or PeerRefused."""

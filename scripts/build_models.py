@@ -15,7 +15,8 @@ tokenizers, onnx and numpy; onnxruntime is not needed here):
             model.onnx_data. About 4 minutes on 2 CPU cores; ~15 MB of output.
   gpt2-test --out tests/models/gpt2-tiny [--steps 150 | --seconds S]
             A tiny GPT-2 (n_embd 64, 2 layers) trained ~45 s, exported with KV cache in GPT-2
-            input order to OUT, and without cache to OUT-nocache. About 1 minute.
+            input order to OUT, without cache to OUT-nocache, and with KV cache but no
+            position_ids input to OUT-nopos. About 1 minute.
   fixtures  --out tests/models
             Hand-built ONNX graphs for error tests: not-an-lm/ and legacy-merged/. Instant.
   random    --out DIR [--preset 100m|tiny]
@@ -373,8 +374,11 @@ def cache_geometry(config: Any) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
-def io_names(n_layers: int, with_cache: bool, order: str) -> tuple[list[str], list[str]]:
-    """Input and output names in optimum's order for the given architecture style."""
+def io_names(
+    n_layers: int, with_cache: bool, order: str, with_position_ids: bool = True
+) -> tuple[list[str], list[str]]:
+    """Input and output names in optimum's order for the given architecture style; with
+    with_position_ids=False there is no position_ids input (the model derives positions itself)."""
     past = (
         [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
         if with_cache
@@ -391,6 +395,8 @@ def io_names(n_layers: int, with_cache: bool, order: str) -> tuple[list[str], li
         )
     else:
         raise ValueError(f"unknown input order {order!r}")
+    if not with_position_ids:
+        inputs.remove("position_ids")
     return inputs, ["logits", *present]
 
 
@@ -412,8 +418,9 @@ class _FlatDecoder(torch.nn.Module):
         kwargs: dict[str, Any] = {
             "input_ids": named["input_ids"],
             "attention_mask": named["attention_mask"],
-            "position_ids": named["position_ids"],
         }
+        if "position_ids" in named:  # else the model computes them (past length onward)
+            kwargs["position_ids"] = named["position_ids"]
         if self.with_cache:
             pairs = [
                 (named[f"past_key_values.{i}.key"], named[f"past_key_values.{i}.value"])
@@ -440,6 +447,7 @@ def export_onnx(
     with_cache: bool,
     order: str,
     external_data: bool,
+    with_position_ids: bool = True,
 ) -> tuple[list[str], list[str]]:
     """Export model to out_dir/model.onnx with optimum-compatible names and dynamic axes.
 
@@ -447,7 +455,8 @@ def export_onnx(
     the varargs past tensors. The trace uses a padded attention mask and a non-empty past so
     that no shortcut for "no padding" or "no cache" gets baked into the graph; at run time
     the first step passes past tensors of length 0. With external_data the weights go to
-    out_dir/model.onnx_data.
+    out_dir/model.onnx_data. With with_position_ids=False the graph has no position_ids input and
+    the model's own default (for GPT-2: past length onward, ignoring padding) is traced in.
     """
     import onnx
 
@@ -455,7 +464,7 @@ def export_onnx(
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # plain MatMul/Softmax graph, explicit mask
     n_layers, kv_heads, head_dim = cache_geometry(model.config)
-    input_names, output_names = io_names(n_layers, with_cache, order)
+    input_names, output_names = io_names(n_layers, with_cache, order, with_position_ids)
     batch, seq, past = 2, 3, 4 if with_cache else 0
     vocab = model.config.vocab_size
     mask = torch.ones(batch, past + seq, dtype=torch.long)
@@ -528,7 +537,8 @@ def export_onnx(
         raise RuntimeError(f"exported names differ: {got_in} -> {got_out}")
     size = sum(p.stat().st_size for p in (target, data_file) if p.exists())
     log(
-        f"export: {target} ({size / 1e6:.1f} MB, {time.monotonic() - t0:.1f} s, cache={with_cache}, order={order})"
+        f"export: {target} ({size / 1e6:.1f} MB, {time.monotonic() - t0:.1f} s, cache={with_cache}, order={order}, "
+        f"position_ids={with_position_ids})"
     )
     return input_names, output_names
 
@@ -740,6 +750,7 @@ def cmd_gpt2_test(a: argparse.Namespace) -> None:
 
     out = Path(a.out)
     out_nc = Path(str(out).rstrip("/") + "-nocache")
+    out_np = Path(str(out).rstrip("/") + "-nopos")
     seed_everything()
     tok, tok_file = load_or_train_tokenizer(tokenizer_source(a))
     eot = special_ids(tok)[EOT]
@@ -777,15 +788,37 @@ def cmd_gpt2_test(a: argparse.Namespace) -> None:
     )
     log("sample (torch, greedy): " + repr(torch_greedy(model, tok, 'The "for" statement', 30)))
     save_checkpoint(model, a.save_checkpoint)
-    for target, with_cache in ((out, True), (out_nc, False)):
-        export_onnx(model, target, with_cache=with_cache, order="gpt2", external_data=False)
+    variants = (
+        (out, True, True, "with KV cache", ""),
+        (out_nc, False, True, "without KV cache", ""),
+        (
+            out_np,
+            True,
+            False,
+            "with KV cache, no position_ids input",
+            (
+                f"Same weights as {out.name}; the graph derives positions from the past length, so it is\n"
+                "only right without left padding (attention_mask all ones).\n"
+            ),
+        ),
+    )
+    for target, with_cache, with_pos, what, note in variants:
+        export_onnx(
+            model,
+            target,
+            with_cache=with_cache,
+            order="gpt2",
+            external_data=False,
+            with_position_ids=with_pos,
+        )
         write_tokenizer(tok, tok_file, target)
         write_hf_config(model, target, "GPT2LMHeadModel")
         write_generation_config(target, eos=eot, bos=eot, max_length=256)
         (target / "README.md").write_text(
-            f"Tiny GPT-2 test model ({'with' if with_cache else 'without'} KV cache), built by\n"
+            f"Tiny GPT-2 test model ({what}), built by\n"
             f"`scripts/build_models.py gpt2-test --out {out} --steps {stats['steps']}` "
-            f"(final training loss {stats['final_loss']}).\nTrained on CPython's pydoc topics and LICENSE.txt (PSF License).\n",
+            f"(final training loss {stats['final_loss']}).\nTrained on CPython's pydoc topics and LICENSE.txt (PSF License).\n"
+            + note,
             encoding="utf-8",
         )
         list_dir(target)
@@ -1025,9 +1058,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("gpt2-test", help="tiny GPT-2 test model, with and without KV cache (~1 min)")
+    p = sub.add_parser(
+        "gpt2-test", help="tiny GPT-2 test model: with KV cache, without, and without position_ids (~1 min)"
+    )
     p.add_argument(
-        "--out", default="tests/models/gpt2-tiny", help="cache variant; the other goes to OUT-nocache"
+        "--out",
+        default="tests/models/gpt2-tiny",
+        help="cache variant; the others go to OUT-nocache and OUT-nopos",
     )
     p.add_argument(
         "--steps",

@@ -56,6 +56,7 @@ def test_run_sampling_flags_reproducible(cli) -> None:  # type: ignore[no-untype
         (["--top-k", "many"], "--top-k"),
         (["--device", "tpu"], "unknown device"),
         (["--no-such-flag"], "No such option"),
+        (["--seed", "-1"], "--seed"),
     ],
 )
 def test_bad_flag_values(cli, args: list[str], needle: str) -> None:  # type: ignore[no-untyped-def]
@@ -122,3 +123,16 @@ def test_installed_console_script(gtorrent_home: Path) -> None:
     failed = subprocess.run([exe, "run", "x", "--model", "/nonexistent"], capture_output=True, text=True, env=env, timeout=60)
     assert failed.returncode == 1
     assert failed.stderr.startswith("error: model not found") and "Traceback" not in failed.stderr
+
+
+def test_unexpected_exception_is_an_internal_error_without_traceback(cli, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import gtorrent_cli.identity as identity_cmd
+
+    def boom(home):  # type: ignore[no-untyped-def]
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(identity_cmd, "load_or_create_identity", boom)
+    result = cli("id")
+    assert result.code == 70
+    assert "error: internal error: RuntimeError: kaboom" in result.err and "hint:" in result.err
+    assert "Traceback" not in result.err

@@ -59,6 +59,9 @@ def test_roundtrip() -> None:
         [b"{" * 100_000],
         [b'{"v":1,"t":"query","model":"' + b"a" * MAX_MESSAGE_BYTES + b'"}'],
         [b"{}"] * 9,
+        [b'{"v":true,"t":"ping"}'],
+        [b'{"v":1.0,"t":"ping"}'],
+        [b'{"v":1,"t":"query","model":"a","model":"b"}'],
     ],
 )
 def test_malformed_messages_are_rejected(frames: list[bytes]) -> None:
@@ -93,6 +96,7 @@ def test_record_verifies() -> None:
         lambda doc: doc.pop("signature"),
         lambda doc: doc.update(roles=["overlord"]),
         lambda doc: doc.update(load={"queue": -1}),
+        lambda doc: doc.update(endpoint="http://example.org/"),
     ],
 )
 def test_forged_or_altered_records_are_rejected(tamper) -> None:  # type: ignore[no-untyped-def]
@@ -110,3 +114,46 @@ def test_record_signed_by_another_key_is_rejected() -> None:
     with pytest.raises(ProtocolError, match="signature"):
         PeerRecord.from_wire(doc)
     assert replace(record(), signature=b"").signature == b""
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=300), min_size=0, max_size=10))
+def test_decode_only_ever_raises_protocol_error_on_bytes(frames: list[bytes]) -> None:
+    try:
+        decode(frames)
+    except ProtocolError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(__import__("gtorrent.protocol", fromlist=["SCHEMAS"]).SCHEMAS)), st.dictionaries(st.text(max_size=10), json_values, max_size=6))
+def test_decode_only_ever_raises_protocol_error_on_json(kind: str, body: dict[str, object]) -> None:
+    frame = json.dumps({"v": 1, "t": kind, **body}).encode()
+    try:
+        decode([frame])
+    except ProtocolError:
+        pass
+
+
+def test_huge_integer_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        decode([b'{"v":1,"t":"hello","x":' + b"1" * 5000 + b"}"])
+
+
+def test_oversized_record_is_rejected() -> None:
+    big = record(models=tuple(ModelInfo(f"{i:02d}" * 32, "m" * 120, 512) for i in range(8)), load={f"k{i}": 1.0 for i in range(16)})
+    doc = big.to_wire()
+    doc["endpoint"] = "tcp://" + "h" * 240 + ":1"
+    with pytest.raises(ProtocolError):
+        PeerRecord.from_wire(doc)

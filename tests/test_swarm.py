@@ -71,7 +71,7 @@ def test_peers_shows_recorded_outcomes(swarm, tmp_path: Path) -> None:  # type: 
     for row in rows:
         for key in ("peer_id", "roles", "models", "endpoint", "reputation", "asks_ok", "asks_failed", "last_seen"):
             assert key in row
-        assert row["roles"] == ["seed"] and row["models"][0]["name"] == "gtorrent-demo"
+        assert row["roles"] == ["relay", "seed"] and row["models"][0]["name"] == "gtorrent-demo"
     table = run_cli(home, "peers", "--tracker", swarm["url"])
     assert table.returncode == 0 and "REPUTATION" in table.stdout and "2 peers" in table.stdout
 
@@ -150,3 +150,24 @@ def test_ask_for_a_model_no_seed_serves(swarm, tmp_path: Path) -> None:  # type:
     assert done.returncode == 1
     assert "error: no seed serves model 'llama-70b'" in done.stderr and "gtorrent-demo" in done.stderr
     assert "hint:" in done.stderr
+
+
+def test_bad_request_is_refused_locally_and_blames_no_seed(swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "asker"
+    done = run_cli(home, "ask", "x" * 70_000, "--tracker", swarm["url"])
+    assert done.returncode == 2 and "error: the request is not valid" in done.stderr and "Traceback" not in done.stderr
+    rows = json.loads(run_cli(home, "peers", "--tracker", swarm["url"], "--json").stdout)
+    assert sum(row["asks_failed"] for row in rows) == 0
+
+
+def test_untrusted_seeds_get_no_asks(swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from gtorrent.store import Store
+
+    home = tmp_path / "asker"
+    store = Store.open(home)
+    for _, peer in swarm["seeds"]:
+        for _ in range(12):
+            store.observe(peer, "failed", now=1.0)
+    store.close()
+    done = run_cli(home, "ask", PROMPT, "-n", "4", "--tracker", swarm["url"])
+    assert done.returncode == 1 and "untrusted" in done.stderr and "hint:" in done.stderr

@@ -199,6 +199,7 @@ async def test_garbage_frames_leave_tracker_and_seed_serving(tmp_path: Path, ctx
         [json.dumps({"v": 2, "t": "ping"}).encode()],
         [b'{"v":1,"t":"query","model":"' + b"x" * 300_000 + b'"}'],
         [b"{}"] * 20,
+        [b'{"v":1,"t":"hello","x":' + b"1" * 5000 + b"}"],  # int() limit: a ValueError, not JSON error
     ]
     targets = [
         (tracker.url, None),
@@ -225,3 +226,29 @@ async def test_garbage_frames_leave_tracker_and_seed_serving(tmp_path: Path, ctx
     await asyncio.gather(serving, return_exceptions=True)
     seed.close()
     await tracker.stop()
+
+
+async def test_query_answer_stays_bounded_with_many_large_records(tmp_path: Path, ctx) -> None:  # type: ignore[no-untyped-def]
+    tracker = await start(None)
+    client = TrackerClient(ctx, tracker.url)
+    models = tuple(ModelInfo(f"{i:02x}" * 32, "x" * 100 + str(i), 512) for i in range(8))
+    for _ in range(130):  # ~1.9 KB each: ~250 KB in all, over the 192 KB budget
+        peer = Identity.generate()
+        await client.announce(PeerRecord.sign(peer, endpoint="tcp://127.0.0.1:9", roles=("seed",), models=models,
+                                              seq=1, expires=time.time() + 60))
+    found = await client.query()
+    assert 50 <= len(found) < 130  # answered, truncated to the byte budget
+    await tracker.stop()
+
+
+def test_database_files_are_private(tmp_path: Path) -> None:
+    from gtorrent.store import Store
+    from gtorrent.tracker import TrackerDatabase
+
+    store = Store.open(tmp_path / "home")
+    store.observe("p", "ok")
+    db = TrackerDatabase(tmp_path / "home" / "tracker.db")
+    for path in (tmp_path / "home").iterdir():
+        assert path.stat().st_mode & 0o077 == 0, path
+    store.close()
+    db.close()
