@@ -22,14 +22,17 @@ def ask_command(
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed", min=0, help="Seed for reproducible sampling.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Format the prompt with the model's chat template.")] = False,
-    direct: Annotated[bool, typer.Option("--direct", help="Go straight to the seed over CurveZMQ (the only mode for now).")] = True,
+    direct: Annotated[bool, typer.Option("--direct", help="Go straight to the seed (faster; the seed then sees who asks).")] = False,
+    paths: Annotated[int, typer.Option("--paths", min=1, max=16, help="Disjoint onion paths for a private ask.")] = 4,
+    hops: Annotated[int, typer.Option("--hops", min=1, max=8, help="Relays per path.")] = 3,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse instead of using fewer paths or hops.")] = False,
     json_output: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Ask the swarm: find a seed of the model, stream its answer (retrying on another seed if one fails)."""
     from gtorrent.asker import AskEvents, AskRequest
     from gtorrent.errors import UsageError
-    from gtorrent.node import ask
+    from gtorrent.node import PrivacyOptions, ask
 
     if top_p <= 0:
         raise UsageError("top-p must be in (0, 1]", hint="use --top-p 1 to disable it")
@@ -51,7 +54,8 @@ def ask_command(
         output.warning(f"seed {short_id(record.peer_id)} failed ({reason}); restarting the answer on another seed")
 
     events = AskEvents(on_text=None if json_output else on_text, on_attempt=on_attempt, on_restart=on_restart)
-    result = ask(settings(tracker), request, events)
+    privacy = PrivacyOptions(direct=direct, paths=paths, hops=hops, strict=strict)
+    result = ask(settings(tracker), request, events, privacy=privacy)
     if json_output:
         output.print_json(
             {
@@ -65,14 +69,26 @@ def ask_command(
                 "tokens_per_s": round(result.tokens_per_s, 3),
                 "attempts": result.attempts,
                 "failures": result.failures,
-                "mode": "direct",
+                "mode": result.mode,
+                **({"privacy": result.privacy, "path_setup_s": round(result.path_setup_s or 0.0, 6)} if result.privacy else {}),
             }
         )
         return
     output.write_text("\n")
+    if result.privacy and result.privacy.get("degraded"):
+        output.warning(
+            f"privacy degraded: {result.privacy['paths']} paths of {result.privacy['hops']} hops (k={result.privacy['k']}), "
+            f"asked for {paths} of {hops}",
+            "start more relays, or pass --strict to refuse instead",
+        )
+    if verbose and result.route:
+        for number, route in enumerate(result.route, 1):
+            output.info(f"[dim]path {number}: you → {' → '.join(short_id(p) for p in route)} → seed {short_id(result.seed)}[/]")
     if verbose:
         output.info(
             f"[dim]seed {short_id(result.seed)} · model {result.model_id[:12]} · first token "
             f"{output.human_seconds(result.ttft_s)} · {result.tokens} tokens in {output.human_seconds(result.total_s)} · "
-            f"{result.tokens_per_s:.1f} tokens/s · attempts {result.attempts}[/]"
+            f"{result.tokens_per_s:.1f} tokens/s · attempts {result.attempts} · {result.mode}"
+            + (f" · path setup {output.human_seconds(result.path_setup_s)}" if result.path_setup_s is not None else "")
+            + "[/]"
         )

@@ -58,6 +58,10 @@ class AskResult:
     total_s: float
     attempts: int
     failures: list[dict[str, str]] = field(default_factory=list)
+    mode: str = "direct"
+    privacy: dict[str, object] | None = None  # private asks: {paths, hops, k, degraded}
+    path_setup_s: float | None = None
+    route: list[list[str]] = field(default_factory=list)  # private asks: relay peer ids per path
 
     @property
     def tokens_per_s(self) -> float:

@@ -191,18 +191,35 @@ def run_relay(settings: NodeSettings, *, bind: str, events: RelayEvents, idle_ti
 # ---------------------------------------------------------------------- ask and peers
 
 
+@dataclass(frozen=True)
+class PrivacyOptions:
+    direct: bool = False  # straight to the seed: faster, but the seed sees who asks
+    paths: int = 4
+    hops: int = 3
+    strict: bool = False  # refuse rather than degrade when relays are too few
+
+
 def ask(
     settings: NodeSettings,
     request: AskRequest,
     events: AskEvents | None = None,
     timeouts: AskTimeouts | None = None,
+    privacy: PrivacyOptions | None = None,
 ) -> AskResult:
+    from .private import ask_private
+
+    privacy = privacy or PrivacyOptions(direct=True)
     store = Store.open(settings.home)
 
     async def main() -> AskResult:
         ctx = new_context()
         try:
-            return await ask_direct(ctx, settings.trackers, request, store, events, timeouts)
+            if privacy.direct:
+                return await ask_direct(ctx, settings.trackers, request, store, events, timeouts)
+            return await ask_private(
+                ctx, settings.trackers, request, store, events, timeouts,
+                paths=privacy.paths, hops=privacy.hops, strict=privacy.strict,
+            )
         finally:
             ctx.destroy(linger=0)
 

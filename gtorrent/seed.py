@@ -13,17 +13,23 @@ state on disk, and a tracker never mistakes a restarted seed for a replay.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .discovery import Announcer
 from .errors import GtorrentError, UsageError
 from .identity import Identity
-from .protocol import Message, ModelInfo, PeerRecord
-from .relay import RelayService, serve_relay
-from .runtime import GenerationParams, LanguageModel, SamplingParams
+from .garlic import REPLY_KEY_BYTES, CloveAssembler, GarlicError, reply_payloads, transcript
+from .identity import b64, unb64
+from .onion import DATA, OnionError
+from .protocol import Message, ModelInfo, PeerRecord, ProtocolError, decode, encode
+from .relay import Circuit, RelayService, serve_relay
+from .sida import Clove, SidaError, combine
+from .runtime import GenerationParams, GenerationResult, LanguageModel, SamplingParams
 from .transport import Reply, Server, new_context
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,8 @@ log = logging.getLogger(__name__)
 RECORD_TTL_S = 90.0
 MAX_QUEUE_PER_SLOT = 8  # requests waiting per concurrent slot before the seed answers "busy"
 MAX_CHUNK_CHARS = 4000  # a token message's text stays under the protocol's 4096
+MAX_PRIVATE_CHUNK_CHARS = 600  # a sealed chunk's k fragments fit one cell each (<= 4 bytes a char)
+PRIVATE_ASK_TTL_S = 60.0  # an ask whose cloves never reach k is forgotten after this
 LATENCY_EWMA = 0.125  # weight of the newest request latency (TCP SRTT style, as the paper)
 
 
@@ -47,6 +55,83 @@ class SeedLoad:
 
     def as_record(self) -> dict[str, float]:
         return {"queue": float(self.waiting + self.running), "latency_s": round(self.latency_s, 4)}
+
+
+class Responder:
+    """Where one request's answer goes: straight back over CurveZMQ, or back over circuits."""
+
+    max_chunk_chars = MAX_CHUNK_CHARS
+
+    async def accepted(self, queue: int) -> None: ...
+    async def text(self, piece: str) -> None: ...
+    async def done(self, info: dict[str, Any]) -> None: ...
+    async def error(self, code: str, message: str) -> None: ...
+
+
+class DirectResponder(Responder):
+    def __init__(self, reply: Reply, request_id: str) -> None:
+        self.reply, self.request_id, self.count = reply, request_id, 0
+
+    async def accepted(self, queue: int) -> None:
+        await self.reply.send("accepted", {"id": self.request_id, "queue": queue})
+
+    async def text(self, piece: str) -> None:
+        await self.reply.send("token", {"id": self.request_id, "n": self.count, "text": piece})
+        self.count += 1
+
+    async def done(self, info: dict[str, Any]) -> None:
+        await self.reply.send("done", {"id": self.request_id, **info})
+
+    async def error(self, code: str, message: str) -> None:
+        await self.reply.send("error", {"code": code, "message": message, "id": self.request_id})
+
+
+@dataclass
+class PrivateAsk:
+    """The cloves and circuits of one private ask, grouped by its ask id."""
+
+    cloves: dict[int, Clove] = field(default_factory=dict)
+    circuits: dict[int, Circuit] = field(default_factory=dict)  # path index (clove index - 1) -> circuit
+    started: bool = False
+    created: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+
+
+class PrivateResponder(Responder):
+    """Seals each chunk with the asker's reply key and spreads it over the ask's paths (any k suffice)."""
+
+    max_chunk_chars = MAX_PRIVATE_CHUNK_CHARS
+
+    def __init__(self, seed: SeedService, ask: PrivateAsk, reply_key: bytes, request: bytes, n: int, k: int) -> None:
+        self.seed, self.ask, self.reply_key, self.request, self.n, self.k = seed, ask, reply_key, request, n, k
+        self.index = 0
+        self.answer: list[str] = []
+
+    async def _chunk(self, chunk: dict[str, Any]) -> None:
+        payloads = reply_payloads(self.reply_key, self.index, chunk, self.n, self.k)
+        self.index += 1
+        for path, payload in enumerate(payloads):
+            circuit = self.ask.circuits.get(path)
+            if circuit is None or (circuit.reply.route, circuit.prev_cid) not in self.seed.relay.circuits:
+                continue  # that path is gone; any k of the others deliver the chunk
+            try:
+                await circuit.send_back(DATA, payload)
+            except Exception:  # noqa: BLE001 - a broken path must not stop the others
+                log.debug("reply fragment lost on path %d", path)
+
+    async def accepted(self, queue: int) -> None:
+        pass  # the first chunk says it all; an extra round on every path buys nothing
+
+    async def text(self, piece: str) -> None:
+        self.answer.append(piece)
+        await self._chunk({"text": piece})
+
+    async def done(self, info: dict[str, Any]) -> None:
+        signed = transcript(self.request, info["model_id"], "".join(self.answer))
+        await self._chunk({"done": info, "signature": b64(self.seed.identity.sign(signed))})
+
+    async def error(self, code: str, message: str) -> None:
+        await self._chunk({"error": code, "message": message})
 
 
 class SeedService:
@@ -66,7 +151,9 @@ class SeedService:
         self.ctx = new_context()
         self.server = Server(self.ctx, curve_secret=identity.curve_secret, name="seed")
         self.announcer = Announcer(self.ctx, trackers, lambda stopped: self.record(stopped=stopped), RECORD_TTL_S / 3)
-        self.relay = RelayService(identity, self.ctx)  # every seed relays other seeds' traffic
+        # every seed relays other seeds' traffic, and is the terminal of circuits that ask it privately
+        self.relay = RelayService(identity, self.ctx, terminal=self.terminal)
+        self.private_asks: dict[bytes, PrivateAsk] = {}
         self.max_concurrency = max_concurrency
         self.max_queue = MAX_QUEUE_PER_SLOT * max_concurrency
         self.roles = ("seed", "relay", *extra_roles)
@@ -103,27 +190,31 @@ class SeedService:
         return model in (self.model.model_id, self.name) or (len(model) >= 8 and self.model.model_id.startswith(model))
 
     async def handle(self, reply: Reply, message: Message) -> None:
+        """Direct requests (CurveZMQ straight from the asker)."""
         if message.kind == "ping":
             await reply.send("pong", {})
             return
-        request_id = message["id"]
-        if not self.serves(message["model"]):
-            await reply.send("error", {"code": "unknown_model", "message": f"this seed does not serve {message['model']}", "id": request_id})
+        await self.serve_request(message.body, DirectResponder(reply, message["id"]))
+
+    async def serve_request(self, request: dict[str, Any], responder: Responder) -> None:
+        """Validate, queue, generate and stream one request, whichever way it came in."""
+        if not self.serves(str(request.get("model", ""))):
+            await responder.error("unknown_model", f"this seed does not serve {request.get('model')}")
             return
         try:
             params = GenerationParams(
-                max_tokens=message["max_tokens"],
-                sampling=SamplingParams(message["temperature"], message["top_k"], message["top_p"]),
-                seed=message.get("seed"),
+                max_tokens=request["max_tokens"],
+                sampling=SamplingParams(request["temperature"], request["top_k"], request["top_p"]),
+                seed=request.get("seed"),
             )
         except GtorrentError as exc:
-            await reply.send("error", {"code": "bad_request", "message": exc.message, "id": request_id})
+            await responder.error("bad_request", exc.message[:1000])
             return
         if self.load.waiting >= self.max_queue:
-            await reply.send("error", {"code": "busy", "message": "the seed's queue is full", "id": request_id})
+            await responder.error("busy", "the seed's queue is full")
             return
         self.load.waiting += 1
-        await reply.send("accepted", {"id": request_id, "queue": self.load.waiting + self.load.running - 1})
+        await responder.accepted(self.load.waiting + self.load.running - 1)
         acquired = False
         try:
             async with self.slots:
@@ -131,29 +222,28 @@ class SeedService:
                 self.load.waiting -= 1
                 self.load.running += 1
                 try:
-                    await self._generate(reply, request_id, message, params)
+                    await self._generate(request, params, responder)
                 finally:
                     self.load.running -= 1
         finally:
             if not acquired:  # cancelled while queued
                 self.load.waiting -= 1
 
-    async def _generate(self, reply: Reply, request_id: str, message: Message, params: GenerationParams) -> None:
+    async def _generate(self, request: dict[str, Any], params: GenerationParams, responder: Responder) -> None:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
 
         def on_text(piece: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        def work() -> object:
+        def work() -> GenerationResult:
             try:
-                return self.model.generate(message["prompt"], params, chat=bool(message.get("chat", False)), on_text=on_text)
+                return self.model.generate(request["prompt"], params, chat=bool(request.get("chat", False)), on_text=on_text)
             finally:
                 loop.call_soon_threadsafe(pieces.put_nowait, None)
 
         started = time.perf_counter()
         future = loop.run_in_executor(self.executor, work)
-        count = 0
         finished = False
         while not finished:
             # Coalesce what the generator produced while the last send was in flight: fewer, larger
@@ -163,30 +253,79 @@ class SeedService:
                 text.append(pieces.get_nowait())
             finished = text[-1] is None
             joined = "".join(t for t in text if t is not None)
-            for start in range(0, len(joined), MAX_CHUNK_CHARS):
-                await reply.send("token", {"id": request_id, "n": count, "text": joined[start : start + MAX_CHUNK_CHARS]})
-                count += 1
+            for start in range(0, len(joined), responder.max_chunk_chars):
+                await responder.text(joined[start : start + responder.max_chunk_chars])
         try:
             result = await future
         except UsageError as exc:  # the request itself is wrong (e.g. longer than the context)
-            await reply.send("error", {"code": "bad_request", "message": exc.message[:1000], "id": request_id})
+            await responder.error("bad_request", exc.message[:1000])
             return
         except Exception as exc:  # noqa: BLE001 - tell the asker instead of leaving it waiting
             log.exception("generation failed")
-            await reply.send("error", {"code": "internal", "message": f"generation failed ({type(exc).__name__})", "id": request_id})
+            await responder.error("internal", f"generation failed ({type(exc).__name__})")
             return
         self.load.finished(time.perf_counter() - started)
-        await reply.send(
-            "done",
+        await responder.done(
             {
-                "id": request_id,
-                "tokens": result.tokens,  # type: ignore[attr-defined]
-                "finish_reason": result.finish_reason,  # type: ignore[attr-defined]
-                "ttft_s": round(result.ttft_s, 6),  # type: ignore[attr-defined]
-                "total_s": round(result.total_s, 6),  # type: ignore[attr-defined]
+                "tokens": result.tokens,
+                "finish_reason": result.finish_reason,
+                "ttft_s": round(result.ttft_s, 6),
+                "total_s": round(result.total_s, 6),
                 "model_id": self.model.model_id,
-            },
+            }
         )
+
+    # ------------------------------------------------------------------ private asks (circuit terminal)
+
+    async def terminal(self, circuit: Circuit, command: int, data: bytes) -> None:
+        """DATA cells at the end of a circuit: clove pieces of a private ask."""
+        if command != DATA:
+            return
+        assembler = circuit.terminal_state
+        if assembler is None:
+            assembler = circuit.terminal_state = CloveAssembler()
+        try:
+            whole = assembler.feed(data)
+            if whole is None:
+                return
+            clove = Clove.from_bytes(whole)
+        except (GarlicError, SidaError) as exc:
+            raise OnionError(f"bad clove: {exc}") from exc
+        assert assembler.ask_id is not None
+        self._expire_asks()
+        ask = self.private_asks.setdefault(assembler.ask_id, PrivateAsk())
+        ask.circuits[clove.index - 1] = circuit
+        ask.cloves[clove.index] = clove
+        if ask.started or len(ask.cloves) < clove.k:
+            return
+        ask.started = True
+        try:
+            request_bytes = combine(list(ask.cloves.values()))
+            request = json.loads(request_bytes)
+            reply_key = unb64(request.pop("reply_key"))
+            if not isinstance(request, dict) or len(reply_key) != REPLY_KEY_BYTES:
+                raise ValueError("bad request")
+            decode(encode("generate", {**request, "id": "private"}))  # the same schema as a direct request
+            request["id"] = "private"
+        except (SidaError, ValueError, KeyError, TypeError, ProtocolError) as exc:
+            log.debug("dropped a private ask: %s", exc)
+            self.private_asks.pop(assembler.ask_id, None)
+            return
+        responder = PrivateResponder(self, ask, reply_key, request_bytes, clove.n, clove.k)
+        task = asyncio.create_task(self._serve_private(assembler.ask_id, request, responder))
+        ask.task = task
+
+    async def _serve_private(self, ask_id: bytes, request: dict[str, Any], responder: PrivateResponder) -> None:
+        try:
+            await self.serve_request(request, responder)
+        finally:
+            self.private_asks.pop(ask_id, None)
+
+    def _expire_asks(self) -> None:
+        cutoff = time.monotonic() - PRIVATE_ASK_TTL_S
+        for ask_id, ask in list(self.private_asks.items()):
+            if not ask.started and ask.created < cutoff:
+                del self.private_asks[ask_id]
 
     async def serve(self) -> None:
         tasks = [

@@ -277,3 +277,32 @@ def combine(cloves: Sequence[Clove]) -> bytes:
         return ChaCha20Poly1305(key).decrypt(nonce, sealed, _aad(n, k, length))
     except InvalidTag:
         raise SidaError("clove corrupted or cloves from different messages: authentication failed") from None
+
+
+# --- erasure coding alone (IDA), for data that is already encrypted -----------------------------------
+
+
+def disperse(data: bytes, n: int, k: int) -> list[bytes]:
+    """Rabin IDA only: n fragments of ceil(len/k) bytes, any k of which rebuild `data` (with its length).
+
+    For data that is already sealed end to end (a reply chunk under the reply key): no key sharing."""
+    if not 1 <= k <= n <= MAX_CLOVES:
+        raise SidaError(f"bad n={n}, k={k}")
+    size = max(1, _fragment_bytes(len(data), k))
+    padded = bytes(data).ljust(size * k, b"\0")
+    result: list[bytes] = _encoder(k, n).encode([padded[i * size : (i + 1) * size] for i in range(k)])
+    return result
+
+
+def recover(fragments: dict[int, bytes], n: int, k: int, length: int) -> bytes:
+    """Rebuild `length` bytes from any k fragments, keyed by their 0-based index."""
+    if len(fragments) < k:
+        raise SidaError(f"need {k} fragments, got {len(fragments)}")
+    chosen = sorted(fragments.items())[:k]
+    if len({len(fragment) for _, fragment in chosen}) != 1 or any(not 0 <= i < n for i, _ in chosen):
+        raise SidaError("fragments of different sizes or out of range")
+    chunks: list[bytes] = _decoder(k, n).decode([f for _, f in chosen], [i for i, _ in chosen])
+    joined = b"".join(chunks)
+    if len(joined) < length:
+        raise SidaError("fragments too short for the stated length")
+    return joined[:length]

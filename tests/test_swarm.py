@@ -46,7 +46,7 @@ def local_greedy(max_tokens: int) -> str:
 
 
 def test_ask_equals_local_run(swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    done = run_cli(tmp_path / "asker", "ask", PROMPT, "-n", "40", "--tracker", swarm["url"], "--json")
+    done = run_cli(tmp_path / "asker", "ask", PROMPT, "-n", "40", "--direct", "--tracker", swarm["url"], "--json")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert doc["text"] == local_greedy(40)
@@ -54,14 +54,14 @@ def test_ask_equals_local_run(swarm, tmp_path: Path) -> None:  # type: ignore[no
     assert doc["attempts"] == 1 and doc["tokens"] == 40 and len(doc["model_id"]) == 64
     for key in ("ttft_s", "total_s", "tokens_per_s"):
         assert doc[key] > 0
-    streamed = run_cli(tmp_path / "asker", "ask", PROMPT, "-n", "40", "--tracker", swarm["url"])
+    streamed = run_cli(tmp_path / "asker", "ask", PROMPT, "-n", "40", "--direct", "--tracker", swarm["url"])
     assert streamed.returncode == 0 and streamed.stdout == doc["text"] + "\n"
 
 
 def test_peers_shows_recorded_outcomes(swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     home = tmp_path / "asker"
     for _ in range(2):
-        assert run_cli(home, "ask", PROMPT, "-n", "5", "--tracker", swarm["url"]).returncode == 0
+        assert run_cli(home, "ask", PROMPT, "-n", "5", "--direct", "--tracker", swarm["url"]).returncode == 0
     done = run_cli(home, "peers", "--tracker", swarm["url"], "--json")
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)

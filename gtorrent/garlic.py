@@ -1,0 +1,156 @@
+"""What travels inside circuits for a private ask (pure): request cloves out, reply fragments back.
+
+Out: the request (a JSON object that also carries a fresh 32-byte reply key) is split with S-IDA into
+n cloves; clove j rides path j, cut into DATA cells of `ask id (16) | sequence (u32) | last (u8) |
+bytes`. The ask id is random per ask and visible only to the seed (it is inside the seed's onion
+layer); it is how the seed groups the n paths of one ask. The seed rebuilds the request from the first
+k complete cloves.
+
+Back: the answer streams as chunks; each chunk is sealed end to end with the reply key
+(ChaCha20-Poly1305, nonce = chunk index) and erasure-coded (IDA) into n fragments, fragment j on
+path j: `chunk index (u32) | fragment index (u8) | n | k | sealed length (u32) | fragment`, so any k
+paths deliver every chunk. The last chunk carries the seed's signature over the transcript (request
+digest, model id, answer text), which the asker checks against the seed's signed record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from .sida import SidaError, disperse, recover
+
+ASK_ID_BYTES = 16
+REPLY_KEY_BYTES = 32
+CLOVE_HEAD = struct.Struct(">16sIB")
+REPLY_HEAD = struct.Struct(">IBBBI")
+REPLY_AAD = b"gtorrent/reply/v1"
+TRANSCRIPT_LABEL = b"gtorrent/transcript/v1\n"
+MAX_CLOVE_BYTES = 1 << 20
+MAX_CHUNKS = 1 << 20
+
+
+class GarlicError(ValueError):
+    """Malformed or unauthentic clove cells or reply fragments."""
+
+
+# ------------------------------------------------------------------ request cloves
+
+
+def clove_payloads(ask_id: bytes, clove: bytes, capacity: int) -> list[bytes]:
+    """Cut one serialized clove into DATA payloads of at most `capacity` bytes."""
+    room = capacity - CLOVE_HEAD.size
+    pieces = [clove[i : i + room] for i in range(0, len(clove), room)] or [b""]
+    return [CLOVE_HEAD.pack(ask_id, seq, seq == len(pieces) - 1) + piece for seq, piece in enumerate(pieces)]
+
+
+@dataclass
+class CloveAssembler:
+    """Per circuit: collects DATA payloads until the clove is whole."""
+
+    ask_id: bytes | None = None
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+    done: bool = False
+
+    def feed(self, payload: bytes) -> bytes | None:
+        """Add one payload; return the whole clove once its last piece has arrived."""
+        if len(payload) < CLOVE_HEAD.size or self.done:
+            raise GarlicError("unexpected clove cell")
+        ask_id, seq, last = CLOVE_HEAD.unpack_from(payload)
+        if self.ask_id is None:
+            self.ask_id = ask_id
+        if ask_id != self.ask_id or seq != len(self.parts) or last > 1:
+            raise GarlicError("clove cells out of order or of two asks")
+        piece = payload[CLOVE_HEAD.size :]
+        self.size += len(piece)
+        if self.size > MAX_CLOVE_BYTES:
+            raise GarlicError("clove too large")
+        self.parts.append(piece)
+        if last:
+            self.done = True
+            return b"".join(self.parts)
+        return None
+
+
+# ------------------------------------------------------------------ reply chunks
+
+
+def _nonce(index: int) -> bytes:
+    return struct.pack(">4xQ", index)
+
+
+def reply_payloads(reply_key: bytes, index: int, chunk: dict[str, Any], n: int, k: int) -> list[bytes]:
+    """Seal chunk `index` and return its n fragment payloads (payload j for path j)."""
+    plain = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    sealed = ChaCha20Poly1305(reply_key).encrypt(_nonce(index), plain, REPLY_AAD)
+    return [REPLY_HEAD.pack(index, j, n, k, len(sealed)) + fragment for j, fragment in enumerate(disperse(sealed, n, k))]
+
+
+def reply_fragment_room(n: int, k: int, capacity: int) -> int:
+    """The largest sealed chunk whose fragments fit one cell each."""
+    return (capacity - REPLY_HEAD.size) * k
+
+
+@dataclass
+class ReplyAssembler:
+    """The asker's side: fragments from any k paths -> chunks, released in order."""
+
+    reply_key: bytes
+    fragments: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    shape: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    next_index: int = 0
+    ready: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def feed(self, payload: bytes) -> list[dict[str, Any]]:
+        """Add one fragment; return the chunks that became deliverable, in order."""
+        if len(payload) < REPLY_HEAD.size:
+            raise GarlicError("short reply fragment")
+        index, j, n, k, length = REPLY_HEAD.unpack_from(payload)
+        if index >= MAX_CHUNKS or not 1 <= k <= n or j >= n:
+            raise GarlicError("bad reply fragment header")
+        if index < self.next_index or index in self.ready:
+            return self._release()  # late fragment of a chunk already rebuilt
+        if self.shape.setdefault(index, (n, k, length)) != (n, k, length):
+            raise GarlicError("reply fragments disagree")
+        have = self.fragments.setdefault(index, {})
+        have[j] = payload[REPLY_HEAD.size :]
+        if len(have) >= k:
+            try:
+                sealed = recover(have, n, k, length)
+                plain = ChaCha20Poly1305(self.reply_key).decrypt(_nonce(index), sealed, REPLY_AAD)
+                self.ready[index] = json.loads(plain)
+            except (SidaError, InvalidTag, ValueError) as exc:
+                raise GarlicError(f"reply chunk {index} failed authentication") from exc
+            del self.fragments[index]
+        return self._release()
+
+    def _release(self) -> list[dict[str, Any]]:
+        out = []
+        while self.next_index in self.ready:
+            out.append(self.ready.pop(self.next_index))
+            self.next_index += 1
+        return out
+
+
+# ------------------------------------------------------------------ transcript
+
+
+def request_digest(request: bytes) -> bytes:
+    return hashlib.sha256(request).digest()
+
+
+def transcript(request: bytes, model_id: str, text: str) -> bytes:
+    """The bytes the seed signs: label, request digest, model id and answer digest."""
+    return (
+        TRANSCRIPT_LABEL
+        + request_digest(request)
+        + model_id.encode("ascii")
+        + hashlib.sha256(text.encode("utf-8")).digest()
+    )
