@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from gtorrent.identity import short_id
-from gtorrent.node import list_peers
+from gtorrent.node import PeerRow, list_peers
 
 from . import output
 from .common import JsonOption, TrackerOption, settings
@@ -40,6 +40,11 @@ def peers_command(
     if json_output:
         output.print_json([row.as_json() for row in rows])
         return
+    output.out.print(peers_table(rows))
+
+
+def peers_table(rows: list[PeerRow]) -> Table:
+    """The `ollama ps`-style table of peers, with a total row."""
     now = time.time()
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("PEER", "ROLES", "MODELS", "ENDPOINT", "REPUTATION", "OK", "FAILED", "TTFT", "TOK/S", "QUEUE", "LAST SEEN"):
@@ -65,4 +70,4 @@ def peers_command(
         f"[bold]{len(rows)} peers[/]", f"{online} online", "", "", "",
         str(sum(r.asks_ok for r in rows)), str(sum(r.asks_failed for r in rows)), "", "", "", "",
     )
-    output.out.print(table)
+    return table

@@ -249,46 +249,50 @@ class PeerRow:
         return {**self.__dict__}
 
 
-def list_peers(settings: NodeSettings, model: str | None = None) -> tuple[list[PeerRow], dict[str, str]]:
+async def peer_rows(ctx: Any, trackers: list[str], store: Store, model: str | None = None) -> tuple[list[PeerRow], dict[str, str]]:
     """Trackers' view merged with the local store. Returns (rows, {tracker: error})."""
+    found = await discover(ctx, trackers)
+    now = time.time()
+    store.saw_peers(found.records.values(), now)
+    known = {r.peer_id: r for r in store.known_records()}
+    online = found.records
+    rows = []
+    for peer_id, record in {**known, **online}.items():
+        if model is not None and not record.serves(model):
+            continue
+        standing = store.standing(peer_id)
+        rows.append(
+            PeerRow(
+                peer_id=peer_id,
+                roles=list(record.roles),
+                models=[m.to_wire() for m in record.models],
+                endpoint=record.endpoint,
+                online=peer_id in online,
+                reputation=round(standing.reputation, 4),
+                trusted=standing.trusted,
+                asks_ok=standing.asks_ok,
+                asks_failed=standing.asks_failed,
+                median_ttft_s=standing.median_ttft_s,
+                median_tokens_per_s=standing.median_tokens_per_s,
+                queue=record.load.get("queue") if peer_id in online else None,
+                last_seen=store.last_seen(peer_id),
+            )
+        )
+    rows.sort(key=lambda r: (not r.online, -r.reputation, r.peer_id))
+    return rows, found.failed
+
+
+def list_peers(settings: NodeSettings, model: str | None = None) -> tuple[list[PeerRow], dict[str, str]]:
     store = Store.open(settings.home)
 
-    async def query() -> Any:
+    async def query() -> tuple[list[PeerRow], dict[str, str]]:
         ctx = new_context()
         try:
-            return await discover(ctx, settings.trackers)
+            return await peer_rows(ctx, settings.trackers, store, model)
         finally:
             ctx.destroy(linger=0)
 
     try:
-        found = asyncio.run(query())
-        now = time.time()
-        store.saw_peers(found.records.values(), now)
-        known = {r.peer_id: r for r in store.known_records()}
-        online = found.records
-        rows = []
-        for peer_id, record in {**known, **online}.items():
-            if model is not None and not record.serves(model):
-                continue
-            standing = store.standing(peer_id)
-            rows.append(
-                PeerRow(
-                    peer_id=peer_id,
-                    roles=list(record.roles),
-                    models=[m.to_wire() for m in record.models],
-                    endpoint=record.endpoint,
-                    online=peer_id in online,
-                    reputation=round(standing.reputation, 4),
-                    trusted=standing.trusted,
-                    asks_ok=standing.asks_ok,
-                    asks_failed=standing.asks_failed,
-                    median_ttft_s=standing.median_ttft_s,
-                    median_tokens_per_s=standing.median_tokens_per_s,
-                    queue=record.load.get("queue") if peer_id in online else None,
-                    last_seen=store.last_seen(peer_id),
-                )
-            )
-        rows.sort(key=lambda r: (not r.online, -r.reputation, r.peer_id))
-        return rows, found.failed
+        return asyncio.run(query())
     finally:
         store.close()

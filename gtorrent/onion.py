@@ -252,6 +252,24 @@ class ClientCircuit:
         """Peel a backward cell; return (originating hop index, command, data)."""
         if len(cell) != CELL_BYTES:
             raise OnionError("cell of the wrong size")
+        # Fast path: answers come from the terminal, so peel every relay's stream layer and check the
+        # last hop's seal once, instead of trying (and failing) a seal at every hop on the way.
+        last = len(self.hops) - 1
+        peeled = cell
+        for hop in self.hops[:last]:
+            peeled = hop.keys.backward_stream_layer(hop.backward_count, peeled)
+        terminal = self.hops[last]
+        try:
+            payload = ChaCha20Poly1305(terminal.keys.backward_seal).decrypt(
+                _nonce(2, terminal.backward_count), peeled[TAG_BYTES:] + peeled[:TAG_BYTES], BACKWARD_AAD
+            )
+        except InvalidTag:
+            pass
+        else:
+            for hop in self.hops:
+                hop.backward_count += 1
+            command, data = unpack_payload(payload)
+            return last, command, data
         current = cell
         for index, hop in enumerate(self.hops):
             tag, body = current[:TAG_BYTES], current[TAG_BYTES:]

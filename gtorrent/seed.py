@@ -38,7 +38,8 @@ RECORD_TTL_S = 90.0
 MAX_QUEUE_PER_SLOT = 8  # requests waiting per concurrent slot before the seed answers "busy"
 MAX_CHUNK_CHARS = 4000  # a token message's text stays under the protocol's 4096
 MAX_PRIVATE_CHUNK_CHARS = 600  # a sealed chunk's k fragments fit one cell each (<= 4 bytes a char)
-PRIVATE_ASK_TTL_S = 60.0  # an ask whose cloves never reach k is forgotten after this
+PRIVATE_ASK_TTL_S = 60.0
+PRIVATE_BATCH_S = 0.04  # answer text is batched this long on private paths (after the first piece)  # an ask whose cloves never reach k is forgotten after this
 LATENCY_EWMA = 0.125  # weight of the newest request latency (TCP SRTT style, as the paper)
 
 
@@ -106,6 +107,8 @@ class PrivateResponder(Responder):
         self.seed, self.ask, self.reply_key, self.request, self.n, self.k = seed, ask, reply_key, request, n, k
         self.index = 0
         self.answer: list[str] = []
+        self.pending: list[str] = []
+        self.last_flush = 0.0
 
     async def _chunk(self, chunk: dict[str, Any]) -> None:
         payloads = reply_payloads(self.reply_key, self.index, chunk, self.n, self.k)
@@ -123,10 +126,23 @@ class PrivateResponder(Responder):
         pass  # the first chunk says it all; an extra round on every path buys nothing
 
     async def text(self, piece: str) -> None:
+        # The first piece goes at once (time to first token); later ones are batched for up to
+        # PRIVATE_BATCH_S: each chunk costs n cells through n x L relays, so fewer, fuller chunks.
         self.answer.append(piece)
-        await self._chunk({"text": piece})
+        self.pending.append(piece)
+        now = time.monotonic()
+        if self.index == 0 or now - self.last_flush >= PRIVATE_BATCH_S or sum(map(len, self.pending)) >= self.max_chunk_chars:
+            await self._flush(now)
+
+    async def _flush(self, now: float) -> None:
+        text, self.pending = "".join(self.pending), []
+        self.last_flush = now
+        for start in range(0, len(text), self.max_chunk_chars):
+            await self._chunk({"text": text[start : start + self.max_chunk_chars]})
 
     async def done(self, info: dict[str, Any]) -> None:
+        if self.pending:
+            await self._flush(time.monotonic())
         signed = transcript(self.request, info["model_id"], "".join(self.answer))
         await self._chunk({"done": info, "signature": b64(self.seed.identity.sign(signed))})
 
