@@ -13,15 +13,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .asker import AskEvents, AskRequest, AskResult, AskTimeouts, ask_direct
 from .discovery import DEFAULT_TRACKER, TrackerClient, TrackerUnreachable, discover
 from .identity import load_or_create_identity
 from .paths import home_dir
-from .store import Store
-from .tracker import TrackerService
 from .transport import new_context
+
+if TYPE_CHECKING:  # imported where used: a relay never loads SQLite tooling, a tracker never the asker
+    from .asker import AskEvents, AskRequest, AskResult, AskTimeouts
+    from .store import Store
+    from .tracker import TrackerService
 
 DEFAULT_SEED_BIND = "tcp://127.0.0.1:0"
 PROBE_TIMEOUT_S = 1.0
@@ -49,6 +51,8 @@ async def _until_signalled(stop: asyncio.Event | None = None) -> None:
 
 
 def run_tracker(settings: NodeSettings, bind: str, on_ready: Callable[[TrackerService], None]) -> dict[str, int]:
+    from .tracker import TrackerService
+
     identity, _ = load_or_create_identity(settings.home)
     service = TrackerService(identity, settings.home / "tracker.db")
 
@@ -100,6 +104,7 @@ def run_seed(
 ) -> dict[str, int]:
     """Serve `model` (a loaded LanguageModel) until signalled."""
     from .seed import SeedService
+    from .tracker import TrackerService
 
     identity, _ = load_or_create_identity(settings.home)
 
@@ -206,7 +211,9 @@ def ask(
     timeouts: AskTimeouts | None = None,
     privacy: PrivacyOptions | None = None,
 ) -> AskResult:
+    from .asker import ask_direct
     from .private import ask_private
+    from .store import Store
 
     privacy = privacy or PrivacyOptions(direct=True)
     store = Store.open(settings.home)
@@ -283,6 +290,8 @@ async def peer_rows(ctx: Any, trackers: list[str], store: Store, model: str | No
 
 
 def list_peers(settings: NodeSettings, model: str | None = None) -> tuple[list[PeerRow], dict[str, str]]:
+    from .store import Store
+
     store = Store.open(settings.home)
 
     async def query() -> tuple[list[PeerRow], dict[str, str]]:

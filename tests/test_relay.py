@@ -160,7 +160,7 @@ async def test_forged_hop_fails_its_key_proof(net) -> None:  # type: ignore[no-u
 
 
 def test_relay_never_imports_the_model_runtime() -> None:
-    code = "import sys, gtorrent_cli.app, gtorrent.node, gtorrent.relay, gtorrent.circuit; print('onnxruntime' in sys.modules)"
+    code = "import sys, gtorrent_cli.app, gtorrent.node, gtorrent.relay, gtorrent.circuit, gtorrent.tracker; print('onnxruntime' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert done.stdout.strip() == "False"
 

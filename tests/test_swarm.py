@@ -171,3 +171,20 @@ def test_untrusted_seeds_get_no_asks(swarm, tmp_path: Path) -> None:  # type: ig
     store.close()
     done = run_cli(home, "ask", PROMPT, "-n", "4", "--tracker", swarm["url"])
     assert done.returncode == 1 and "untrusted" in done.stderr and "hint:" in done.stderr
+
+
+def test_private_ask_through_the_cli_degrades_explicitly(swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "asker"
+    # two seeds: the one not asked is the only relay, so 4 x 3 degrades to 1 path of 1 hop
+    done = run_cli(home, "ask", PROMPT, "-n", "12", "--tracker", swarm["url"], "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["mode"] == "private" and doc["text"] == local_greedy(12)
+    assert doc["privacy"] == {"paths": 1, "hops": 1, "k": 1, "degraded": True}
+    assert doc["path_setup_s"] > 0 and doc["ttft_s"] > 0 and doc["total_s"] >= doc["ttft_s"]
+    streamed = run_cli(home, "ask", PROMPT, "-n", "12", "--tracker", swarm["url"], "--verbose")
+    assert streamed.returncode == 0 and streamed.stdout == doc["text"] + "\n"
+    assert "warning: privacy degraded: 1 paths of 1 hops" in streamed.stderr
+    assert "path 1: you → " in streamed.stderr
+    strict = run_cli(home, "ask", PROMPT, "--strict", "--tracker", swarm["url"])
+    assert strict.returncode == 1 and "need 12 relays" in strict.stderr and "hint:" in strict.stderr
