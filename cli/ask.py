@@ -24,7 +24,7 @@ def ask_command(
     chat: Annotated[bool, typer.Option("--chat", help="Format the prompt with the model's chat template.")] = False,
     direct: Annotated[bool, typer.Option("--direct", help="Go straight to the seed (faster; the seed then sees who asks).")] = False,
     paths: Annotated[int, typer.Option("--paths", min=1, max=16, help="Disjoint onion paths for a private ask.")] = 4,
-    hops: Annotated[int, typer.Option("--hops", min=1, max=8, help="Relays per path.")] = 3,
+    hops: Annotated[int, typer.Option("--hops", min=1, max=8, help="Relays per path (at most 8).")] = 3,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse instead of using fewer paths or hops.")] = False,
     json_output: JsonOption = False,
     verbose: VerboseOption = False,

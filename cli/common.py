@@ -19,8 +19,12 @@ TrackerOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Print details of what happens.")]
+AdvertiseOption = Annotated[
+    str | None,
+    typer.Option("--advertise", help="Host or IP other machines reach this one at (needed with --bind on 0.0.0.0)."),
+]
 
 
-def settings(trackers: list[str] | None) -> NodeSettings:
+def settings(trackers: list[str] | None, advertise: str | None = None) -> NodeSettings:
     urls, explicit = trackers_from(trackers)
-    return NodeSettings(home=home_dir(), trackers=urls, trackers_explicit=explicit)
+    return NodeSettings(home=home_dir(), trackers=urls, trackers_explicit=explicit, advertise=advertise)

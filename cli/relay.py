@@ -9,12 +9,13 @@ import typer
 from gtorrent.node import RelayEvents, run_relay
 
 from . import output
-from .common import TrackerOption, settings
+from .common import AdvertiseOption, TrackerOption, settings
 
 
 def relay_command(
     tracker: TrackerOption = None,
     bind: Annotated[str, typer.Option("--bind", help="Address to serve on (port 0: any free port).")] = "tcp://127.0.0.1:0",
+    advertise: AdvertiseOption = None,
 ) -> None:
     """Relay onion-encrypted circuits for other peers' private asks (never loads a model)."""
 
@@ -29,5 +30,5 @@ def relay_command(
     def stopping() -> None:
         output.info("stopping: telling the trackers…")
 
-    counters = run_relay(settings(tracker), bind=bind, events=RelayEvents(ready=ready, announced=announced, stopping=stopping))
+    counters = run_relay(settings(tracker, advertise), bind=bind, events=RelayEvents(ready=ready, announced=announced, stopping=stopping))
     output.info(f"relay stopped ({counters.get('circuits', 0)} circuits, {counters.get('cells', 0)} cells, {counters.get('dropped', 0)} dropped)")

@@ -10,7 +10,7 @@ import typer
 from gtorrent.node import DEFAULT_SEED_BIND, SeedEvents, run_seed
 
 from . import output
-from .common import TrackerOption, settings
+from .common import AdvertiseOption, TrackerOption, settings
 from .run import MODEL_HELP
 
 
@@ -23,6 +23,7 @@ def seed_command(
         int, typer.Option("--max-concurrency", min=1, max=64, help="Requests generated at once; the rest queue.")
     ] = 1,
     device: Annotated[str, typer.Option("--device", help="auto (GPU when usable), cpu or cuda.")] = "auto",
+    advertise: AdvertiseOption = None,
 ) -> None:
     """Serve MODEL to the swarm (without MODEL: the bundled demo model)."""
     from gtorrent.errors import UsageError
@@ -30,7 +31,7 @@ def seed_command(
 
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}", hint="use --device auto, cpu or cuda")
-    node = settings(tracker)
+    node = settings(tracker, advertise)
     with output.err.status("loading model (hashing its files on first use)…", spinner="dots"):
         lm = LanguageModel.load(model, device=device, cache_dir=node.home / "cache")  # type: ignore[arg-type]
     output.info(f"loaded [bold]{name or lm.name}[/] ({lm.model_id[:12]}) in {output.human_seconds(lm.load_s)} on {lm.provider}")

@@ -10,11 +10,12 @@ from gtorrent.discovery import DEFAULT_TRACKER
 from gtorrent.node import run_tracker
 
 from . import output
-from .common import settings
+from .common import AdvertiseOption, settings
 
 
 def tracker_command(
     bind: Annotated[str, typer.Option("--bind", help="Address to listen on (port 0: any free port).")] = DEFAULT_TRACKER,
+    advertise: AdvertiseOption = None,
 ) -> None:
     """Run a tracker: keep the signed records peers announce and answer queries by model and role."""
 
@@ -24,5 +25,5 @@ def tracker_command(
         output.info(f"[green]tracker[/] {service.url}  (pinned: {service.url}#{record.peer_id}){restored}")
         output.info("[dim]Ctrl-C to stop[/]")
 
-    counters = run_tracker(settings(None), bind, ready)
+    counters = run_tracker(settings(None, advertise), bind, ready)
     output.info(f"tracker stopped ({counters.get('received', 0)} messages, {counters.get('dropped', 0)} dropped)")

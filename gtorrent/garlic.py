@@ -98,6 +98,22 @@ def reply_fragment_room(n: int, k: int, capacity: int) -> int:
     return (capacity - REPLY_HEAD.size) * k
 
 
+def chunk_fits(chunk: dict[str, Any], k: int, capacity: int) -> bool:
+    """True when the sealed chunk's fragments each fit one cell of `capacity` payload bytes."""
+    plain = len(json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    return plain + 16 <= reply_fragment_room(0, k, capacity)
+
+
+def split_to_fit(text: str, k: int, capacity: int) -> list[str]:
+    """Cut `text` into pieces whose {"text": piece} chunks fit one cell per fragment."""
+    if chunk_fits({"text": text}, k, capacity):
+        return [text]
+    if len(text) <= 1:
+        return [text]  # one character always fits (at most a 6-byte JSON escape)
+    middle = len(text) // 2
+    return split_to_fit(text[:middle], k, capacity) + split_to_fit(text[middle:], k, capacity)
+
+
 @dataclass
 class ReplyAssembler:
     """The asker's side: fragments from any k paths -> chunks, released in order."""

@@ -34,6 +34,7 @@ class NodeSettings:
     home: Path = field(default_factory=home_dir)
     trackers: list[str] = field(default_factory=lambda: [DEFAULT_TRACKER])
     trackers_explicit: bool = False  # given by --tracker or GTORRENT_TRACKERS
+    advertise: str | None = None  # host peers reach this node at, when bound to every interface
 
 
 async def _until_signalled(stop: asyncio.Event | None = None) -> None:
@@ -57,7 +58,7 @@ def run_tracker(settings: NodeSettings, bind: str, on_ready: Callable[[TrackerSe
     service = TrackerService(identity, settings.home / "tracker.db")
 
     async def main() -> None:
-        service.bind(bind)
+        service.bind(bind, settings.advertise)
         serving = asyncio.create_task(service.serve())
         on_ready(service)
         waiting = asyncio.create_task(_until_signalled())
@@ -120,7 +121,7 @@ def run_seed(
                 local_tracker.bind(DEFAULT_TRACKER)
                 tasks.append(asyncio.create_task(local_tracker.serve()))
                 events.tracker_started(local_tracker.url)
-            seed.bind(bind)
+            seed.bind(bind, settings.advertise)
             tasks.append(asyncio.create_task(seed.serve()))
             await seed.announce()
             events.ready(seed)
@@ -174,7 +175,7 @@ def run_relay(settings: NodeSettings, *, bind: str, events: RelayEvents, idle_ti
         announcer = Announcer(ctx, settings.trackers, record)
         announcer.on_announce = events.announced
         try:
-            server.bind(bind)
+            server.bind(bind, settings.advertise)
             tasks = [asyncio.create_task(serve_relay(server, relay)), asyncio.create_task(relay.expire_loop())]
             await announcer.announce()
             tasks.append(asyncio.create_task(announcer.loop()))

@@ -45,6 +45,7 @@ from .transport import Context
 DEFAULT_PATHS = 4
 DEFAULT_HOPS = 3
 DEFAULT_K = 3
+MAX_PATH_HOPS = 8  # the CLI's --hops limit
 
 
 class PathsLost(GtorrentError):
@@ -87,7 +88,9 @@ async def _one_attempt(
         request_bytes = json.dumps({**body, "reply_key": b64(reply_key)}, separators=(",", ":")).encode("utf-8")
         cloves = split(request_bytes, n=len(built), k=plan.k)
         for (_, circuit), clove in zip(built, cloves, strict=True):
-            for payload in clove_payloads(ask_id, clove.to_bytes(), forward_capacity(len(circuit.hops))):
+            # cells are filled to the capacity of the longest allowed path, whatever this path's length,
+            # so the seed cannot tell how many relays precede it
+            for payload in clove_payloads(ask_id, clove.to_bytes(), forward_capacity(MAX_PATH_HOPS + 1)):
                 await circuit.send(payload)
         return await _receive(built, plan, seed, model_id, request_bytes, reply_key, timeouts, on_text, started, path_setup_s)
     finally:
@@ -149,9 +152,14 @@ async def _receive(
                         raise UsageError(f"the seed refused the request: {chunk.get('message', '')}")
                     raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {chunk.get('message', chunk['error'])}")
                 elif "done" in chunk:
-                    info = chunk["done"]
                     text = "".join(pieces)
-                    signature = unb64(str(chunk.get("signature", "")))
+                    try:
+                        info = dict(chunk["done"])
+                        signature = unb64(str(chunk.get("signature", "")))
+                        tokens = int(info["tokens"])
+                        finish_reason = str(info["finish_reason"])
+                    except (KeyError, TypeError, ValueError) as exc:
+                        raise SeedFailed(f"seed {short_id(seed.peer_id)} sent a malformed final chunk") from exc
                     if info.get("model_id") != model_id or not verify_signature(
                         seed.signing_key, signature, transcript(request_bytes, model_id, text)
                     ):
@@ -159,10 +167,10 @@ async def _receive(
                     total_s = time.perf_counter() - started
                     return AskResult(
                         text=text,
-                        tokens=int(info["tokens"]),
+                        tokens=tokens,
                         seed=seed.peer_id,
                         model_id=model_id,
-                        finish_reason=str(info["finish_reason"]),
+                        finish_reason=finish_reason,
                         ttft_s=ttft_s if ttft_s is not None else total_s,
                         total_s=total_s,
                         attempts=1,

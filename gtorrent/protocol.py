@@ -77,7 +77,7 @@ def decode(frames: list[bytes], expected: frozenset[str] | None = None) -> Messa
     if len(head) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(head)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        body = json.loads(head.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        body = json.loads(head.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int too long
         raise ProtocolError(f"not a JSON message ({type(exc).__name__})") from exc
     if not isinstance(body, dict):
@@ -93,7 +93,7 @@ def decode(frames: list[bytes], expected: frozenset[str] | None = None) -> Messa
     return Message(kind, body, tuple(frames[1:]))
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
         raise ProtocolError("duplicate key in a JSON object")

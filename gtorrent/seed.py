@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,10 +24,10 @@ from typing import Any
 from .discovery import Announcer
 from .errors import GtorrentError, UsageError
 from .identity import Identity
-from .garlic import REPLY_KEY_BYTES, CloveAssembler, GarlicError, reply_payloads, transcript
+from .garlic import REPLY_KEY_BYTES, CloveAssembler, GarlicError, chunk_fits, reply_payloads, split_to_fit, transcript
 from .identity import b64, unb64
-from .onion import DATA, OnionError
-from .protocol import Message, ModelInfo, PeerRecord, ProtocolError, decode, encode
+from .onion import BODY_BYTES, DATA, PAYLOAD_HEADER, OnionError
+from .protocol import Message, ModelInfo, PeerRecord, ProtocolError, decode, encode, unique_keys
 from .relay import Circuit, RelayService, serve_relay
 from .sida import Clove, SidaError, combine
 from .runtime import GenerationParams, GenerationResult, LanguageModel, SamplingParams
@@ -37,9 +38,10 @@ log = logging.getLogger(__name__)
 RECORD_TTL_S = 90.0
 MAX_QUEUE_PER_SLOT = 8  # requests waiting per concurrent slot before the seed answers "busy"
 MAX_CHUNK_CHARS = 4000  # a token message's text stays under the protocol's 4096
-MAX_PRIVATE_CHUNK_CHARS = 600  # a sealed chunk's k fragments fit one cell each (<= 4 bytes a char)
-PRIVATE_ASK_TTL_S = 60.0
-PRIVATE_BATCH_S = 0.04  # answer text is batched this long on private paths (after the first piece)  # an ask whose cloves never reach k is forgotten after this
+MAX_PRIVATE_CHUNK_CHARS = 600  # an upper bound; garlic.split_to_fit cuts by bytes so fragments fit a cell
+PRIVATE_ASK_TTL_S = 60.0  # an ask whose cloves never reach k is forgotten after this
+PRIVATE_BATCH_S = 0.04  # answer text is batched this long on private paths (after the first piece)
+REPLY_CAPACITY = BODY_BYTES - PAYLOAD_HEADER.size  # payload bytes of one backward cell
 LATENCY_EWMA = 0.125  # weight of the newest request latency (TCP SRTT style, as the paper)
 
 
@@ -62,6 +64,7 @@ class Responder:
     """Where one request's answer goes: straight back over CurveZMQ, or back over circuits."""
 
     max_chunk_chars = MAX_CHUNK_CHARS
+    gone = False  # the asker can no longer be reached: stop generating for it
 
     async def accepted(self, queue: int) -> None: ...
     async def text(self, piece: str) -> None: ...
@@ -77,7 +80,8 @@ class DirectResponder(Responder):
         await self.reply.send("accepted", {"id": self.request_id, "queue": queue})
 
     async def text(self, piece: str) -> None:
-        await self.reply.send("token", {"id": self.request_id, "n": self.count, "text": piece})
+        if not await self.reply.send("token", {"id": self.request_id, "n": self.count, "text": piece}):
+            self.gone = True
         self.count += 1
 
     async def done(self, info: dict[str, Any]) -> None:
@@ -113,14 +117,18 @@ class PrivateResponder(Responder):
     async def _chunk(self, chunk: dict[str, Any]) -> None:
         payloads = reply_payloads(self.reply_key, self.index, chunk, self.n, self.k)
         self.index += 1
+        live = 0
         for path, payload in enumerate(payloads):
             circuit = self.ask.circuits.get(path)
             if circuit is None or (circuit.reply.route, circuit.prev_cid) not in self.seed.relay.circuits:
                 continue  # that path is gone; any k of the others deliver the chunk
             try:
                 await circuit.send_back(DATA, payload)
+                live += 1
             except Exception:  # noqa: BLE001 - a broken path must not stop the others
                 log.debug("reply fragment lost on path %d", path)
+        if live < self.k:
+            self.gone = True  # the asker cannot rebuild chunks any more
 
     async def accepted(self, queue: int) -> None:
         pass  # the first chunk says it all; an extra round on every path buys nothing
@@ -137,8 +145,8 @@ class PrivateResponder(Responder):
     async def _flush(self, now: float) -> None:
         text, self.pending = "".join(self.pending), []
         self.last_flush = now
-        for start in range(0, len(text), self.max_chunk_chars):
-            await self._chunk({"text": text[start : start + self.max_chunk_chars]})
+        for piece in split_to_fit(text, self.k, REPLY_CAPACITY):  # by bytes: each fragment one cell
+            await self._chunk({"text": piece})
 
     async def done(self, info: dict[str, Any]) -> None:
         if self.pending:
@@ -147,6 +155,8 @@ class PrivateResponder(Responder):
         await self._chunk({"done": info, "signature": b64(self.seed.identity.sign(signed))})
 
     async def error(self, code: str, message: str) -> None:
+        while len(message) > 8 and not chunk_fits({"error": code, "message": message}, self.k, REPLY_CAPACITY):
+            message = message[: len(message) // 2]
         await self._chunk({"error": code, "message": message})
 
 
@@ -172,13 +182,14 @@ class SeedService:
         self.private_asks: dict[bytes, PrivateAsk] = {}
         self.max_concurrency = max_concurrency
         self.max_queue = MAX_QUEUE_PER_SLOT * max_concurrency
+        self.cancelled = 0  # requests stopped because their asker went away
         self.roles = ("seed", "relay", *extra_roles)
         self.load = SeedLoad()
         self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
         self.slots = asyncio.Semaphore(max_concurrency)
 
-    def bind(self, url: str) -> str:
-        return self.server.bind(url)
+    def bind(self, url: str, advertise: str | None = None) -> str:
+        return self.server.bind(url, advertise)
 
     @property
     def info(self) -> ModelInfo:
@@ -252,9 +263,13 @@ class SeedService:
         def on_text(piece: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
+        stop = threading.Event()
+
         def work() -> GenerationResult:
             try:
-                return self.model.generate(request["prompt"], params, chat=bool(request.get("chat", False)), on_text=on_text)
+                return self.model.generate(
+                    request["prompt"], params, chat=bool(request.get("chat", False)), on_text=on_text, should_stop=stop.is_set
+                )
             finally:
                 loop.call_soon_threadsafe(pieces.put_nowait, None)
 
@@ -270,6 +285,9 @@ class SeedService:
             finished = text[-1] is None
             joined = "".join(t for t in text if t is not None)
             for start in range(0, len(joined), responder.max_chunk_chars):
+                if responder.gone:
+                    stop.set()  # nobody is listening: free the worker for the next request
+                    break
                 await responder.text(joined[start : start + responder.max_chunk_chars])
         try:
             result = await future
@@ -281,6 +299,9 @@ class SeedService:
             await responder.error("internal", f"generation failed ({type(exc).__name__})")
             return
         self.load.finished(time.perf_counter() - started)
+        if result.finish_reason == "cancelled":
+            self.cancelled += 1
+            return
         await responder.done(
             {
                 "tokens": result.tokens,
@@ -317,13 +338,15 @@ class SeedService:
         ask.started = True
         try:
             request_bytes = combine(list(ask.cloves.values()))
-            request = json.loads(request_bytes)
+            request = json.loads(request_bytes, object_pairs_hook=unique_keys)
+            if not isinstance(request, dict):
+                raise ValueError("the request is not an object")
             reply_key = unb64(request.pop("reply_key"))
-            if not isinstance(request, dict) or len(reply_key) != REPLY_KEY_BYTES:
-                raise ValueError("bad request")
+            if len(reply_key) != REPLY_KEY_BYTES:
+                raise ValueError("bad reply key")
             decode(encode("generate", {**request, "id": "private"}))  # the same schema as a direct request
             request["id"] = "private"
-        except (SidaError, ValueError, KeyError, TypeError, ProtocolError) as exc:
+        except (SidaError, ValueError, KeyError, TypeError, AttributeError, ProtocolError) as exc:
             log.debug("dropped a private ask: %s", exc)
             self.private_asks.pop(assembler.ask_id, None)
             return

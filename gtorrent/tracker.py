@@ -204,11 +204,11 @@ class TrackerService:
         self.url = ""
         self._record: PeerRecord | None = None
 
-    def bind(self, url: str) -> str:
+    def bind(self, url: str, advertise: str | None = None) -> str:
         """Bind the bootstrap socket at `url` and the CurveZMQ socket on a free port of the same host."""
-        self.url = self.bootstrap.bind(url)
-        host = self.url.rsplit(":", 1)[0]
-        self.server.bind(f"{host}:0")
+        self.url = self.bootstrap.bind(url, advertise)
+        host = url.rsplit(":", 1)[0]
+        self.server.bind(f"{host}:0", advertise)
         return self.url
 
     @property

@@ -63,6 +63,19 @@ def check_endpoint(url: str, what: str = "endpoint") -> str:
 Context = zmq.asyncio.Context  # for type hints elsewhere: only this module imports zmq
 
 
+def advertised_endpoint(bound: str, advertise: str | None) -> str:
+    """The endpoint to announce for a socket bound at `bound` (`tcp://host:port`)."""
+    host, port = bound[len("tcp://") :].rsplit(":", 1)
+    if advertise:
+        return check_endpoint(f"tcp://{advertise}:{port}", "advertised host")
+    if host in ("0.0.0.0", "*", "[::]", "::"):
+        raise UsageError(
+            f"{bound} listens on every interface, so its address reaches no peer",
+            hint="pass --advertise HOST (the address other machines reach this one at)",
+        )
+    return bound
+
+
 def new_context() -> zmq.asyncio.Context:
     return zmq.asyncio.Context()
 
@@ -85,8 +98,9 @@ class Reply:
         self._server = server
         self.route = route
 
-    async def send(self, kind: str, body: dict[str, Any] | None = None, *binary: bytes) -> None:
-        await self._server.send(self.route, encode(kind, body, *binary))
+    async def send(self, kind: str, body: dict[str, Any] | None = None, *binary: bytes) -> bool:
+        """Send to the peer; False when it is no longer connected (nothing was sent)."""
+        return await self._server.send(self.route, encode(kind, body, *binary))
 
 
 Handler = Callable[[Reply, Message], Awaitable[None]]
@@ -103,12 +117,18 @@ class Server:
         if curve_secret is not None:
             self.sock.curve_server = True
             self.sock.curve_secretkey = z85.encode(curve_secret)
+        # tell the sender when a peer is gone instead of dropping silently: a seed stops generating
+        # for an asker that left
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.counters: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self.endpoint = ""
 
-    def bind(self, url: str) -> str:
-        """Bind to `url` (port 0 picks a free port); return the real endpoint."""
+    def bind(self, url: str, advertise: str | None = None) -> str:
+        """Bind to `url` (port 0 picks a free port); return the endpoint peers should use.
+
+        Bound to every interface (0.0.0.0, *, [::]), the socket's own address reaches nobody, so the
+        host to announce must be given (`advertise`)."""
         check_endpoint(url, "bind address")
         try:
             self.sock.bind(url)
@@ -116,11 +136,22 @@ class Server:
             raise UsageError(
                 f"cannot bind {url} ({exc.strerror})", hint="pick another --bind address, or port 0 for any free port"
             ) from exc
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self.endpoint = advertised_endpoint(self.sock.getsockopt_string(zmq.LAST_ENDPOINT), advertise)
+        except UsageError:
+            self.sock.close(linger=0)
+            raise
         return self.endpoint
 
-    async def send(self, route: bytes, frames: list[bytes]) -> None:
-        await self.sock.send_multipart([route, *frames])
+    async def send(self, route: bytes, frames: list[bytes]) -> bool:
+        try:
+            await self.sock.send_multipart([route, *frames])
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:  # ROUTER_MANDATORY: that peer has gone away
+                self.counters["unroutable"] += 1
+                return False
+            raise
+        return True
 
     async def serve(
         self,

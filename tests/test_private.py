@@ -256,3 +256,17 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
     assert "answered privately" in done.stderr and "4 paths x 3 hops" in done.stderr
     assert done.stderr.count("path ") >= 4 and "13 peers" in done.stdout
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("text", ["a" * 3000, "\x01" * 900, "日本語🎉" * 400, "é" * 1500])
+def test_reply_chunks_are_cut_to_fit_one_cell_per_fragment(text: str, k: int) -> None:
+    from gtorrent.garlic import REPLY_HEAD, split_to_fit
+    from gtorrent.onion import BODY_BYTES, PAYLOAD_HEADER
+
+    capacity = BODY_BYTES - PAYLOAD_HEADER.size
+    pieces = split_to_fit(text, k, capacity)
+    assert "".join(pieces) == text
+    for index, piece in enumerate(pieces):
+        for payload in reply_payloads(b"k" * 32, index, {"text": piece}, k + 1, k):
+            assert len(payload) <= capacity and len(payload) > REPLY_HEAD.size

@@ -203,3 +203,39 @@ async def test_relay_processes_build_circuits_and_a_killed_relay_breaks_them(tmp
             proc.kill()
         tracker.kill()
         ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize(
+    ("bound", "advertise", "expected"),
+    [
+        ("tcp://127.0.0.1:5000", None, "tcp://127.0.0.1:5000"),
+        ("tcp://0.0.0.0:5000", "10.1.2.3", "tcp://10.1.2.3:5000"),
+        ("tcp://0.0.0.0:5000", "seed.example.org", "tcp://seed.example.org:5000"),
+        ("tcp://0.0.0.0:5000", None, "every interface"),
+        ("tcp://[::]:5000", None, "every interface"),
+        ("tcp://0.0.0.0:5000", "bad host!", "invalid advertised host"),
+    ],
+)
+def test_advertised_endpoint(bound: str, advertise: str | None, expected: str) -> None:
+    from gtorrent.errors import UsageError
+    from gtorrent.transport import advertised_endpoint
+
+    if expected.startswith("tcp://"):
+        assert advertised_endpoint(bound, advertise) == expected
+    else:
+        with pytest.raises(UsageError, match=expected):
+            advertised_endpoint(bound, advertise)
+
+
+async def test_relay_announces_its_advertised_host(tmp_path: Path) -> None:
+    tracker, url = start_tracker(tmp_path / "tracker")
+    relay = Proc(["relay", "--tracker", url, "--advertise", "localhost"], tmp_path / "relay")
+    ctx = new_context()
+    try:
+        relay.wait_for(r"relaying as \w+ on tcp://localhost:\d+")
+        found = await discover(ctx, [url], role="relay")
+        assert [r.endpoint.startswith("tcp://localhost:") for r in found.records.values()] == [True]
+    finally:
+        relay.kill()
+        tracker.kill()
+        ctx.destroy(linger=0)

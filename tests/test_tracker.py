@@ -252,3 +252,23 @@ def test_database_files_are_private(tmp_path: Path) -> None:
         assert path.stat().st_mode & 0o077 == 0, path
     store.close()
     db.close()
+
+
+async def test_seed_stops_generating_for_an_asker_that_left(ctx) -> None:  # type: ignore[no-untyped-def]
+    seed = SeedService(Identity.generate(), LanguageModel.load(None), trackers=[])
+    seed.bind("tcp://127.0.0.1:0")
+    serving = asyncio.create_task(seed.serve())
+    kinds = frozenset({"accepted", "token", "done", "error"})
+    body = {"id": "r1", "model": "gtorrent-demo", "prompt": "The for statement", "max_tokens": 450,
+            "temperature": 0.0, "top_k": 0, "top_p": 1.0}
+    conn = Connection(ctx, seed.server.endpoint, server_key=seed.identity.curve_public)
+    assert (await conn.request("generate", body, kinds, 5)).kind == "accepted"
+    assert (await conn.recv(10, kinds)).kind == "token"
+    conn.close()  # the asker goes away mid-answer
+    deadline = asyncio.get_running_loop().time() + 10
+    while seed.cancelled == 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)  # waits on the seed's state, bounded; nothing to await directly
+    assert seed.cancelled == 1 and seed.load.running == 0
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+    seed.close()

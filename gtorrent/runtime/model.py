@@ -61,7 +61,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "eos" | "length" | "context"
+    finish_reason: str  # "eos" | "length" | "context" | "cancelled"
     ttft_s: float  # from the call to the first new token
     total_s: float  # from the call to the last new token
 
@@ -349,8 +349,12 @@ class LanguageModel:
         *,
         chat: bool = False,
         on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
-        """Generate a continuation of `prompt` (text or token ids), calling `on_text` with each new piece."""
+        """Generate a continuation of `prompt` (text or token ids), calling `on_text` with each new piece.
+
+        `should_stop` is polled once per token; when it returns True generation ends with finish reason
+        "cancelled" (a seed whose asker went away)."""
         params = params or GenerationParams()
         started = time.perf_counter()
         prompt_ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat=chat)
@@ -363,6 +367,9 @@ class LanguageModel:
                 ttft_s = time.perf_counter() - started
             if reason == "eos":
                 break  # the end-of-sequence token is not part of the answer
+            if should_stop is not None and should_stop():
+                reason = "cancelled"
+                break
             produced.append(token)
             piece = detok.push(token)
             if piece and on_text is not None:
