@@ -49,21 +49,29 @@ MAX_PATH_HOPS = 8  # the CLI's --hops limit
 
 
 class PathsLost(GtorrentError):
-    pass
+    """Fewer than k paths could be built or stayed up; `broken` names their relays."""
+
+    def __init__(self, message: str, broken: list[list[str]] | None = None) -> None:
+        super().__init__(message)
+        self.broken = broken or []
 
 
-async def _build(ctx: Context, plan: PathPlan, seed: PeerRecord, timeout_s: float) -> list[tuple[int, CircuitClient]]:
+async def _build(
+    ctx: Context, plan: PathPlan, seed: PeerRecord, timeout_s: float
+) -> tuple[list[tuple[int, CircuitClient]], list[list[str]]]:
+    """Build every path at once; return (built circuits, relay ids of the paths that failed)."""
     circuits = [CircuitClient(ctx, [*path, seed]) for path in plan.paths]
     results = await asyncio.gather(*(c.build(timeout_s) for c in circuits), return_exceptions=True)
-    built = []
+    built, failed = [], []
     for index, (circuit, result) in enumerate(zip(circuits, results, strict=True)):
         if isinstance(result, BaseException):
             await circuit.close()
             if not isinstance(result, GtorrentError):
                 raise result
+            failed.append(circuit.route[:-1])
         else:
             built.append((index, circuit))
-    return built
+    return built, failed
 
 
 async def _one_attempt(
@@ -77,11 +85,11 @@ async def _one_attempt(
     started: float,
 ) -> AskResult:
     setup_started = time.perf_counter()
-    built = await _build(ctx, plan, seed, timeouts.accept_s)
+    built, failed = await _build(ctx, plan, seed, timeouts.accept_s)
     path_setup_s = time.perf_counter() - setup_started
     try:
         if len(built) < plan.k:
-            raise PathsLost(f"only {len(built)} of {len(plan.paths)} paths could be built (need {plan.k})")
+            raise PathsLost(f"only {len(built)} of {len(plan.paths)} paths could be built (need {plan.k})", failed)
         reply_key, ask_id = os.urandom(REPLY_KEY_BYTES), os.urandom(ASK_ID_BYTES)
         body = generate_body(request, model_id, "private")
         del body["id"]
@@ -122,6 +130,7 @@ async def _receive(
     readers = [asyncio.create_task(read(path, circuit)) for path, circuit in enumerate(c for _, c in built)]
     assembler = ReplyAssembler(reply_key)
     alive = len(built)
+    broken: list[list[str]] = []
     pieces: list[str] = []
     ttft_s: float | None = None
     try:
@@ -133,8 +142,9 @@ async def _receive(
                 raise SeedFailed(f"no answer over the paths to seed {short_id(seed.peer_id)} in {wait_s:g} s", "timeout") from None
             if payload is None:
                 alive -= 1
+                broken.append(built[path][1].route[:-1])
                 if alive < plan.k:
-                    raise PathsLost(f"only {alive} paths left (need {plan.k})")
+                    raise PathsLost(f"only {alive} paths left (need {plan.k})", broken)
                 continue
             try:
                 chunks = assembler.feed(payload)
@@ -217,11 +227,12 @@ async def ask_private(
     relays = [r for r in relays_found.records.values() if store.standing(r.peer_id).trusted]
     rng = random.Random()
     failures: list[dict[str, str]] = []
+    suspects: set[str] = set()  # relays on paths that broke: left out of the next attempt
     ranked = rank_seeds(usable, store, time.time())
     attempt = 0
     for seed in (ranked * max_attempts)[:max_attempts]:
         attempt += 1
-        plan = plan_paths(relays, exclude={seed.peer_id}, paths=paths, hops=hops, k=k, strict=strict, rng=rng)
+        plan = plan_paths(relays, exclude={seed.peer_id} | suspects, paths=paths, hops=hops, k=k, strict=strict, rng=rng)
         if events.on_attempt is not None:
             events.on_attempt(seed, attempt)
         streamed: list[str] = []
@@ -234,6 +245,8 @@ async def ask_private(
         try:
             result = await _one_attempt(ctx, seed, model_id, request, plan, timeouts, on_text, time.perf_counter())
         except (SeedFailed, PathsLost, CircuitError) as exc:
+            if isinstance(exc, PathsLost):
+                suspects.update(peer for route in exc.broken for peer in route)
             outcome = getattr(exc, "outcome", "failed") if isinstance(exc, SeedFailed) else None
             if outcome is not None:
                 store.observe(seed.peer_id, outcome, detail=exc.message)

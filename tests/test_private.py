@@ -166,9 +166,9 @@ async def test_a_relay_killed_mid_answer_is_tolerated(swarm: Swarm, tmp_path: Pa
     original_build = __import__("gtorrent.private", fromlist=["_build"])._build
 
     async def build_and_remember(ctx, plan, seed, timeout_s):  # type: ignore[no-untyped-def]
-        built = await original_build(ctx, plan, seed, timeout_s)
+        built, failed = await original_build(ctx, plan, seed, timeout_s)
         routes.extend([c.route[:-1] for _, c in built])
-        return built
+        return built, failed
 
     def on_text(piece: str) -> None:
         if not killed:
@@ -270,3 +270,41 @@ def test_reply_chunks_are_cut_to_fit_one_cell_per_fragment(text: str, k: int) ->
     for index, piece in enumerate(pieces):
         for payload in reply_payloads(b"k" * 32, index, {"text": piece}, k + 1, k):
             assert len(payload) <= capacity and len(payload) > REPLY_HEAD.size
+
+
+async def test_below_k_paths_the_ask_restarts_on_fresh_paths(swarm: Swarm, tmp_path: Path) -> None:
+    await swarm.start(relays=12)
+    store = Store.open(tmp_path)
+    import gtorrent.private as private
+
+    original_build = private._build
+    routes: list[list[str]] = []
+    killed: list[str] = []
+    restarts: list[str] = []
+
+    async def build_and_remember(ctx, plan, seed, timeout_s):  # type: ignore[no-untyped-def]
+        built, failed = await original_build(ctx, plan, seed, timeout_s)
+        routes.extend([c.route[:-1] for _, c in built])
+        return built, failed
+
+    def on_text(piece: str) -> None:
+        if not killed:  # the middle relays of two paths: 2 of 4 left, below k = 3
+            for route in routes[:2]:
+                killed.append(route[1])
+                server, service = swarm.relays[route[1]]
+                service.close()
+                server.close()
+
+    private._build = build_and_remember  # type: ignore[assignment]
+    try:
+        events = AskEvents(on_text=on_text, on_restart=lambda seed, reason, lost: restarts.append(reason))
+        result = await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=150), store, events)
+    finally:
+        private._build = original_build  # type: ignore[assignment]
+    assert len(killed) == 2 and result.attempts == 2 and restarts and "paths left" in restarts[0]
+    assert result.text == swarm.local(150)
+    # the fresh paths avoid every relay of the broken ones (so the ask degrades: 6 relays left)
+    used = {peer for route in result.route for peer in route}
+    assert not used & {peer for route in routes[:2] for peer in route}
+    assert result.privacy is not None and result.privacy["degraded"]
+    store.close()
