@@ -130,6 +130,29 @@ def resolve_model(seeds: list[PeerRecord], wanted: str | None) -> tuple[str, lis
     return model_id, [r for r in seeds if any(m.model_id == model_id for m in r.models)]
 
 
+def trusted_seeds(seeds: list[PeerRecord], store: Store, model_id: str) -> list[PeerRecord]:
+    """The seeds that may be asked: untrusted ones (reputation below 0.3) get no asks."""
+    usable = [s for s in seeds if store.standing(s.peer_id).trusted]
+    if not usable:
+        raise NoSeedError(
+            f"every seed of model {model_id[:12]} is untrusted ({len(seeds)} seen)",
+            hint="wait for their reputation to recover, or check them with `gtorrent peers`",
+        )
+    return usable
+
+
+def recording(events: AskEvents) -> tuple[Callable[[str], None], list[str]]:
+    """An on_text callback for one attempt that forwards to the caller and keeps what it streamed."""
+    streamed: list[str] = []
+
+    def on_text(piece: str) -> None:
+        streamed.append(piece)
+        if events.on_text is not None:
+            events.on_text(piece)
+
+    return on_text, streamed
+
+
 def rank_seeds(seeds: list[PeerRecord], store: Store, now: float) -> list[PeerRecord]:
     keyed = [(choice_key(store.standing(r.peer_id), r.load.get("queue", 0.0), now), secrets.randbits(16), r) for r in seeds]
     keyed.sort(key=lambda item: (item[0], item[1]))
@@ -212,25 +235,12 @@ async def ask_direct(
         found = await discover(ctx, trackers, role="seed")  # only to say what the swarm does serve
     store.saw_peers(found.records.values())
     model_id, seeds = resolve_model(list(found.records.values()), request.model)
-    now = time.time()
-    usable = [s for s in seeds if store.standing(s.peer_id).trusted]
-    if not usable:
-        raise NoSeedError(
-            f"every seed of model {model_id[:12]} is untrusted ({len(seeds)} seen)",
-            hint="wait for their reputation to recover, or check them with `gtorrent peers`",
-        )
-    ranked = rank_seeds(usable, store, now)[:max_attempts]
+    ranked = rank_seeds(trusted_seeds(seeds, store, model_id), store, time.time())[:max_attempts]
     failures: list[dict[str, str]] = []
     for attempt, seed in enumerate(ranked, 1):
         if events.on_attempt is not None:
             events.on_attempt(seed, attempt)
-        streamed: list[str] = []
-
-        def on_text(piece: str, streamed: list[str] = streamed) -> None:
-            streamed.append(piece)
-            if events.on_text is not None:
-                events.on_text(piece)
-
+        on_text, streamed = recording(events)
         try:
             result = await ask_seed(ctx, seed, model_id, request, timeouts, on_text, time.perf_counter())
         except (TransportError, SeedFailed) as exc:

@@ -23,12 +23,13 @@ from .asker import (
     AskRequest,
     AskResult,
     AskTimeouts,
-    NoSeedError,
     SeedFailed,
     check_request,
     generate_body,
     rank_seeds,
+    recording,
     resolve_model,
+    trusted_seeds,
 )
 from .circuit import CircuitClient, CircuitError
 from .discovery import discover
@@ -221,9 +222,7 @@ async def ask_private(
         seeds_found = await discover(ctx, trackers, role="seed")  # only to say what the swarm serves
     store.saw_peers([*seeds_found.records.values(), *relays_found.records.values()])
     model_id, seeds = resolve_model(list(seeds_found.records.values()), request.model)
-    usable = [s for s in seeds if store.standing(s.peer_id).trusted]
-    if not usable:
-        raise NoSeedError(f"every seed of model {model_id[:12]} is untrusted ({len(seeds)} seen)")
+    usable = trusted_seeds(seeds, store, model_id)
     relays = [r for r in relays_found.records.values() if store.standing(r.peer_id).trusted]
     rng = random.Random()
     failures: list[dict[str, str]] = []
@@ -235,13 +234,7 @@ async def ask_private(
         plan = plan_paths(relays, exclude={seed.peer_id} | suspects, paths=paths, hops=hops, k=k, strict=strict, rng=rng)
         if events.on_attempt is not None:
             events.on_attempt(seed, attempt)
-        streamed: list[str] = []
-
-        def on_text(piece: str, streamed: list[str] = streamed) -> None:
-            streamed.append(piece)
-            if events.on_text is not None:
-                events.on_text(piece)
-
+        on_text, streamed = recording(events)
         try:
             result = await _one_attempt(ctx, seed, model_id, request, plan, timeouts, on_text, time.perf_counter())
         except (SeedFailed, PathsLost, CircuitError) as exc:

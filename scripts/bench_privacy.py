@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_runtime import DEFAULT_BIG, ensure_big_model  # noqa: E402
+from bench_swarm import process_cpu_s  # noqa: E402
 
 from gtorrent.asker import AskRequest  # noqa: E402
 from gtorrent.circuit import CircuitClient  # noqa: E402
@@ -71,11 +72,6 @@ def bench_asks(label: str, model_path: Path | None, tokens: int, repeats: int, b
     finally:
         for proc in [*relays, seed, tracker]:
             proc.kill()
-
-
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def bench_relay_cells(base: Path, cells: int = 20000) -> None:
