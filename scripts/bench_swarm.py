@@ -36,7 +36,7 @@ from gtorrent.identity import Identity
 from gtorrent.node import NodeSettings, ask
 from gtorrent.protocol import ModelInfo, PeerRecord, encode
 from gtorrent.runtime import GenerationParams, LanguageModel
-from gtorrent.transport import Connection, new_context
+from gtorrent.transport import new_context
 from tests.procs import start_seed, start_tracker
 
 PROMPT = "The for statement is used to iterate over"
