@@ -40,7 +40,7 @@ MAX_QUEUE_PER_SLOT = 8  # requests waiting per concurrent slot before the seed a
 MAX_CHUNK_CHARS = 4000  # a token message's text stays under the protocol's 4096
 MAX_PRIVATE_CHUNK_CHARS = 600  # an upper bound; garlic.split_to_fit cuts by bytes so fragments fit a cell
 PRIVATE_ASK_TTL_S = 60.0  # an ask whose cloves never reach k is forgotten after this
-PRIVATE_BATCH_S = 0.04  # answer text is batched this long on private paths (after the first piece)
+PRIVATE_BATCH_S = 0.1  # answer text is batched this long on private paths (after the first piece)
 REPLY_CAPACITY = BODY_BYTES - PAYLOAD_HEADER.size  # payload bytes of one backward cell
 LATENCY_EWMA = 0.125  # weight of the newest request latency (TCP SRTT style, as the paper)
 
