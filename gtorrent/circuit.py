@@ -48,13 +48,14 @@ class CircuitClient:
         """CREATE the first hop, then EXTEND to each further one."""
         first = self.hops[0]
         pending = PendingHop.start(first.onion_key)
-        reply = await self._request("create", {"cid": self.cid, "key": b64(pending.ephemeral_public)}, timeout_s)
+        body = {"cid": self.cid, "key": b64(pending.ephemeral_public), "ts": pending.created_ms}
+        reply = await self._request("create", body, timeout_s)
         if reply.kind != "created":
             raise CircuitError(f"relay {short_id(first.peer_id)} refused the circuit")
         self.onion.add_hop(self._finish(pending, reply.get("auth", ""), first))
         for hop in self.hops[1:]:
             pending = PendingHop.start(hop.onion_key)
-            extend = pack_extend(new_cid(), pending.ephemeral_public, hop.curve_key, hop.endpoint)
+            extend = pack_extend(new_cid(), pending.ephemeral_public, hop.curve_key, pending.created_ms, hop.endpoint)
             await self.conn.send("cell", {"cid": self.cid}, self.onion.wrap(EXTEND, extend, os.urandom))
             index, command, auth = await self.receive(timeout_s)
             if command != EXTENDED or index != len(self.onion.hops) - 1:

@@ -57,6 +57,8 @@ async def _relay(ctx: Any, url: str) -> tuple[Server, RelayService, Announcer, a
 
     announcer = Announcer(ctx, [url], record)
     task = asyncio.create_task(serve_relay(server, service))
+    expiry = asyncio.create_task(service.expire_loop())
+    task.add_done_callback(lambda _: expiry.cancel())
     await announcer.announce()
     return server, service, announcer, task
 

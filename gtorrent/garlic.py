@@ -32,7 +32,7 @@ CLOVE_HEAD = struct.Struct(">16sIB")
 REPLY_HEAD = struct.Struct(">IBBBI")
 REPLY_AAD = b"gtorrent/reply/v1"
 TRANSCRIPT_LABEL = b"gtorrent/transcript/v1\n"
-MAX_CLOVE_BYTES = 1 << 20
+MAX_CLOVE_BYTES = 64 << 10  # a clove of the largest request (256 KiB / k) fits; more is abuse
 MAX_CHUNKS = 1 << 20
 
 
@@ -116,36 +116,64 @@ def split_to_fit(text: str, k: int, capacity: int) -> list[str]:
 
 @dataclass
 class ReplyAssembler:
-    """The asker's side: fragments from any k paths -> chunks, released in order."""
+    """The asker's side: fragments from any k paths -> chunks, released in order.
+
+    Fragment j must arrive on path j (the seed sends it there), so a path can only spoil its own
+    fragment. When k fragments do not rebuild an authentic chunk, the fragments that arrive later are
+    tried too (every k of them), so any k honest paths deliver it. A path whose fragment is malformed
+    or disagrees with the chunk's shape becomes a suspect (`take_suspects`): a relay on it is
+    injecting cells, and the seed is not to blame."""
 
     reply_key: bytes
-    fragments: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    fragments: dict[int, dict[int, tuple[int, bytes]]] = field(default_factory=dict)  # chunk -> j -> (path, bytes)
     shape: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     next_index: int = 0
     ready: dict[int, dict[str, Any]] = field(default_factory=dict)
+    suspects: set[int] = field(default_factory=set)
 
-    def feed(self, payload: bytes) -> list[dict[str, Any]]:
+    def take_suspects(self) -> set[int]:
+        found, self.suspects = self.suspects, set()
+        return found
+
+    def feed(self, payload: bytes, path: int = 0) -> list[dict[str, Any]]:
         """Add one fragment; return the chunks that became deliverable, in order."""
         if len(payload) < REPLY_HEAD.size:
-            raise GarlicError("short reply fragment")
+            self.suspects.add(path)
+            return []
         index, j, n, k, length = REPLY_HEAD.unpack_from(payload)
-        if index >= MAX_CHUNKS or not 1 <= k <= n or j >= n:
-            raise GarlicError("bad reply fragment header")
+        if index >= MAX_CHUNKS or not 1 <= k <= n or j >= n or j != path:
+            # the seed sends fragment j on path j only: a path cannot speak for another one
+            self.suspects.add(path)
+            return []
         if index < self.next_index or index in self.ready:
             return self._release()  # late fragment of a chunk already rebuilt
         if self.shape.setdefault(index, (n, k, length)) != (n, k, length):
-            raise GarlicError("reply fragments disagree")
+            self.suspects.add(path)  # disagrees with the first fragment of this chunk
+            return self._release()
         have = self.fragments.setdefault(index, {})
-        have[j] = payload[REPLY_HEAD.size :]
+        have[j] = (path, payload[REPLY_HEAD.size :])
         if len(have) >= k:
-            try:
-                sealed = recover(have, n, k, length)
-                plain = ChaCha20Poly1305(self.reply_key).decrypt(_nonce(index), sealed, REPLY_AAD)
-                self.ready[index] = json.loads(plain)
-            except (SidaError, InvalidTag, ValueError) as exc:
-                raise GarlicError(f"reply chunk {index} failed authentication") from exc
-            del self.fragments[index]
+            self._try_rebuild(index, n, k, length)
         return self._release()
+
+    def _try_rebuild(self, index: int, n: int, k: int, length: int) -> None:
+        from itertools import combinations
+
+        have = self.fragments[index]
+        for subset in combinations(sorted(have), k):
+            try:
+                sealed = recover({j: have[j][1] for j in subset}, n, k, length)
+                plain = ChaCha20Poly1305(self.reply_key).decrypt(_nonce(index), sealed, REPLY_AAD)
+                chunk = json.loads(plain)
+            except (SidaError, InvalidTag, ValueError):
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            self.ready[index] = chunk
+            del self.fragments[index]
+            return
+        if len(have) >= n:  # every fragment is in and no k of them rebuild the chunk
+            raise GarlicError(f"reply chunk {index} failed authentication on every set of {k} paths")
 
     def _release(self) -> list[dict[str, Any]]:
         out = []

@@ -84,10 +84,11 @@ class HopKeys:
     confirm: bytes
 
     @classmethod
-    def derive(cls, shared: bytes, ephemeral_public: bytes, hop_public: bytes) -> HopKeys:
-        material = HKDF(
-            algorithm=hashes.SHA256(), length=160, salt=ephemeral_public + hop_public, info=CIRCUIT_LABEL
-        ).derive(shared)
+    def derive(cls, shared: bytes, ephemeral_public: bytes, hop_public: bytes, created_ms: int) -> HopKeys:
+        # the CREATE's timestamp is bound into the keys: a replay with a fresher timestamp derives
+        # other keys, so none of the replayed cells authenticate
+        salt = ephemeral_public + hop_public + created_ms.to_bytes(8, "big")
+        material = HKDF(algorithm=hashes.SHA256(), length=160, salt=salt, info=CIRCUIT_LABEL).derive(shared)
         return cls(*(material[i : i + 32] for i in range(0, 160, 32)))
 
     def created_auth(self, ephemeral_public: bytes) -> bytes:
@@ -107,15 +108,15 @@ class HopKeys:
 # ------------------------------------------------------------------------------------- handshakes
 
 
-def hop_answer_create(onion_key: X25519PrivateKey, ephemeral_public: bytes) -> tuple[HopKeys, bytes]:
+def hop_answer_create(onion_key: X25519PrivateKey, ephemeral_public: bytes, created_ms: int) -> tuple[HopKeys, bytes]:
     """Hop side of CREATE: derive the keys and the CREATED proof."""
-    if len(ephemeral_public) != 32:
-        raise OnionError("bad ephemeral key")
+    if len(ephemeral_public) != 32 or not 0 <= created_ms < 1 << 63:
+        raise OnionError("bad ephemeral key or timestamp")
     try:
         shared = onion_key.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
     except ValueError as exc:  # low-order point: all-zero shared secret
         raise OnionError("bad ephemeral key") from exc
-    keys = HopKeys.derive(shared, ephemeral_public, raw_public(onion_key))
+    keys = HopKeys.derive(shared, ephemeral_public, raw_public(onion_key), created_ms)
     return keys, keys.created_auth(ephemeral_public)
 
 
@@ -125,10 +126,12 @@ class PendingHop:
 
     ephemeral: X25519PrivateKey
     hop_public: bytes
+    created_ms: int  # the asker's clock, sent in CREATE; hops refuse stale ones
 
     @classmethod
-    def start(cls, hop_onion_public: bytes) -> PendingHop:
-        return cls(X25519PrivateKey.generate(), hop_onion_public)
+    def start(cls, hop_onion_public: bytes, created_ms: int | None = None) -> PendingHop:
+        stamp = int(time.time() * 1000) if created_ms is None else created_ms
+        return cls(X25519PrivateKey.generate(), hop_onion_public, stamp)
 
     @property
     def ephemeral_public(self) -> bytes:
@@ -137,7 +140,7 @@ class PendingHop:
     def finish(self, auth: bytes) -> HopKeys:
         """Check the CREATED proof: only the holder of the hop's onion private key can produce it."""
         shared = self.ephemeral.exchange(X25519PublicKey.from_public_bytes(self.hop_public))
-        keys = HopKeys.derive(shared, self.ephemeral_public, self.hop_public)
+        keys = HopKeys.derive(shared, self.ephemeral_public, self.hop_public, self.created_ms)
         if not hmac.compare_digest(keys.created_auth(self.ephemeral_public), auth):
             raise OnionError("CREATED proof does not match the hop's onion key")
         return keys
@@ -300,11 +303,12 @@ class ReplayCache:
         self._seen: OrderedDict[bytes, float] = OrderedDict()
 
     def check_and_add(self, value: bytes) -> bool:
-        """True the first time `value` is seen (within the TTL), False for a replay."""
+        """True the first time `value` is seen within the TTL; False for a replay, or when full (a live
+        entry is never evicted early: that would reopen the replay window)."""
         now = self.clock()
-        while self._seen and (next(iter(self._seen.values())) <= now or len(self._seen) >= self.max_entries):
+        while self._seen and next(iter(self._seen.values())) <= now:
             self._seen.popitem(last=False)
-        if value in self._seen:
+        if value in self._seen or len(self._seen) >= self.max_entries:
             return False
         self._seen[value] = now + self.ttl_s
         return True

@@ -36,7 +36,7 @@ from .discovery import discover
 from .errors import GtorrentError, UsageError
 from .garlic import ASK_ID_BYTES, REPLY_KEY_BYTES, GarlicError, ReplyAssembler, clove_payloads, transcript
 from .identity import b64, short_id, unb64, verify_signature
-from .onion import forward_capacity
+from .onion import DATA, forward_capacity
 from .protocol import PeerRecord
 from .routing import PathPlan, PrivacyError, plan_paths
 from .sida import split
@@ -121,12 +121,16 @@ async def _receive(
     queue: asyncio.Queue[tuple[int, bytes | None]] = asyncio.Queue()
 
     async def read(path: int, circuit: CircuitClient) -> None:
+        terminal = len(circuit.onion.hops) - 1
         try:
             while True:
-                _, _, payload = await circuit.receive(3600.0)
+                origin, command, payload = await circuit.receive(3600.0)
+                if origin != terminal or command != DATA:
+                    break  # a relay sealing its own cells: drop this path, blame no seed
                 queue.put_nowait((path, payload))
         except CircuitError:
-            queue.put_nowait((path, None))
+            pass
+        queue.put_nowait((path, None))
 
     readers = [asyncio.create_task(read(path, circuit)) for path, circuit in enumerate(c for _, c in built)]
     assembler = ReplyAssembler(reply_key)
@@ -148,9 +152,14 @@ async def _receive(
                     raise PathsLost(f"only {alive} paths left (need {plan.k})", broken)
                 continue
             try:
-                chunks = assembler.feed(payload)
+                chunks = assembler.feed(payload, path)
             except GarlicError as exc:
                 raise SeedFailed(f"bad reply from seed {short_id(seed.peer_id)}: {exc}") from exc
+            for bad_path in assembler.take_suspects():
+                broken.append(built[bad_path][1].route[:-1])  # its fragments did not fit the others'
+                alive -= 1
+                if alive < plan.k:
+                    raise PathsLost(f"only {alive} consistent paths left (need {plan.k})", broken)
             for chunk in chunks:
                 if "text" in chunk:
                     if ttft_s is None:

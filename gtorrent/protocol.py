@@ -188,7 +188,11 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "ping": {},
     "pong": {},
     # circuits (onion.py): circuit ids are per link, 63-bit, chosen at random by the asker
-    "create": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1), "key": Field(str, max_len=64)},
+    "create": {
+        "cid": Field(int, minimum=1, maximum=(1 << 63) - 1),
+        "key": Field(str, max_len=64),
+        "ts": Field(int, minimum=0, maximum=(1 << 63) - 1),  # asker's clock, ms; bound into the hop keys
+    },
     "created": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1), "auth": Field(str, max_len=64)},
     "cell": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1)},  # + one binary frame of CELL_BYTES
     "destroy": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1), "reason": Field(str, required=False, max_len=64)},

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -51,25 +52,29 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT_S = 120.0
 EXTEND_TIMEOUT_S = 5.0
 MAX_CIRCUITS = 10_000
-_EXTEND_HEAD = struct.Struct(">Q32s32s")  # next circuit id, ephemeral key, next hop's CurveZMQ key
+MAX_LINKS = 1_000  # next hops open at once
+TCP_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}$")
+_EXTEND_HEAD = struct.Struct(">Q32s32sQ")  # next circuit id, ephemeral key, next hop's CurveZMQ key, created ms
+CREATE_WINDOW_S = 600.0  # a CREATE older than this is refused; the replay cache covers the window
+CLOCK_SKEW_S = 60.0
 CIRCUIT_KINDS = frozenset({"create", "cell", "destroy"})
 
 
-def pack_extend(next_cid: int, ephemeral_public: bytes, curve_key: bytes, endpoint: str) -> bytes:
-    return _EXTEND_HEAD.pack(next_cid, ephemeral_public, curve_key) + endpoint.encode("ascii")
+def pack_extend(next_cid: int, ephemeral_public: bytes, curve_key: bytes, created_ms: int, endpoint: str) -> bytes:
+    return _EXTEND_HEAD.pack(next_cid, ephemeral_public, curve_key, created_ms) + endpoint.encode("ascii")
 
 
-def unpack_extend(data: bytes) -> tuple[int, bytes, bytes, str]:
+def unpack_extend(data: bytes) -> tuple[int, bytes, bytes, int, str]:
     if len(data) <= _EXTEND_HEAD.size or len(data) > _EXTEND_HEAD.size + 256:
         raise OnionError("malformed EXTEND")
-    next_cid, ephemeral, curve_key = _EXTEND_HEAD.unpack_from(data)
+    next_cid, ephemeral, curve_key, created_ms = _EXTEND_HEAD.unpack_from(data)
     try:
         endpoint = data[_EXTEND_HEAD.size :].decode("ascii")
     except UnicodeDecodeError as exc:
         raise OnionError("malformed EXTEND endpoint") from exc
-    if not 0 < next_cid < 1 << 63:
-        raise OnionError("bad circuit id")
-    return next_cid, ephemeral, curve_key, endpoint
+    if not 0 < next_cid < 1 << 63 or created_ms >= 1 << 63:
+        raise OnionError("bad circuit id or timestamp")
+    return next_cid, ephemeral, curve_key, created_ms, endpoint
 
 
 def cell_frame(message: Message) -> bytes:
@@ -119,16 +124,18 @@ class _Link:
                     continue
                 try:
                     await self.service.from_next(circuit, message)
-                except (OnionError, ProtocolError) as exc:
+                except (OnionError, ProtocolError, ValueError, KeyError, TypeError) as exc:
                     self.service.counters["dropped"] += 1
                     await self.service.destroy(circuit, str(exc))
         finally:
             for circuit in list(self.circuits.values()):
                 await self.service.destroy(circuit, "next hop gone", notify_next=False)
             self.service.forget_link(self)
+            self.conn.close()
 
     def close(self) -> None:
-        self.reader.cancel()
+        if self.reader is not asyncio.current_task():
+            self.reader.cancel()
         self.conn.close()
 
 
@@ -147,7 +154,7 @@ class RelayService:
         self.idle_timeout_s = idle_timeout_s
         self.circuits: dict[tuple[bytes, int], Circuit] = {}
         self.links: dict[tuple[str, bytes], _Link] = {}
-        self.replays = ReplayCache()
+        self.replays = ReplayCache(ttl_s=CREATE_WINDOW_S + 2 * CLOCK_SKEW_S)
         self.counters: dict[str, int] = {"circuits": 0, "cells": 0, "dropped": 0, "replays": 0}
         # a relay's outgoing links use a key of their own, never its identity's CurveZMQ key
         from .transport import throwaway_curve_keys
@@ -184,11 +191,16 @@ class RelayService:
             ephemeral = unb64(message["key"])
         except (ValueError, TypeError):
             raise ProtocolError("create: bad key") from None
+        created_ms = message["ts"]
+        now_ms = time.time() * 1000
+        if not now_ms - CREATE_WINDOW_S * 1000 <= created_ms <= now_ms + CLOCK_SKEW_S * 1000:
+            self.counters["replays"] += 1
+            raise ProtocolError("create: timestamp outside the accepted window")
         if not self.replays.check_and_add(ephemeral):
             self.counters["replays"] += 1
-            raise ProtocolError("create: replayed ephemeral key")
+            raise ProtocolError("create: replayed ephemeral key (or replay cache full)")
         try:
-            keys, auth = hop_answer_create(self.identity.onion_key, ephemeral)
+            keys, auth = hop_answer_create(self.identity.onion_key, ephemeral, created_ms)
         except OnionError as exc:
             raise ProtocolError(str(exc)) from exc
         self.circuits[(reply.route, cid)] = Circuit(HopCircuit(keys), reply, cid)
@@ -210,9 +222,13 @@ class RelayService:
             raise OnionError(f"unexpected command {command} in state {circuit.state}")
 
     async def _extend(self, circuit: Circuit, data: bytes) -> None:
-        next_cid, ephemeral, curve_key, endpoint = unpack_extend(data)
+        next_cid, ephemeral, curve_key, created_ms, endpoint = unpack_extend(data)
+        if not TCP_ENDPOINT.match(endpoint):
+            raise OnionError("EXTEND to something that is not tcp://HOST:PORT")
         link = self.links.get((endpoint, curve_key))
         if link is None:
+            if len(self.links) >= MAX_LINKS:
+                raise OnionError("too many next hops open")
             try:
                 link = _Link(self, endpoint, curve_key)
             except Exception as exc:  # noqa: BLE001 - a bad endpoint from an asker must not hurt the relay
@@ -223,7 +239,7 @@ class RelayService:
         circuit.state, circuit.next_link, circuit.next_cid = "extending", link, next_cid
         circuit.created = asyncio.get_running_loop().create_future()
         link.circuits[next_cid] = circuit
-        await link.conn.send("create", {"cid": next_cid, "key": b64(ephemeral)})
+        await link.conn.send("create", {"cid": next_cid, "key": b64(ephemeral), "ts": created_ms})
         try:
             auth = await asyncio.wait_for(circuit.created, EXTEND_TIMEOUT_S)
         except TimeoutError:
@@ -259,6 +275,9 @@ class RelayService:
                     await link.conn.send("destroy", {"cid": circuit.next_cid, "reason": reason[:64]})
                 except Exception:  # noqa: BLE001 - best effort
                     pass
+            if not link.circuits:  # the last circuit through that next hop: close the link
+                self.forget_link(link)
+                link.close()
         if notify_prev:
             try:
                 await circuit.reply.send("destroy", {"cid": circuit.prev_cid, "reason": reason[:64]})

@@ -26,7 +26,7 @@ from .errors import GtorrentError, UsageError
 from .identity import Identity
 from .garlic import REPLY_KEY_BYTES, CloveAssembler, GarlicError, chunk_fits, reply_payloads, split_to_fit, transcript
 from .identity import b64, unb64
-from .onion import BODY_BYTES, DATA, PAYLOAD_HEADER, OnionError
+from .onion import BODY_BYTES, DATA, PAYLOAD_HEADER, OnionError, ReplayCache
 from .protocol import Message, ModelInfo, PeerRecord, ProtocolError, decode, encode, unique_keys
 from .relay import Circuit, RelayService, serve_relay
 from .sida import Clove, SidaError, combine
@@ -180,6 +180,7 @@ class SeedService:
         # every seed relays other seeds' traffic, and is the terminal of circuits that ask it privately
         self.relay = RelayService(identity, self.ctx, terminal=self.terminal)
         self.private_asks: dict[bytes, PrivateAsk] = {}
+        self.finished_asks = ReplayCache(ttl_s=PRIVATE_ASK_TTL_S * 5)  # ask ids seen recently
         self.max_concurrency = max_concurrency
         self.max_queue = MAX_QUEUE_PER_SLOT * max_concurrency
         self.cancelled = 0  # requests stopped because their asker went away
@@ -330,6 +331,8 @@ class SeedService:
             raise OnionError(f"bad clove: {exc}") from exc
         assert assembler.ask_id is not None
         self._expire_asks()
+        if not self.finished_asks.check_and_add(assembler.ask_id) and assembler.ask_id not in self.private_asks:
+            return  # a late clove of an ask that is already answered: never start it twice
         ask = self.private_asks.setdefault(assembler.ask_id, PrivateAsk())
         ask.circuits[clove.index - 1] = circuit
         ask.cloves[clove.index] = clove

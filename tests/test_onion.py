@@ -33,7 +33,7 @@ def build(hop_count: int = 4) -> tuple[ClientCircuit, list[HopCircuit]]:
     for _ in range(hop_count):
         onion_key = X25519PrivateKey.generate()
         pending = PendingHop.start(raw_public(onion_key))
-        keys, auth = hop_answer_create(onion_key, pending.ephemeral_public)
+        keys, auth = hop_answer_create(onion_key, pending.ephemeral_public, pending.created_ms)
         client.add_hop(pending.finish(auth))
         hops.append(HopCircuit(keys))
     return client, hops
@@ -128,13 +128,17 @@ def test_tampered_or_replayed_backward_cell_is_rejected_by_the_asker() -> None:
 def test_created_proof_binds_the_hop_key() -> None:
     real, impostor = X25519PrivateKey.generate(), X25519PrivateKey.generate()
     pending = PendingHop.start(raw_public(real))
-    _, forged = hop_answer_create(impostor, pending.ephemeral_public)
+    _, forged = hop_answer_create(impostor, pending.ephemeral_public, pending.created_ms)
     with pytest.raises(OnionError, match="proof"):
         pending.finish(forged)
+    # a CREATE replayed with a fresher timestamp derives other keys: its proof (and cells) fail
+    _, restamped = hop_answer_create(real, pending.ephemeral_public, pending.created_ms + 1)
+    with pytest.raises(OnionError, match="proof"):
+        pending.finish(restamped)
     with pytest.raises(OnionError):
-        hop_answer_create(real, b"\x00" * 32)  # low-order point
+        hop_answer_create(real, b"\x00" * 32, 0)  # low-order point
     with pytest.raises(OnionError):
-        hop_answer_create(real, b"short")
+        hop_answer_create(real, b"short", 0)
 
 
 def test_payload_limits() -> None:
@@ -152,6 +156,8 @@ def test_replay_cache_with_injected_clock() -> None:
     assert cache.check_and_add(b"a") and not cache.check_and_add(b"a")
     now[0] = 11.0
     assert cache.check_and_add(b"a")  # expired, so no longer a replay
-    for value in (b"b", b"c", b"d", b"e"):
-        assert cache.check_and_add(value)
-    assert len(cache._seen) <= 3  # bounded
+    assert cache.check_and_add(b"b") and cache.check_and_add(b"c")
+    assert not cache.check_and_add(b"d")  # full: refused, and no live entry is evicted to make room
+    assert not cache.check_and_add(b"a") and not cache.check_and_add(b"b")
+    now[0] = 30.0
+    assert cache.check_and_add(b"d")  # the old entries expired

@@ -238,14 +238,25 @@ def test_garlic_framing() -> None:
     for index in range(3):
         fragments = reply_payloads(key, index, {"text": f"chunk {index}"}, 4, 3)
         for j in (3, 0, 2):  # any 3 of 4 paths, in any order
-            out += reply.feed(fragments[j])
+            out += reply.feed(fragments[j], j)
     assert [c["text"] for c in out] == ["chunk 0", "chunk 1", "chunk 2"]
-    forged = bytearray(reply_payloads(b"x" * 32, 3, {"text": "evil"}, 4, 3)[0])
+    # fragments sealed under another key never rebuild a chunk; with all n in, that is an error
     bad = ReplyAssembler(key)
     with pytest.raises(GarlicError):
-        for fragment in reply_payloads(b"x" * 32, 0, {"text": "evil"}, 4, 3)[:3]:
-            bad.feed(fragment)
-    assert forged
+        for j, fragment in enumerate(reply_payloads(b"x" * 32, 0, {"text": "evil"}, 4, 3)):
+            bad.feed(fragment, j)
+    # one corrupted path among four: the other three still deliver, and in order
+    mixed = ReplyAssembler(key)
+    good = reply_payloads(key, 0, {"text": "fine"}, 4, 3)
+    corrupt = bytearray(good[1])
+    corrupt[-1] ^= 0xFF
+    delivered = []
+    for j, fragment in enumerate([good[0], bytes(corrupt), good[2], good[3]]):
+        delivered += mixed.feed(fragment, j)
+    assert delivered == [{"text": "fine"}]
+    # a fragment claiming another path's index is refused and its path is a suspect
+    claims = ReplyAssembler(key)
+    assert claims.feed(good[0], 2) == [] and claims.take_suspects() == {2}
 
 
 def test_demo_runs_to_the_end(tmp_path: Path) -> None:
@@ -307,4 +318,29 @@ async def test_below_k_paths_the_ask_restarts_on_fresh_paths(swarm: Swarm, tmp_p
     used = {peer for route in result.route for peer in route}
     assert not used & {peer for route in routes[:2] for peer in route}
     assert result.privacy is not None and result.privacy["degraded"]
+    store.close()
+
+
+async def test_a_relay_injecting_its_own_cells_does_not_break_the_ask_or_blame_the_seed(swarm: Swarm, tmp_path: Path) -> None:
+    from gtorrent.onion import DATA as DATA_CMD
+    from gtorrent.relay import Circuit
+
+    await swarm.start(relays=12)
+    store = Store.open(tmp_path)
+    injected: list[str] = []
+
+    # every relay, once per ask, seals a bogus DATA cell of its own towards the asker
+    for peer_id, (_, service) in swarm.relays.items():
+        original = service.from_next
+
+        async def inject(circuit: Circuit, message: Message, original=original, peer_id=peer_id) -> None:  # type: ignore[no-untyped-def]
+            if not injected and circuit.state == "relaying" and message.kind == "cell":
+                injected.append(peer_id)
+                await circuit.send_back(DATA_CMD, b"\x00" * 40)
+            await original(circuit, message)
+
+        service.from_next = inject  # type: ignore[method-assign]
+    result = await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=40), store)
+    assert injected and result.attempts == 1 and result.text == swarm.local(40)
+    assert store.standing(swarm.seeds[0].identity.peer_id).asks_failed == 0
     store.close()

@@ -110,13 +110,18 @@ async def test_replayed_create_is_refused(net) -> None:  # type: ignore[no-untyp
     pending = PendingHop.start(relay.identity.onion_public)
     kinds = frozenset({"created", "error", "destroy"})
     async with Connection(ctx, relay.server.endpoint, server_key=relay.identity.curve_public) as conn:
-        first = await conn.request("create", {"cid": 11, "key": b64(pending.ephemeral_public)}, kinds, 5)
+        body = {"cid": 11, "key": b64(pending.ephemeral_public), "ts": pending.created_ms}
+        first = await conn.request("create", body, kinds, 5)
         assert first.kind == "created"
         pending.finish(__import__("gtorrent.identity", fromlist=["unb64"]).unb64(first["auth"]))
-        await conn.send("create", {"cid": 12, "key": b64(pending.ephemeral_public)})
+        await conn.send("create", {**body, "cid": 12})
         with pytest.raises(Exception, match="no answer"):
             await conn.recv(0.5, kinds)
-    assert relay.service.counters["replays"] == 1
+        stale = PendingHop.start(relay.identity.onion_public, created_ms=int((time.time() - 3600) * 1000))
+        await conn.send("create", {"cid": 13, "key": b64(stale.ephemeral_public), "ts": stale.created_ms})
+        with pytest.raises(Exception, match="no answer"):
+            await conn.recv(0.5, kinds)
+    assert relay.service.counters["replays"] == 2
 
 
 async def test_tampered_cell_destroys_the_circuit(net) -> None:  # type: ignore[no-untyped-def]
