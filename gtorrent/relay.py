@@ -110,6 +110,7 @@ class _Link:
         self.service = service
         self.conn = Connection(service.ctx, endpoint, server_key=curve_key, client_keys=service.link_keys, name=f"hop {endpoint}")
         self.circuits: dict[int, Circuit] = {}
+        self.idle_since = time.monotonic()
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -275,9 +276,8 @@ class RelayService:
                     await link.conn.send("destroy", {"cid": circuit.next_cid, "reason": reason[:64]})
                 except Exception:  # noqa: BLE001 - best effort
                     pass
-            if not link.circuits:  # the last circuit through that next hop: close the link
-                self.forget_link(link)
-                link.close()
+            if not link.circuits:
+                link.idle_since = time.monotonic()  # kept for reuse; expire_idle closes it later
         if notify_prev:
             try:
                 await circuit.reply.send("destroy", {"cid": circuit.prev_cid, "reason": reason[:64]})
@@ -291,10 +291,15 @@ class RelayService:
                 del self.links[key]
 
     async def expire_idle(self) -> int:
+        """Destroy idle circuits; close next-hop links that carried no circuit for as long."""
         cutoff = time.monotonic() - self.idle_timeout_s
         idle = [c for c in self.circuits.values() if c.last_active < cutoff]
         for circuit in idle:
             await self.destroy(circuit, "idle")
+        for link in list(self.links.values()):
+            if not link.circuits and link.idle_since < cutoff:
+                self.forget_link(link)
+                link.close()
         return len(idle)
 
     async def expire_loop(self) -> None:

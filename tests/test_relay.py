@@ -147,9 +147,12 @@ async def test_idle_circuits_expire(net) -> None:  # type: ignore[no-untyped-def
     circuit = CircuitClient(ctx, [relay.record, terminal.record])
     await circuit.build()
     relay.service.idle_timeout_s = 0.0
+    assert len(relay.service.links) == 1
     assert await relay.service.expire_idle() == 1
     with pytest.raises(CircuitError, match="destroyed"):
         await circuit.receive(5)
+    await relay.service.expire_idle()  # the link to the terminal, now idle, is closed too
+    assert relay.service.links == {}
     await circuit.close()
 
 
