@@ -247,3 +247,24 @@ async def test_relay_announces_its_advertised_host(tmp_path: Path) -> None:
         relay.kill()
         tracker.kill()
         ctx.destroy(linger=0)
+
+
+async def test_malformed_cells_leave_the_relay_serving(net) -> None:  # type: ignore[no-untyped-def]
+    ctx, nodes = net
+    relay, terminal = await start_node(ctx), await start_node(ctx, terminal=echo_terminal)
+    nodes += [relay, terminal]
+    circuit = CircuitClient(ctx, [relay.record, terminal.record])
+    await circuit.build()
+    # a cell with no frame, one of the wrong size, and one for an unknown circuit id
+    await circuit.conn.sock.send_multipart([json.dumps({"v": 1, "t": "cell", "cid": circuit.cid}).encode()])
+    await circuit.conn.send("cell", {"cid": 424242}, b"\x00" * 1024)
+    with pytest.raises(CircuitError, match="destroyed"):
+        await circuit.conn.send("cell", {"cid": circuit.cid}, b"short")
+        await circuit.receive(5)
+    assert relay.service.counters["dropped"] >= 2
+    fresh = CircuitClient(ctx, [relay.record, terminal.record])  # the relay still builds circuits
+    await fresh.build()
+    await fresh.send(b"ok?")
+    assert (await fresh.receive(5))[2] == b"ANSWER:?ko"
+    await fresh.close()
+    await circuit.close()

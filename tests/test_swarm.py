@@ -188,3 +188,8 @@ def test_private_ask_through_the_cli_degrades_explicitly(swarm, tmp_path: Path) 
     assert "path 1: you → " in streamed.stderr
     strict = run_cli(home, "ask", PROMPT, "--strict", "--tracker", swarm["url"])
     assert strict.returncode == 1 and "need 12 relays" in strict.stderr and "hint:" in strict.stderr
+
+
+def test_private_ask_with_fewer_paths_than_the_threshold(swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    done = run_cli(tmp_path, "ask", PROMPT, "--paths", "2", "--tracker", swarm["url"])
+    assert done.returncode == 2 and "error: --paths must be at least 3" in done.stderr and "hint:" in done.stderr
