@@ -16,7 +16,7 @@ from .identity import b64, short_id, unb64
 from .onion import DATA, END, EXTEND, EXTENDED, ClientCircuit, OnionError, PendingHop
 from .protocol import PeerRecord, ProtocolError
 from .relay import cell_frame, pack_extend
-from .transport import Context, Connection, TransportError
+from .transport import Connection, Context, TransportError
 
 HOP_TIMEOUT_S = 5.0
 CIRCUIT_REPLIES = frozenset({"created", "cell", "destroy", "error"})

@@ -89,7 +89,7 @@ def run_demo(prompt: str, max_tokens: int, events: DemoEvents) -> DemoResult:
                 await seed.announce()
                 closers.append(seed.close)
                 events.progress(f"seed {number + 1}/{DEMO_SEEDS} on {seed.server.endpoint}")
-            for number in range(DEMO_RELAYS):
+            for _ in range(DEMO_RELAYS):
                 server, service, _, task = await _relay(ctx, url)
                 tasks.append(task)
                 closers.extend([service.close, server.close])

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .errors import GtorrentError
 from .protocol import Message, PeerRecord, ProtocolError
-from .transport import Context, Connection, TransportError, check_endpoint
+from .transport import Connection, Context, TransportError, check_endpoint
 
 log = logging.getLogger(__name__)
 

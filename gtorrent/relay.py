@@ -45,7 +45,7 @@ from .onion import (
     unpack_payload,
 )
 from .protocol import Message, ProtocolError
-from .transport import Context, Connection, Reply, Server, TransportError
+from .transport import Connection, Context, Reply, Server, TransportError
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,21 @@ from typing import Any
 
 from .discovery import Announcer
 from .errors import GtorrentError, UsageError
-from .identity import Identity
-from .garlic import REPLY_KEY_BYTES, CloveAssembler, GarlicError, chunk_fits, reply_payloads, split_to_fit, transcript
-from .identity import b64, unb64
+from .garlic import (
+    REPLY_KEY_BYTES,
+    CloveAssembler,
+    GarlicError,
+    chunk_fits,
+    reply_payloads,
+    split_to_fit,
+    transcript,
+)
+from .identity import Identity, b64, unb64
 from .onion import BODY_BYTES, DATA, PAYLOAD_HEADER, OnionError, ReplayCache
 from .protocol import Message, ModelInfo, PeerRecord, ProtocolError, decode, encode, unique_keys
 from .relay import Circuit, RelayService, serve_relay
-from .sida import Clove, SidaError, combine
 from .runtime import GenerationParams, GenerationResult, LanguageModel, SamplingParams
+from .sida import Clove, SidaError, combine
 from .transport import Reply, Server, new_context
 
 log = logging.getLogger(__name__)

@@ -64,7 +64,7 @@ def hand_written_greedy(lm: LanguageModel, prompt_ids: list[int], tokens: int) -
             feeds["attention_mask"] = np.ones((1, past_len + len(new)), dtype=np.int64)
         if "position_ids" in names:
             feeds["position_ids"] = np.arange(past_len, past_len + len(new), dtype=np.int64)[None, :]
-        feeds.update(zip(layout.past_names, past))
+        feeds.update(zip(layout.past_names, past, strict=False))
         result = session.run(outputs, feeds)
         past_len += len(new)
         token = int(np.argmax(result[0][0, -1]))

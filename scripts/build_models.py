@@ -414,7 +414,7 @@ class _FlatDecoder(torch.nn.Module):
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        named = dict(zip(self.input_names, flat))
+        named = dict(zip(self.input_names, flat, strict=False))
         kwargs: dict[str, Any] = {
             "input_ids": named["input_ids"],
             "attention_mask": named["attention_mask"],

@@ -116,8 +116,8 @@ def test_record_signed_by_another_key_is_rejected() -> None:
     assert replace(record(), signature=b"").signature == b""
 
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None)
