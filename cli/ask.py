@@ -1,7 +1,15 @@
-"""`gtorrent ask`: ask the swarm, streaming the answer to the terminal."""
+"""`gtorrent ask`: ask the swarm, streaming the answer to the terminal.
+
+What reaches stdout is one answer, whatever happened on the way. On a terminal the answer streams;
+when a seed fails mid-answer and the ask restarts, a line on stderr says the text above was discarded.
+When stdout is not a terminal (a pipe, a file) nothing is written until the answer is final, so a
+restarted answer can never appear twice. Notices about the route (a degraded private route) and the
+model chosen for a contested name go to stderr before any answer text.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -26,18 +34,24 @@ def ask_command(
     paths: Annotated[int, typer.Option("--paths", min=1, max=16, help="Disjoint onion paths for a private ask.")] = 4,
     hops: Annotated[int, typer.Option("--hops", min=1, max=8, help="Relays per path (at most 8).")] = 3,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse instead of using fewer paths or hops.")] = False,
+    allow_one_hop: Annotated[
+        bool, typer.Option("--allow-one-hop", help="Let a private ask use one-hop paths (that relay sees you and the seed).")
+    ] = False,
     json_output: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Ask the swarm: find a seed of the model, stream its answer (retrying on another seed if one fails)."""
-    from gtorrent.asker import AskEvents, AskRequest
+    from gtorrent.asker import AskEvents, AskRequest, ModelChoice
     from gtorrent.errors import UsageError
     from gtorrent.node import PrivacyOptions, ask
 
     if top_p <= 0:
         raise UsageError("top-p must be in (0, 1]", hint="use --top-p 1 to disable it")
     request = AskRequest(prompt, model, max_tokens, temperature, top_k, top_p, seed, chat)
+    # streamed only to a terminal: elsewhere the final answer is written once, at the end
+    stream = not json_output and sys.stdout.isatty()
     streamed = {"any": False}
+    announced: list[dict[str, object]] = []
 
     def on_text(piece: str) -> None:
         streamed["any"] = True
@@ -45,16 +59,40 @@ def ask_command(
 
     def on_attempt(record, attempt: int) -> None:  # type: ignore[no-untyped-def]
         if verbose:
-            output.info(f"[dim]asking seed {short_id(record.peer_id)} at {record.endpoint} (attempt {attempt})[/]")
+            output.info(f"[dim]asking seed {short_id(record.peer_id)} at {output.remote(record.endpoint)} (attempt {attempt})[/]")
 
     def on_restart(record, reason: str, lost: int) -> None:  # type: ignore[no-untyped-def]
-        if streamed["any"]:
+        discarded = streamed["any"]
+        if discarded:
             output.write_text("\n")
             streamed["any"] = False
-        output.warning(f"seed {short_id(record.peer_id)} failed ({reason}); restarting the answer on another seed")
+        output.warning(f"the attempt with seed {short_id(record.peer_id)} failed ({reason}); restarting the answer")
+        if discarded:
+            output.warning("the partial answer above is discarded; the whole answer follows")
 
-    events = AskEvents(on_text=None if json_output else on_text, on_attempt=on_attempt, on_restart=on_restart)
-    privacy = PrivacyOptions(direct=direct, paths=paths, hops=hops, strict=strict)
+    def on_model(choice: ModelChoice) -> None:
+        if choice.rivals:
+            others = ", ".join(f"{mid[:12]} ({name}, {count} trusted seeds)" for mid, name, count in choice.rivals[:5])
+            what = f"the name {choice.wanted!r} is claimed by several model ids" if choice.wanted else "the swarm serves several models"
+            output.warning(
+                f"{what}; using {choice.name} ({choice.model_id[:12]}), the one most trusted seeds serve; also: {others}",
+                "pass --model ID to choose another",
+            )
+        elif verbose:
+            output.info(f"[dim]model {output.remote(choice.name)} ({choice.model_id[:12]})[/]")
+
+    def on_route(record, privacy_now: dict[str, object], routes: list[list[str]]) -> None:  # type: ignore[no-untyped-def]
+        if privacy_now.get("degraded") and privacy_now not in announced:
+            announced.append(privacy_now)
+            output.warning(
+                f"privacy degraded: {privacy_now['paths']} paths of {privacy_now['hops']} hops (k={privacy_now['k']}), "
+                f"asked for {paths} of {hops}",
+                "start more relays, or pass --strict to refuse instead",
+            )
+
+    events = AskEvents(on_text=on_text if stream else None, on_attempt=on_attempt, on_restart=on_restart,
+                       on_model=on_model, on_route=on_route)
+    privacy = PrivacyOptions(direct=direct, paths=paths, hops=hops, strict=strict, allow_one_hop=allow_one_hop)
     result = ask(settings(tracker), request, events, privacy=privacy)
     if json_output:
         output.print_json(
@@ -74,13 +112,7 @@ def ask_command(
             }
         )
         return
-    output.write_text("\n")
-    if result.privacy and result.privacy.get("degraded"):
-        output.warning(
-            f"privacy degraded: {result.privacy['paths']} paths of {result.privacy['hops']} hops (k={result.privacy['k']}), "
-            f"asked for {paths} of {hops}",
-            "start more relays, or pass --strict to refuse instead",
-        )
+    output.write_text(("" if stream else result.text) + "\n")
     if verbose and result.route:
         for number, route in enumerate(result.route, 1):
             output.info(f"[dim]path {number}: you → {' → '.join(short_id(p) for p in route)} → seed {short_id(result.seed)}[/]")

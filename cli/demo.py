@@ -27,16 +27,16 @@ def demo_command(
     streaming = {"started": False}
 
     def progress(message: str) -> None:
-        output.info(f"[dim]· {message}[/]")
+        output.info(f"[dim]· {output.remote(message)}[/]")
 
     def on_attempt(record, attempt: int) -> None:  # type: ignore[no-untyped-def]
-        status.update(f"building 4 onion paths to seed {short_id(record.peer_id)}…")
+        status.update(f"building 4 onion paths to seed {output.remote(short_id(record.peer_id))}…")
 
     def on_text(piece: str) -> None:
         if not streaming["started"]:
             status.stop()
             streaming["started"] = True
-            output.info(f"[bold]{prompt}[/]")
+            output.info(f"[bold]{output.remote(prompt)}[/]")
         output.write_text(piece)
 
     def on_restart(record, reason: str, lost: int) -> None:  # type: ignore[no-untyped-def]
@@ -51,11 +51,12 @@ def demo_command(
     output.write_text("\n\n")
     privacy = answer.privacy or {}
     output.info(
-        f"[green]answered privately[/] by seed {short_id(answer.seed)} over {privacy.get('paths')} paths x "
+        f"[green]answered privately[/] by seed {output.remote(short_id(answer.seed))} over {privacy.get('paths')} paths x "
         f"{privacy.get('hops')} hops (any {privacy.get('k')} suffice) · swarm up in {output.human_seconds(result.startup_s)} · "
         f"paths built in {output.human_seconds(answer.path_setup_s or 0.0)} · first token {output.human_seconds(answer.ttft_s)} · "
         f"{answer.tokens} tokens in {output.human_seconds(answer.total_s)} · transcript signature verified"
     )
     for number, route in enumerate(answer.route, 1):
-        output.info(f"  path {number}: you → {' → '.join(short_id(p) for p in route)} → seed {short_id(answer.seed)}")
+        hops = " → ".join(short_id(p) for p in route)
+        output.info(f"  path {number}: you → {output.remote(hops)} → seed {output.remote(short_id(answer.seed))}")
     output.out.print(peers_table(result.peers))

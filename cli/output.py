@@ -2,45 +2,105 @@
 
 Answers stream to stdout as plain text (pipe-friendly); progress, warnings, errors and `--verbose`
 statistics go to stderr through rich, so `gtorrent run "…" > answer.txt` captures only the answer.
+
+Invariant: text that came from another peer (model names, endpoints, answer text, error messages) is
+data, never markup or terminal control. Before it reaches the terminal it goes through `remote()`
+(for rich markup: controls removed, markup escaped) or `answer_text()` (plain stdout: controls removed
+but newlines and tabs kept). A peer that names its model `[/x]` or `\\x1b]0;…\\x07` can neither crash a
+table nor retitle, recolour or rewrite the user's terminal. JSON output keeps every string exactly
+(a consumer gets the remote bytes back) but escapes the characters JSON itself leaves raw and a terminal
+would obey.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# emoji=False: ":name:" in a remote string is text, not an emoji code
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 # tables and listings; piped output is not squeezed to 80 columns
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+out = Console(highlight=False, soft_wrap=True, emoji=False, width=None if sys.stdout.isatty() else 200)
+
+# Bidi embeddings, overrides and isolates reorder what follows them on screen ("Trojan Source"); lone
+# surrogates cannot be encoded to UTF-8 at all (writing one would crash the command).
+_BIDI_CONTROLS = "\u202a-\u202e\u2066-\u2069"
+_BIDI_MARKS = "\u061c\u200e\u200f"
+_SURROGATES = "\ud800-\udfff"
+# C0 controls (ESC, BEL, CR, backspace…), DEL and C1 controls (0x9b is a one-byte CSI on some terminals)
+_LINE_BREAKS = re.compile("[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]+")
+_REMOTE_DROP = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI_CONTROLS}{_BIDI_MARKS}]+")
+_ANSWER_DROP = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI_CONTROLS}]+")
+_LONE_SURROGATE = re.compile(f"[{_SURROGATES}]")
+# what json.dumps(ensure_ascii=False) leaves unescaped but a terminal may act on
+_JSON_UNSAFE = re.compile(f"[\x7f-\x9f{_BIDI_CONTROLS}{_BIDI_MARKS}\u2028\u2029{_SURROGATES}]")
+
+
+def plain(text: str) -> str:
+    """A remote string as one line of plain text: breaks and tabs become spaces, other controls go."""
+    text = _LINE_BREAKS.sub(" ", text)
+    return _LONE_SURROGATE.sub("\ufffd", _REMOTE_DROP.sub("", text))
+
+
+def remote(text: str) -> str:
+    """A remote string, ready to put inside rich markup (tables, `info`, f-strings with `[bold]…[/]`)."""
+    return escape(plain(text))
+
+
+def answer_text(text: str) -> str:
+    """Answer text for stdout: newlines and tabs kept, every other control character removed.
+
+    Stateless per character, so an escape sequence split across two streamed pieces is still
+    defused: its ESC is removed and the rest is printed as the harmless text it then is.
+    """
+    return _LONE_SURROGATE.sub("\ufffd", _ANSWER_DROP.sub("", text))
 
 
 def write_text(piece: str) -> None:
-    sys.stdout.write(piece)
+    """Write (a piece of) answer text to stdout, made safe with `answer_text`."""
+    sys.stdout.write(answer_text(piece))
     sys.stdout.flush()
 
 
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def json_text(value: Any) -> str:
+    """`value` as indented JSON whose every string decodes back exactly, with nothing a terminal obeys.
+
+    json.dumps escapes C0 controls (ESC included) but, with ensure_ascii=False, leaves DEL, C1 controls,
+    bidi controls and lone surrogates raw. They can only occur inside JSON strings, where `\\uXXXX` means
+    the same character, so escaping them here changes no decoded value.
+    """
+    return _JSON_UNSAFE.sub(_json_escape, json.dumps(value, indent=2, ensure_ascii=False))
+
+
 def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.write(json_text(value) + "\n")
     sys.stdout.flush()
 
 
 def error(message: str, hint: str | None = None) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}")
+    """`error: …` / `hint: …` on stderr; both may quote remote text, so both go through `remote`."""
+    err.print(f"[bold red]error:[/] {remote(message)}")
     if hint:
-        err.print(f"[yellow]hint:[/] {escape(hint)}")
+        err.print(f"[yellow]hint:[/] {remote(hint)}")
 
 
 def warning(message: str, hint: str | None = None) -> None:
-    err.print(f"[bold yellow]warning:[/] {escape(message)}")
+    err.print(f"[bold yellow]warning:[/] {remote(message)}")
     if hint:
-        err.print(f"[yellow]hint:[/] {escape(hint)}")
+        err.print(f"[yellow]hint:[/] {remote(hint)}")
 
 
 def info(message: str) -> None:
+    """Print rich markup to stderr. Callers wrap every remote value in `remote()`."""
     err.print(message)
 
 

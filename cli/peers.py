@@ -50,12 +50,13 @@ def peers_table(rows: list[PeerRow]) -> Table:
     for column in ("PEER", "ROLES", "MODELS", "ENDPOINT", "REPUTATION", "OK", "FAILED", "TTFT", "TOK/S", "QUEUE", "LAST SEEN"):
         table.add_column(column, justify="right" if column in ("REPUTATION", "OK", "FAILED", "TTFT", "TOK/S", "QUEUE") else "left")
     for row in rows:
+        # every string in a row came from a peer's record: data, never markup (output.remote)
         rep = f"{row.reputation:.2f}" + ("" if row.trusted else " [red]untrusted[/]")
         table.add_row(
-            short_id(row.peer_id) + ("" if row.online else " [dim](offline)[/]"),
-            ",".join(row.roles),
-            ", ".join(m["name"] for m in row.models) or "-",
-            row.endpoint,
+            output.remote(short_id(row.peer_id)) + ("" if row.online else " [dim](offline)[/]"),
+            output.remote(",".join(row.roles)),
+            output.remote(", ".join(m["name"] for m in row.models)) or "-",
+            output.remote(row.endpoint),
             rep,
             str(row.asks_ok),
             str(row.asks_failed),

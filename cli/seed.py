@@ -8,10 +8,13 @@ from typing import Annotated
 import typer
 
 from gtorrent.node import DEFAULT_SEED_BIND, SeedEvents, run_seed
+from gtorrent.protocol import MAX_MODEL_NAME_CHARS, MODEL_NAME_CHARS, model_name_problem
 
 from . import output
 from .common import AdvertiseOption, TrackerOption, settings
 from .run import MODEL_HELP
+
+NAME_HINT = f"pass --name with 1 to {MAX_MODEL_NAME_CHARS} {MODEL_NAME_CHARS}, e.g. --name my-model"
 
 
 def seed_command(
@@ -27,17 +30,30 @@ def seed_command(
 ) -> None:
     """Serve MODEL to the swarm (without MODEL: the bundled demo model)."""
     from gtorrent.errors import UsageError
+    from gtorrent.paths import NODE_LOCK, lock_home
     from gtorrent.runtime import LanguageModel
 
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}", hint="use --device auto, cpu or cuda")
+    if name is not None and (problem := model_name_problem(name)):  # before loading anything
+        raise UsageError(f"cannot announce the model name {name!r}: {problem}", hint=NAME_HINT)
     node = settings(tracker, advertise)
+    lock_home(node.home, NODE_LOCK, "seed").release()  # refuse a busy home before a long model load
     with output.err.status("loading model (hashing its files on first use)…", spinner="dots"):
         lm = LanguageModel.load(model, device=device, cache_dir=node.home / "cache")  # type: ignore[arg-type]
+    if name is None and (problem := model_name_problem(lm.name)):  # the folder name is the default
+        raise UsageError(f"cannot announce the folder name {lm.name!r} as the model name: {problem}", hint=NAME_HINT)
     output.info(f"loaded [bold]{name or lm.name}[/] ({lm.model_id[:12]}) in {output.human_seconds(lm.load_s)} on {lm.provider}")
 
     def tracker_started(url: str) -> None:
         output.info(f"[yellow]no tracker answered at {url}: started one in this process[/]")
+
+    def tracker_skipped(url: str, holder: str) -> None:
+        output.warning(
+            f"no tracker answered at {url}, and this home's tracker.db belongs to a running {holder}: "
+            "none started here",
+            "pass that tracker's address with --tracker",
+        )
 
     def ready(seed) -> None:  # type: ignore[no-untyped-def]
         output.info(
@@ -52,6 +68,8 @@ def seed_command(
     def stopping() -> None:
         output.info("stopping: telling the trackers…")
 
-    events = SeedEvents(tracker_started=tracker_started, ready=ready, announced=announced, stopping=stopping)
+    events = SeedEvents(
+        tracker_started=tracker_started, tracker_skipped=tracker_skipped, ready=ready, announced=announced, stopping=stopping
+    )
     counters = run_seed(node, lm, bind=bind, name=name, max_concurrency=max_concurrency, events=events)
     output.info(f"seed stopped ({counters.get('received', 0)} requests, {counters.get('dropped', 0)} dropped)")

@@ -1,31 +1,41 @@
 """Asking the swarm: find seeds of a model through the trackers, pick one, stream its answer.
 
 The choice weighs the local store's reputation of each seed against the load in its record; seeds
-that failed recently are avoided (and forgiven after a success, see reputation.py). When a seed
-fails, times out or dies mid-answer, the ask restarts on another seed, from the beginning: the caller
-is told (`on_restart`) before any text of the new attempt, so two partial answers are never mixed
-silently. Every outcome is written to the local store.
+that failed recently are avoided (and forgiven after a success, see reputation.py). A model name is
+resolved to the model id the most trusted seeds serve (`resolve_model`), so a record squatting on a
+name cannot take its asks.
 
-This issue's mode is direct (CurveZMQ straight to the seed, with a throwaway client key so the seed
-cannot link a peer's asks by key). Private multipath asks build on the same result type.
+`run_attempts` is the one retry loop of every ask, direct or private: when a seed fails, times out or
+dies mid-answer, the ask restarts from the beginning, on another seed when that seed was at fault; the
+caller is told (`on_restart`) before any text of the new attempt, so two partial answers are never
+mixed silently. Every seed's outcome is written to the local store; a seed that failed is not asked
+again in the same ask. Answer text is bounded (`answer_budget`): more than --max-tokens can explain is
+the seed's fault.
+
+This module's own mode is direct (CurveZMQ straight to the seed, with a throwaway client key so the
+seed cannot link a peer's asks by key); private.py supplies the private attempt.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .discovery import discover
 from .errors import GtorrentError, UsageError
 from .identity import short_id
 from .protocol import PeerRecord, ProtocolError, decode, encode
-from .reputation import choice_key
+from .reputation import PeerStanding, choice_key
+from .routing import group_nodes
 from .store import Store
 from .transport import Connection, Context, PeerTimeout, TransportError
 
 MAX_ATTEMPTS = 3
+MAX_CHARS_PER_TOKEN = 256  # answer characters one token may account for (real tokens: a few to a few dozen)
+ANSWER_SLACK_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,10 @@ class AskResult:
 class AskEvents:
     on_text: Callable[[str], None] | None = None
     on_attempt: Callable[[PeerRecord, int], None] | None = None
-    on_restart: Callable[[PeerRecord, str, int], None] | None = None  # (failed seed, reason, tokens lost)
+    on_restart: Callable[[PeerRecord, str, int], None] | None = None  # (failed seed, reason, pieces lost)
+    on_model: Callable[[ModelChoice], None] | None = None  # the model id chosen, and rival claims
+    # private asks, before any text of an attempt: (seed, {paths, hops, k, degraded}, relay ids per path)
+    on_route: Callable[[PeerRecord, dict[str, object], list[list[str]]], None] | None = None
 
 
 class NoSeedError(GtorrentError):
@@ -103,31 +116,94 @@ def generate_body(request: AskRequest, model_id: str, request_id: str) -> dict[s
 
 def check_request(request: AskRequest) -> None:
     """Refuse locally what every seed would refuse, before blaming any seed for it."""
+    for what, text in (("prompt", request.prompt), ("model", request.model or "")):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # a lone surrogate (e.g. from undecodable bytes in argv) has no UTF-8 form: no seed can read it
+            raise UsageError(
+                f"the {what} is not valid text: character {exc.start} is a lone surrogate "
+                f"({text[exc.start]!a})",
+                hint=f"remove that character from the {what}, or pass the text as UTF-8",
+            ) from None
     try:
         decode(encode("generate", generate_body(request, "0" * 64, "0" * 16)))
     except ProtocolError as exc:
         raise UsageError(f"the request is not valid: {exc}", hint="shorten the prompt or lower --top-k / --max-tokens") from exc
 
 
-def resolve_model(seeds: list[PeerRecord], wanted: str | None) -> tuple[str, list[PeerRecord]]:
-    """The model id to ask for and the seeds serving it."""
-    served = {m.model_id: m.name for record in seeds for m in record.models}
-    if not served:
+def answer_budget(max_tokens: int) -> int:
+    """The most answer text (characters, plus one per piece) a seed may send for `max_tokens` tokens.
+
+    Generous (no tokenizer has tokens anywhere near this long); what it bounds is an asker's memory
+    against a seed that streams without end.
+    """
+    return ANSWER_SLACK_CHARS + MAX_CHARS_PER_TOKEN * max_tokens
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model id an ask goes to, and the other ids that claimed the same name (or, without a name
+    given, the other models the swarm serves)."""
+
+    model_id: str
+    name: str
+    seeds: list[PeerRecord]  # the seeds that announce model_id
+    rivals: list[tuple[str, str, int]] = field(default_factory=list)  # (model id, name, trusted seeds)
+    wanted: str | None = None
+
+
+def _support(seeds: list[PeerRecord], standing: Callable[[str], PeerStanding]) -> tuple[float, int]:
+    """(summed reputation of the trusted nodes, their number): how much trust backs a model id.
+
+    Counted per node, not per record (routing.group_nodes): copies of one machine's endpoint or keys
+    under fresh peer ids add nothing. Each node counts with its best-standing trusted record."""
+    total, count = 0.0, 0
+    for node in group_nodes(seeds):
+        trusted = [s.reputation for s in (standing(r.peer_id) for r in node) if s.trusted]
+        if trusted:
+            total, count = total + max(trusted), count + 1
+    return (total, count)
+
+
+def resolve_model(seeds: list[PeerRecord], wanted: str | None, standing: Callable[[str], PeerStanding]) -> ModelChoice:
+    """The model id to ask for and the seeds serving it.
+
+    Names and ids are claims a record makes, so anyone can announce a popular name with another id
+    (squatting) or a lookalike id prefix. Among the ids that match, the one backed by the most trust
+    wins: the summed reputation of the trusted seeds serving it, then their number. So one squatting
+    record cannot make a name, or an ask without one, fail or go elsewhere; the caller is told which
+    id was chosen and which others claimed the name.
+    """
+    by_id: dict[str, list[PeerRecord]] = {}
+    names: dict[str, Counter[str]] = {}
+    for record in seeds:
+        for info in record.models:
+            if record not in by_id.setdefault(info.model_id, []):
+                by_id[info.model_id].append(record)
+            names.setdefault(info.model_id, Counter())[info.name] += 1
+    if not by_id:
         raise NoSeedError("no seed is in the swarm")
     if wanted is None:
-        if len(served) > 1:
-            names = ", ".join(f"{name} ({mid[:12]})" for mid, name in sorted(served.items(), key=lambda x: x[1]))
-            raise UsageError(f"the swarm serves several models: {names}", hint="choose one with --model NAME|ID")
-        model_id = next(iter(served))
+        matches = set(by_id)
     else:
-        matches = {mid for mid, name in served.items() if wanted in (mid, name) or (len(wanted) >= 8 and mid.startswith(wanted))}
+        matches = {mid for mid in by_id if mid == wanted or (len(wanted) >= 8 and mid.startswith(wanted))}
         if not matches:
-            names = ", ".join(sorted(set(served.values())))
-            raise NoSeedError(f"no seed serves model {wanted!r} (the swarm serves: {names})")
-        if len(matches) > 1:
-            raise UsageError(f"{wanted!r} names several models", hint="use the model id (see `gtorrent peers`)")
-        model_id = matches.pop()
-    return model_id, [r for r in seeds if any(m.model_id == model_id for m in r.models)]
+            matches = {mid for mid in by_id if wanted in names[mid]}
+        if not matches:
+            served = ", ".join(sorted({name for counter in names.values() for name in counter}))
+            raise NoSeedError(f"no seed serves model {wanted!r} (the swarm serves: {served})")
+    support = {mid: _support(by_id[mid], standing) for mid in matches}
+    ranked = sorted(matches, key=lambda mid: (-support[mid][0], -support[mid][1], mid))
+    chosen = ranked[0]
+
+    def name_of(mid: str) -> str:
+        if wanted is not None and wanted in names[mid]:
+            return wanted
+        return names[mid].most_common(1)[0][0]
+
+    rivals = [(mid, name_of(mid), support[mid][1]) for mid in ranked[1:]]
+    return ModelChoice(chosen, name_of(chosen), by_id[chosen], rivals, wanted)
 
 
 def trusted_seeds(seeds: list[PeerRecord], store: Store, model_id: str) -> list[PeerRecord]:
@@ -141,22 +217,138 @@ def trusted_seeds(seeds: list[PeerRecord], store: Store, model_id: str) -> list[
     return usable
 
 
-def recording(events: AskEvents) -> tuple[Callable[[str], None], list[str]]:
-    """An on_text callback for one attempt that forwards to the caller and keeps what it streamed."""
-    streamed: list[str] = []
-
-    def on_text(piece: str) -> None:
-        streamed.append(piece)
-        if events.on_text is not None:
-            events.on_text(piece)
-
-    return on_text, streamed
-
-
 def rank_seeds(seeds: list[PeerRecord], store: Store, now: float) -> list[PeerRecord]:
     keyed = [(choice_key(store.standing(r.peer_id), r.load.get("queue", 0.0), now), secrets.randbits(16), r) for r in seeds]
     keyed.sort(key=lambda item: (item[0], item[1]))
     return [r for _, _, r in keyed]
+
+
+async def find_seeds(
+    ctx: Context, trackers: list[str], request: AskRequest, store: Store, events: AskEvents
+) -> tuple[ModelChoice, list[PeerRecord]]:
+    """Ask the trackers for seeds of the requested model; return the model chosen and its seeds, best first."""
+    found = await discover(ctx, trackers, model=request.model, role="seed")
+    if not found.records and request.model is not None:
+        found = await discover(ctx, trackers, role="seed")  # only to say what the swarm does serve
+    store.saw_peers(found.records.values())
+    choice = resolve_model(list(found.records.values()), request.model, store.standing)
+    if events.on_model is not None:
+        events.on_model(choice)
+    return choice, rank_seeds(trusted_seeds(choice.seeds, store, choice.model_id), store, time.time())
+
+
+def seed_lister(ctx: Context, trackers: list[str], model_id: str) -> Refresh:
+    """A `refresh` for `run_attempts`: the peer ids of the seeds of `model_id` listed now."""
+
+    async def listed() -> set[str] | None:
+        try:
+            found = await discover(ctx, trackers, model=model_id, role="seed")
+        except GtorrentError:
+            return None  # no tracker answered: keep the seeds known so far
+        return set(found.records)
+
+    return listed
+
+
+# ---------------------------------------------------------------------- the attempt loop
+
+
+class RouteFailed(GtorrentError):
+    """An attempt failed on the way to the seed, not at the seed (private asks: relays broke).
+
+    Nothing is held against the seed, which may be asked again on a fresh route; `suspects` are the
+    peers to leave out of that route."""
+
+    def __init__(self, message: str, suspects: set[str] | None = None) -> None:
+        super().__init__(message)
+        self.suspects = suspects or set()
+
+
+class AnswerSink:
+    """One attempt's answer text: bounded, kept, and forwarded to the caller as it arrives."""
+
+    def __init__(self, seed: PeerRecord, max_chars: int, on_text: Callable[[str], None] | None) -> None:
+        self.seed, self.max_chars, self.on_text = seed, max_chars, on_text
+        self.pieces: list[str] = []
+        self.used = 0
+
+    def add(self, piece: str) -> None:
+        self.used += len(piece) + 1  # +1: a flood of empty pieces costs too
+        if self.used > self.max_chars:
+            raise SeedFailed(f"seed {short_id(self.seed.peer_id)} sent more answer than --max-tokens allows "
+                             f"({self.max_chars} characters)")
+        self.pieces.append(piece)
+        if self.on_text is not None:
+            self.on_text(piece)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+Attempt = Callable[[PeerRecord, AnswerSink], Awaitable[AskResult]]
+Refresh = Callable[[], Awaitable["set[str] | None"]]
+
+
+async def run_attempts(
+    ranked: list[PeerRecord],
+    attempt: Attempt,
+    store: Store,
+    events: AskEvents,
+    *,
+    request: AskRequest,
+    started: float,
+    max_attempts: int = MAX_ATTEMPTS,
+    refresh: Refresh | None = None,
+    what: str = "ask",
+) -> AskResult:
+    """Try seeds in rank order until one answers; the one retry loop of direct and private asks.
+
+    An attempt raises SeedFailed when the seed is at fault (written to the store; that seed is not
+    asked again in this ask) or RouteFailed when the way to it is (the seed may be asked again). Before
+    a retry `refresh` lists the seeds still announced, so a seed that said `stopped` is not retried.
+    `on_restart` comes before anything of the next attempt.
+    """
+    failed: set[str] = set()
+    failures: list[dict[str, str]] = []
+    seed: PeerRecord | None = ranked[0] if ranked else None
+    number = 0
+    while seed is not None:
+        number += 1
+        if events.on_attempt is not None:
+            events.on_attempt(seed, number)
+        sink = AnswerSink(seed, answer_budget(request.max_tokens), events.on_text)
+        try:
+            result = await attempt(seed, sink)
+        except SeedFailed as exc:
+            store.observe(seed.peer_id, exc.outcome, detail=exc.message)
+            failed.add(seed.peer_id)
+            reason = exc.message
+        except RouteFailed as exc:
+            reason = exc.message
+        else:
+            store.observe(seed.peer_id, "ok", ttft_s=result.ttft_s, tokens_per_s=result.tokens_per_s)
+            result.ttft_s += time.perf_counter() - started - result.total_s
+            result.total_s = time.perf_counter() - started
+            result.attempts = number
+            result.failures = failures
+            return result
+        failures.append({"seed": seed.peer_id, "reason": reason})
+        following: PeerRecord | None = None
+        if number < max_attempts:
+            listed = await refresh() if refresh is not None else None
+            # rank order holds; a seed not at fault (route failure) stays first and is asked again
+            remaining = [s for s in ranked if s.peer_id not in failed and (listed is None or s.peer_id in listed)]
+            following = remaining[0] if remaining else None
+        if following is not None and events.on_restart is not None:
+            events.on_restart(seed, reason, len(sink.pieces))
+        seed = following
+    reasons = "; ".join(f"{short_id(f['seed'])}: {f['reason']}" for f in failures)
+    raise GtorrentError(
+        f"the {what} failed after {len(failures)} attempt(s): {reasons}",
+        hint="try again, or check the seeds with `gtorrent peers`" if what == "ask"
+        else "try again, use --direct, or check relays and seeds with `gtorrent peers`",
+    )
 
 
 async def ask_seed(
@@ -165,13 +357,28 @@ async def ask_seed(
     model_id: str,
     request: AskRequest,
     timeouts: AskTimeouts,
-    on_text: Callable[[str], None] | None,
+    sink: AnswerSink,
     started: float,
 ) -> AskResult:
-    """One attempt, straight to `seed` over CurveZMQ with a throwaway key."""
+    """One attempt, straight to `seed` over CurveZMQ with a throwaway key. Every failure is the seed's."""
+    try:
+        return await _ask_seed(ctx, seed, model_id, request, timeouts, sink, started)
+    except TransportError as exc:
+        raise SeedFailed(exc.message, "timeout" if isinstance(exc, PeerTimeout) else "failed") from exc
+
+
+async def _ask_seed(
+    ctx: Context,
+    seed: PeerRecord,
+    model_id: str,
+    request: AskRequest,
+    timeouts: AskTimeouts,
+    sink: AnswerSink,
+    started: float,
+) -> AskResult:
     request_id = secrets.token_hex(8)
     body = generate_body(request, model_id, request_id)
-    pieces: list[str] = []
+    messages = 0
     ttft_s: float | None = None
     kinds = frozenset({"accepted", "token", "done", "error"})
     async with Connection(ctx, seed.endpoint, server_key=seed.curve_key, name=f"seed {short_id(seed.peer_id)}") as conn:
@@ -188,19 +395,18 @@ async def ask_seed(
             if message.get("id") != request_id:
                 continue
             if message.kind == "token":
-                if message["n"] != len(pieces):
-                    raise SeedFailed(f"seed {short_id(seed.peer_id)} skipped token {len(pieces)}")
+                if message["n"] != messages:
+                    raise SeedFailed(f"seed {short_id(seed.peer_id)} skipped token {messages}")
+                messages += 1
                 if ttft_s is None:
                     ttft_s = time.perf_counter() - started
-                pieces.append(message["text"])
-                if on_text is not None:
-                    on_text(message["text"])
+                sink.add(message["text"])
             elif message.kind == "done":
                 if message["model_id"] != model_id:
                     raise SeedFailed(f"seed {short_id(seed.peer_id)} answered with another model")
                 total_s = time.perf_counter() - started
                 return AskResult(
-                    text="".join(pieces),
+                    text=sink.text,
                     tokens=message["tokens"],
                     seed=seed.peer_id,
                     model_id=model_id,
@@ -227,37 +433,15 @@ async def ask_direct(
     max_attempts: int = MAX_ATTEMPTS,
 ) -> AskResult:
     events = events or AskEvents()
-    timeouts = timeouts or AskTimeouts()
+    ask_timeouts = timeouts or AskTimeouts()
     check_request(request)
     started = time.perf_counter()
-    found = await discover(ctx, trackers, model=request.model, role="seed")
-    if not found.records and request.model is not None:
-        found = await discover(ctx, trackers, role="seed")  # only to say what the swarm does serve
-    store.saw_peers(found.records.values())
-    model_id, seeds = resolve_model(list(found.records.values()), request.model)
-    ranked = rank_seeds(trusted_seeds(seeds, store, model_id), store, time.time())[:max_attempts]
-    failures: list[dict[str, str]] = []
-    for attempt, seed in enumerate(ranked, 1):
-        if events.on_attempt is not None:
-            events.on_attempt(seed, attempt)
-        on_text, streamed = recording(events)
-        try:
-            result = await ask_seed(ctx, seed, model_id, request, timeouts, on_text, time.perf_counter())
-        except (TransportError, SeedFailed) as exc:
-            outcome = "timeout" if isinstance(exc, PeerTimeout) else getattr(exc, "outcome", "failed")
-            store.observe(seed.peer_id, outcome, detail=exc.message)
-            failures.append({"seed": seed.peer_id, "reason": exc.message})
-            if events.on_restart is not None and attempt < len(ranked):
-                events.on_restart(seed, exc.message, len(streamed))
-            continue
-        store.observe(seed.peer_id, "ok", ttft_s=result.ttft_s, tokens_per_s=result.tokens_per_s)
-        result.ttft_s = result.ttft_s + (time.perf_counter() - started - result.total_s)
-        result.total_s = time.perf_counter() - started
-        result.attempts = attempt
-        result.failures = failures
-        return result
-    reasons = "; ".join(f"{short_id(f['seed'])}: {f['reason']}" for f in failures)
-    raise GtorrentError(
-        f"the ask failed on {len(failures)} seed(s): {reasons}",
-        hint="try again, or check the seeds with `gtorrent peers`",
+    choice, ranked = await find_seeds(ctx, trackers, request, store, events)
+
+    async def attempt(seed: PeerRecord, sink: AnswerSink) -> AskResult:
+        return await ask_seed(ctx, seed, choice.model_id, request, ask_timeouts, sink, time.perf_counter())
+
+    return await run_attempts(
+        ranked, attempt, store, events, request=request, started=started, max_attempts=max_attempts,
+        refresh=seed_lister(ctx, trackers, choice.model_id),
     )

@@ -2,8 +2,11 @@
 
 Each circuit has its own DEALER connection with a throwaway CurveZMQ key, so the first relay cannot
 link two circuits of one ask by key, and a random circuit id per link (chosen here, so that no two
-links share one). `build` CREATEs the first hop and EXTENDs one hop at a time, checking each hop's
-CREATED proof against the onion key in its signed record.
+links share one). `build` CREATEs the first hop and EXTENDs one hop at a time, running the ntor
+handshake (onion.py) with each hop against the identity and onion key in its signed record and
+checking the hop's AUTH. When `build` fails, `CircuitError.hop` says which hop of the route did not
+answer or failed its proof. Wire forms come from cells.py, shared with the relays (this module never
+imports the relay).
 """
 
 from __future__ import annotations
@@ -11,19 +14,23 @@ from __future__ import annotations
 import os
 import secrets
 
+from .cells import CIRCUIT_REPLIES, Extend, cell_frame, create_body, parse_created, unpack_extended
 from .errors import GtorrentError
-from .identity import b64, short_id, unb64
-from .onion import DATA, END, EXTEND, EXTENDED, ClientCircuit, OnionError, PendingHop
-from .protocol import PeerRecord, ProtocolError
-from .relay import cell_frame, pack_extend
-from .transport import Connection, Context, TransportError
+from .identity import short_id
+from .onion import DATA, END, EXTEND, EXTENDED, ClientCircuit, HopKeys, OnionError, PendingHop
+from .protocol import Message, PeerRecord, ProtocolError
+from .transport import Connection, Context, PeerDisconnected, PeerRefused, TransportError
 
 HOP_TIMEOUT_S = 5.0
-CIRCUIT_REPLIES = frozenset({"created", "cell", "destroy", "error"})
 
 
 class CircuitError(GtorrentError):
-    """A circuit could not be built, or broke."""
+    """A circuit could not be built, or broke. `hop`: index into the route of the peer that did not
+    answer or failed its key proof while building (None when unknown, or once built)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, hop: int | None = None) -> None:
+        super().__init__(message, hint)
+        self.hop = hop
 
 
 def new_cid() -> int:
@@ -47,32 +54,49 @@ class CircuitClient:
     async def build(self, timeout_s: float = HOP_TIMEOUT_S) -> None:
         """CREATE the first hop, then EXTEND to each further one."""
         first = self.hops[0]
-        pending = PendingHop.start(first.onion_key)
-        body = {"cid": self.cid, "key": b64(pending.ephemeral_public), "ts": pending.created_ms}
+        pending = PendingHop.start(first.signing_key, first.onion_key)
+        body = create_body(self.cid, pending.ephemeral_public, first.onion_key, pending.created_ms)
         reply = await self._request("create", body, timeout_s)
         if reply.kind != "created":
-            raise CircuitError(f"relay {short_id(first.peer_id)} refused the circuit")
-        self.onion.add_hop(self._finish(pending, reply.get("auth", ""), first))
-        for hop in self.hops[1:]:
-            pending = PendingHop.start(hop.onion_key)
-            extend = pack_extend(new_cid(), pending.ephemeral_public, hop.curve_key, pending.created_ms, hop.endpoint)
-            await self.conn.send("cell", {"cid": self.cid}, self.onion.wrap(EXTEND, extend, os.urandom))
-            index, command, auth = await self.receive(timeout_s)
-            if command != EXTENDED or index != len(self.onion.hops) - 1:
-                raise CircuitError(f"unexpected answer while extending to {short_id(hop.peer_id)}")
-            self.onion.add_hop(self._finish(pending, b64(auth), hop))
-
-    def _finish(self, pending: PendingHop, auth: str, hop: PeerRecord):  # type: ignore[no-untyped-def]
+            reason = reply.get("reason") or reply.get("message") or reply.kind
+            raise CircuitError(f"relay {short_id(first.peer_id)} refused the circuit ({reason})", hop=0)
         try:
-            return pending.finish(unb64(auth))
-        except (OnionError, ValueError, TypeError) as exc:
-            raise CircuitError(f"hop {short_id(hop.peer_id)} failed its key proof") from exc
+            hop_public, auth = parse_created(reply)
+        except OnionError as exc:
+            raise CircuitError(f"hop {short_id(first.peer_id)} sent a malformed CREATED", hop=0) from exc
+        self.onion.add_hop(self._finish(pending, hop_public, auth, 0))
+        for index, hop in enumerate(self.hops[1:], start=1):
+            pending = PendingHop.start(hop.signing_key, hop.onion_key)
+            extend = Extend(new_cid(), pending.ephemeral_public, hop.onion_key, hop.curve_key, pending.created_ms, hop.endpoint)
+            await self.conn.send("cell", {"cid": self.cid}, self.onion.wrap(EXTEND, extend.pack(), os.urandom))
+            try:
+                origin, command, payload = await self.receive(timeout_s)
+            except CircuitError as exc:
+                # the hop before it reports a next hop that never answered (or refused the CREATE) by
+                # destroying the circuit; silence is blamed on the hop being reached too. A broken link
+                # to the first hop is the first hop's.
+                lost_first = isinstance(exc.__cause__, (PeerDisconnected, PeerRefused))
+                blamed = 0 if lost_first else index
+                raise CircuitError(f"extending to {short_id(hop.peer_id)} failed: {exc.message}", hop=blamed) from exc
+            if command != EXTENDED or origin != len(self.onion.hops) - 1:
+                raise CircuitError(f"unexpected answer while extending to {short_id(hop.peer_id)}", hop=index)
+            try:
+                hop_public, auth = unpack_extended(payload)
+            except OnionError as exc:
+                raise CircuitError(f"hop {short_id(hop.peer_id)} sent a malformed EXTENDED", hop=index) from exc
+            self.onion.add_hop(self._finish(pending, hop_public, auth, index))
 
-    async def _request(self, kind: str, body: dict[str, object], timeout_s: float):  # type: ignore[no-untyped-def]
+    def _finish(self, pending: PendingHop, hop_public: bytes, auth: bytes, index: int) -> HopKeys:
+        try:
+            return pending.finish(hop_public, auth)
+        except OnionError as exc:
+            raise CircuitError(f"hop {short_id(self.hops[index].peer_id)} failed its key proof", hop=index) from exc
+
+    async def _request(self, kind: str, body: dict[str, object], timeout_s: float) -> Message:
         try:
             return await self.conn.request(kind, body, CIRCUIT_REPLIES, timeout_s)
         except TransportError as exc:
-            raise CircuitError(f"circuit setup failed: {exc.message}") from exc
+            raise CircuitError(f"circuit setup failed: {exc.message}", hop=0) from exc
 
     async def send(self, data: bytes, command: int = DATA) -> None:
         await self.conn.send("cell", {"cid": self.cid}, self.onion.wrap(command, data, os.urandom))

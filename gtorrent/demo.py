@@ -18,13 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from .asker import AskEvents, AskRequest, AskResult
-from .discovery import Announcer
 from .identity import Identity
-from .protocol import PeerRecord
-from .relay import RelayService, serve_relay
+from .relaynode import RelayNode
 from .store import Store
 from .tracker import TrackerService
-from .transport import Server, new_context
+from .transport import new_context
 
 DEMO_SEEDS = 3
 DEMO_RELAYS = 10
@@ -44,23 +42,11 @@ class DemoResult:
     startup_s: float
 
 
-async def _relay(ctx: Any, url: str) -> tuple[Server, RelayService, Announcer, asyncio.Task[None]]:
-    identity = Identity.generate()
-    server = Server(ctx, curve_secret=identity.curve_secret, name="relay")
-    server.bind(LOCAL)
-    service = RelayService(identity, ctx)
-
-    def record(stopped: bool) -> PeerRecord:
-        now = time.time()
-        return PeerRecord.sign(identity, endpoint=server.endpoint, roles=("relay",), seq=int(now * 1000),
-                               expires=now + 90.0, stopped=stopped)
-
-    announcer = Announcer(ctx, [url], record)
-    task = asyncio.create_task(serve_relay(server, service))
-    expiry = asyncio.create_task(service.expire_loop())
-    task.add_done_callback(lambda _: expiry.cancel())
-    await announcer.announce()
-    return server, service, announcer, task
+async def _relay(ctx: Any, url: str) -> RelayNode:
+    node = RelayNode(Identity.generate(), ctx, [url])
+    node.bind(LOCAL)
+    await node.start()
+    return node
 
 
 def run_demo(prompt: str, max_tokens: int, events: DemoEvents) -> DemoResult:
@@ -90,9 +76,9 @@ def run_demo(prompt: str, max_tokens: int, events: DemoEvents) -> DemoResult:
                 closers.append(seed.close)
                 events.progress(f"seed {number + 1}/{DEMO_SEEDS} on {seed.server.endpoint}")
             for _ in range(DEMO_RELAYS):
-                server, service, _, task = await _relay(ctx, url)
-                tasks.append(task)
-                closers.extend([service.close, server.close])
+                relay = await _relay(ctx, url)
+                tasks.extend(relay.tasks)
+                closers.append(relay.close)
             events.progress(f"{DEMO_RELAYS} relays up (+{DEMO_SEEDS - 1} seeds relaying): {DEMO_RELAYS + DEMO_SEEDS - 1} relays for 4 paths x 3 hops")
             startup_s = time.perf_counter() - started
             store = Store.open(home)

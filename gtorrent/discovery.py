@@ -221,3 +221,104 @@ class Announcer:
             return await asyncio.wait_for(self.announce(stopped=True), timeout=5.0)
         except (TimeoutError, GtorrentError) as exc:
             return {"*": str(exc)}
+
+
+DIRECTORY_REFRESH_S = 30.0  # a relay's periodic refresh; records live 90 s
+DIRECTORY_MISS_INTERVAL_S = 3.0  # an unknown EXTEND target refreshes at most this often
+
+
+class PeerDirectory:
+    """Verified records of the peers a relay may extend circuits to, fetched from its trackers.
+
+    A relay only opens a link to an endpoint and CurveZMQ key that some live, correctly signed record
+    announces, so an EXTEND cannot make it connect anywhere an attacker likes. The directory refreshes
+    every `refresh_s`, and on a miss at most every `miss_interval_s` (a flood of EXTENDs to unknown
+    endpoints costs one tracker query per interval, not one each). Records can also be added directly
+    (tests, and peers that know each other without a tracker). Invariants: only records that passed
+    `PeerRecord.from_wire` (or were built locally) are held; expired ones are never returned.
+    """
+
+    def __init__(
+        self,
+        ctx: Context | None = None,
+        urls: list[str] | None = None,
+        *,
+        refresh_s: float = DIRECTORY_REFRESH_S,
+        miss_interval_s: float = DIRECTORY_MISS_INTERVAL_S,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ctx = ctx
+        self.urls = list(urls or [])
+        self.refresh_s = refresh_s
+        self.miss_interval_s = miss_interval_s
+        self.clock = clock
+        self.monotonic = monotonic
+        self.records: dict[str, PeerRecord] = {}
+        self._index: dict[tuple[str, bytes], PeerRecord] = {}
+        self._refreshed_at = -float("inf")
+        self._miss_at = -float("inf")
+        self._inflight: asyncio.Task[None] | None = None
+        self.refreshes = 0
+
+    def add(self, *records: PeerRecord) -> None:
+        """Hold these records (the newest per peer id wins)."""
+        for record in records:
+            known = self.records.get(record.peer_id)
+            if known is None or record.seq > known.seq:
+                self.records[record.peer_id] = record
+        self._reindex()
+
+    def _reindex(self) -> None:
+        now = self.clock()
+        self.records = {peer: r for peer, r in self.records.items() if r.expires > now}
+        index: dict[tuple[str, bytes], PeerRecord] = {}
+        for record in self.records.values():
+            key = (record.endpoint, record.curve_key)
+            if key not in index or record.expires > index[key].expires:
+                index[key] = record
+        self._index = index
+
+    def find(self, endpoint: str, curve_key: bytes) -> PeerRecord | None:
+        """A live, non-stopped record announcing this endpoint with this CurveZMQ key, if held."""
+        record = self._index.get((endpoint, curve_key))
+        if record is None or record.stopped or record.expires <= self.clock():
+            return None
+        return record
+
+    async def lookup(self, endpoint: str, curve_key: bytes) -> PeerRecord | None:
+        """`find`, refreshing from the trackers first on a miss (rate-limited)."""
+        found = self.find(endpoint, curve_key)
+        if found is not None or not self.urls or self.ctx is None:
+            return found
+        if self._inflight is None or self._inflight.done():
+            if self.monotonic() - self._miss_at < self.miss_interval_s:
+                return None
+            self._miss_at = self.monotonic()
+            self._inflight = asyncio.create_task(self._refresh())
+        await asyncio.shield(self._inflight)
+        return self.find(endpoint, curve_key)
+
+    async def refresh(self) -> None:
+        """Fetch the trackers' records now (joins a refresh already under way)."""
+        if not self.urls or self.ctx is None:
+            return
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.create_task(self._refresh())
+        await asyncio.shield(self._inflight)
+
+    async def refresh_if_due(self) -> None:
+        if self.monotonic() - self._refreshed_at >= self.refresh_s:
+            await self.refresh()
+
+    async def _refresh(self) -> None:
+        assert self.ctx is not None
+        self._refreshed_at = self.monotonic()
+        self.refreshes += 1
+        try:
+            found = await discover(self.ctx, self.urls, role="relay")
+        except Exception as exc:  # noqa: BLE001 - keep what is held; the next refresh retries
+            log.debug("peer directory refresh failed: %s", exc)
+            self._reindex()
+            return
+        self.add(*found.records.values())

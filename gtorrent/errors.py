@@ -35,6 +35,14 @@ class HomeError(GtorrentError):
     default_hint = "set GTORRENT_HOME to a directory you can write to"
 
 
+class HomeInUseError(HomeError):
+    """Another long-running process already holds this home's lock for the same kind of node."""
+
+
+class StoreError(GtorrentError):
+    """The local SQLite store cannot be opened, read or written (full disk, read-only, damaged)."""
+
+
 class IdentityError(GtorrentError):
     """A key file is missing, corrupted or not private."""
 

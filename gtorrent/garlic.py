@@ -34,6 +34,8 @@ REPLY_AAD = b"gtorrent/reply/v1"
 TRANSCRIPT_LABEL = b"gtorrent/transcript/v1\n"
 MAX_CLOVE_BYTES = 64 << 10  # a clove of the largest request (256 KiB / k) fits; more is abuse
 MAX_CHUNKS = 1 << 20
+REPLY_WINDOW_CHUNKS = 256  # chunks buffered ahead of the next one due: ~25 s of answer at one per 0.1 s
+MAX_REPLY_BUFFER_BYTES = 4 << 20  # fragment and chunk bytes an asker holds for one answer
 
 
 class GarlicError(ValueError):
@@ -122,7 +124,12 @@ class ReplyAssembler:
     fragment. When k fragments do not rebuild an authentic chunk, the fragments that arrive later are
     tried too (every k of them), so any k honest paths deliver it. A path whose fragment is malformed
     or disagrees with the chunk's shape becomes a suspect (`take_suspects`): a relay on it is
-    injecting cells, and the seed is not to blame."""
+    injecting cells, and the seed is not to blame.
+
+    Memory is bounded whatever the paths send: only chunks within REPLY_WINDOW_CHUNKS of `next_index`
+    are buffered, and at most MAX_REPLY_BUFFER_BYTES in all. The seed sends every chunk on every path in
+    order, so an honest path is never that far ahead; a path that is (or that would overflow the
+    buffer) becomes a suspect, its buffered fragments are dropped and its later ones ignored."""
 
     reply_key: bytes
     fragments: dict[int, dict[int, tuple[int, bytes]]] = field(default_factory=dict)  # chunk -> j -> (path, bytes)
@@ -130,6 +137,9 @@ class ReplyAssembler:
     next_index: int = 0
     ready: dict[int, dict[str, Any]] = field(default_factory=dict)
     suspects: set[int] = field(default_factory=set)
+    ignored: set[int] = field(default_factory=set)  # paths cut off for overrunning the window or buffer
+    buffered: int = 0  # bytes held in `fragments` and `ready`
+    ready_bytes: dict[int, int] = field(default_factory=dict)
 
     def take_suspects(self) -> set[int]:
         found, self.suspects = self.suspects, set()
@@ -140,6 +150,8 @@ class ReplyAssembler:
         if len(payload) < REPLY_HEAD.size:
             self.suspects.add(path)
             return []
+        if path in self.ignored:
+            return []
         index, j, n, k, length = REPLY_HEAD.unpack_from(payload)
         if index >= MAX_CHUNKS or not 1 <= k <= n or j >= n or j != path:
             # the seed sends fragment j on path j only: a path cannot speak for another one
@@ -147,14 +159,34 @@ class ReplyAssembler:
             return []
         if index < self.next_index or index in self.ready:
             return self._release()  # late fragment of a chunk already rebuilt
+        fragment = payload[REPLY_HEAD.size :]
+        if index >= self.next_index + REPLY_WINDOW_CHUNKS or self.buffered + len(fragment) > MAX_REPLY_BUFFER_BYTES:
+            self._ignore(path)
+            return self._release()
         if self.shape.setdefault(index, (n, k, length)) != (n, k, length):
             self.suspects.add(path)  # disagrees with the first fragment of this chunk
             return self._release()
         have = self.fragments.setdefault(index, {})
-        have[j] = (path, payload[REPLY_HEAD.size :])
+        if j in have:
+            self.buffered -= len(have[j][1])
+        have[j] = (path, fragment)
+        self.buffered += len(fragment)
         if len(have) >= k:
             self._try_rebuild(index, n, k, length)
         return self._release()
+
+    def _ignore(self, path: int) -> None:
+        """Cut a path off: drop what it has buffered and everything it sends from now on."""
+        self.suspects.add(path)
+        self.ignored.add(path)
+        for index, have in list(self.fragments.items()):
+            for j, (from_path, fragment) in list(have.items()):
+                if from_path == path:
+                    del have[j]
+                    self.buffered -= len(fragment)
+            if not have:
+                del self.fragments[index]
+                self.shape.pop(index, None)
 
     def _try_rebuild(self, index: int, n: int, k: int, length: int) -> None:
         from itertools import combinations
@@ -170,7 +202,10 @@ class ReplyAssembler:
             if not isinstance(chunk, dict):
                 continue
             self.ready[index] = chunk
+            self.ready_bytes[index] = len(plain)
+            self.buffered += len(plain) - sum(len(fragment) for _, fragment in have.values())
             del self.fragments[index]
+            self.shape.pop(index, None)
             return
         if len(have) >= n:  # every fragment is in and no k of them rebuild the chunk
             raise GarlicError(f"reply chunk {index} failed authentication on every set of {k} paths")
@@ -179,6 +214,7 @@ class ReplyAssembler:
         out = []
         while self.next_index in self.ready:
             out.append(self.ready.pop(self.next_index))
+            self.buffered -= self.ready_bytes.pop(self.next_index)
             self.next_index += 1
         return out
 

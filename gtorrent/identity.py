@@ -7,15 +7,26 @@ One file, `identity.key` in the home directory, holds three private keys:
 - X25519 "onion", the static key relays and seeds use for onion-layer key agreement.
 - X25519 "curve", the long-term CurveZMQ server key of the peer's ROUTER socket.
 
-The file is created once with mode 0600 and never silently replaced: a corrupted file or one that
-group or others can read is refused with an error that says how to fix it.
+The file is created once with mode 0600 and never silently replaced: a corrupted file, one that group
+or others can read, or anything at that path that is not a regular file (a FIFO would block the read
+forever) is refused with an error that says how to fix it.
+
+Corruption: the stored peer id checks the signing key, and a `checksum` field,
+SHA-256(`gtorrent/identity-file/v1` ‖ signing ‖ onion ‖ curve private keys), checks all three (any 32
+bytes are a valid X25519 key, so a damaged onion or curve key would otherwise load and fail later,
+far from its cause). Files written before the checksum existed have no such field: they are still
+accepted, checked by the peer id only, and never rewritten to add one (a key file is only ever
+created, never modified in place).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +38,12 @@ from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import VerifyKey
 
 from .errors import IdentityError
-from .paths import ensure_private_dir, loose_permissions, write_private_file
+from .paths import ensure_private_dir, write_private_file
 
 KEY_FILE_NAME = "identity.key"
 KEY_FILE_FORMAT = "gtorrent-identity-v1"
+KEY_FILE_CHECKSUM_LABEL = b"gtorrent/identity-file/v1"
+MAX_KEY_FILE_BYTES = 64 << 10  # a key file is about 300 bytes; never read an arbitrarily large one
 PEER_ID_LABEL = b"gtorrent/peer-id/v1"
 PEER_ID_CHARS = 26  # base32 characters: 130 bits of the hash
 KEY_BYTES = 32
@@ -125,6 +138,11 @@ class Identity:
             "curve_key": b64(self.curve_public),
         }
 
+    def _checksum(self) -> str:
+        """SHA-256 over every private key of the file, so damage to any of them is caught on load."""
+        keys = (_private_raw(self.signing_key), _private_raw(self.onion_key), _private_raw(self.curve_key))
+        return hashlib.sha256(KEY_FILE_CHECKSUM_LABEL + b"".join(keys)).hexdigest()
+
     def to_file_bytes(self) -> bytes:
         doc = {
             "format": KEY_FILE_FORMAT,
@@ -132,15 +150,20 @@ class Identity:
             "signing_key": b64(_private_raw(self.signing_key)),
             "onion_key": b64(_private_raw(self.onion_key)),
             "curve_key": b64(_private_raw(self.curve_key)),
+            "checksum": self._checksum(),
         }
         return (json.dumps(doc, indent=2) + "\n").encode("ascii")
 
-    @classmethod
-    def from_file_bytes(cls, data: bytes, path: Path) -> Identity:
-        corrupted = IdentityError(
+    @staticmethod
+    def corrupted_error(path: Path) -> IdentityError:
+        return IdentityError(
             f"identity key file {path} is corrupted",
             hint=f"restore it from a backup, or move it away to create a new identity (mv {path} {path}.bad)",
         )
+
+    @classmethod
+    def from_file_bytes(cls, data: bytes, path: Path) -> Identity:
+        corrupted = cls.corrupted_error(path)
         try:
             doc: Any = json.loads(data.decode("ascii"))
             if not isinstance(doc, dict) or doc.get("format") != KEY_FILE_FORMAT:
@@ -155,8 +178,13 @@ class Identity:
             X25519PrivateKey.from_private_bytes(raw["onion_key"]),
             X25519PrivateKey.from_private_bytes(raw["curve_key"]),
         )
-        # The stored peer id doubles as a checksum over the signing key.
+        # The stored peer id doubles as a checksum over the signing key; `checksum` covers all three
+        # keys. A file without `checksum` predates it and is accepted as it is (see the module docstring).
         if doc.get("peer_id") != identity.peer_id:
+            raise corrupted
+        if "checksum" in doc and not (
+            isinstance(doc["checksum"], str) and hmac.compare_digest(doc["checksum"], identity._checksum())
+        ):
             raise corrupted
         return identity
 
@@ -176,16 +204,33 @@ def load_identity(home: Path) -> Identity:
     path = home / KEY_FILE_NAME
     if not path.exists():
         raise IdentityError(f"no identity in {home}", hint="run `gtorrent id` to create one")
-    loose = loose_permissions(path)
-    if loose:
-        raise IdentityError(
-            f"identity key file {path} is readable by other users (mode {oct(0o600 | loose)})",
-            hint=f"make it private with `chmod 600 {path}` (and consider the key exposed if others could read it)",
-        )
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever. The checks
+    # below look at what was opened (fstat), not at the path, so nothing can be swapped in between.
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise IdentityError(f"cannot read identity key file {path} ({exc.strerror or exc})") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IdentityError(
+                f"identity key file {path} is not a regular file",
+                hint=f"move it away (mv {path} {path}.bad); `gtorrent id` then creates a new identity",
+            )
+        loose = stat.S_IMODE(info.st_mode) & 0o077
+        if loose:
+            raise IdentityError(
+                f"identity key file {path} is readable by other users (mode {oct(0o600 | loose)})",
+                hint=f"make it private with `chmod 600 {path}` (and consider the key exposed if others could read it)",
+            )
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise IdentityError(f"cannot read identity key file {path} ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise Identity.corrupted_error(path)
     return Identity.from_file_bytes(data, path)
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .discovery import DEFAULT_TRACKER, TrackerClient, TrackerUnreachable, discover
 from .identity import load_or_create_identity
-from .paths import home_dir
+from .paths import NODE_LOCK, TRACKER_LOCK, HomeLock, home_dir, lock_home, try_lock_home
 from .transport import new_context
 
 if TYPE_CHECKING:  # imported where used: a relay never loads SQLite tooling, a tracker never the asker
@@ -54,8 +54,13 @@ async def _until_signalled(stop: asyncio.Event | None = None) -> None:
 def run_tracker(settings: NodeSettings, bind: str, on_ready: Callable[[TrackerService], None]) -> dict[str, int]:
     from .tracker import TrackerService
 
-    identity, _ = load_or_create_identity(settings.home)
-    service = TrackerService(identity, settings.home / "tracker.db")
+    lock = lock_home(settings.home, TRACKER_LOCK, "tracker")  # before tracker.db is opened: one writer
+    try:
+        identity, _ = load_or_create_identity(settings.home)
+        service = TrackerService(identity, settings.home / "tracker.db")
+    except BaseException:
+        lock.release()
+        raise
 
     async def main() -> None:
         service.bind(bind, settings.advertise)
@@ -72,6 +77,7 @@ def run_tracker(settings: NodeSettings, bind: str, on_ready: Callable[[TrackerSe
         asyncio.run(main())
     finally:
         service.close()
+        lock.release()
     return service.counters
 
 
@@ -81,6 +87,7 @@ def run_tracker(settings: NodeSettings, bind: str, on_ready: Callable[[TrackerSe
 @dataclass
 class SeedEvents:
     tracker_started: Callable[[str], None] = lambda url: None
+    tracker_skipped: Callable[[str, str], None] = lambda url, holder: None  # (url, who holds the tracker lock)
     ready: Callable[[Any], None] = lambda seed: None
     announced: Callable[[dict[str, str]], None] = lambda errors: None
     stopping: Callable[[], None] = lambda: None
@@ -111,16 +118,22 @@ def run_seed(
 
     async def main() -> dict[str, int]:
         local_tracker: TrackerService | None = None
+        tracker_lock: HomeLock | str | None = None
         tasks: list[asyncio.Task[None]] = []
         trackers = list(settings.trackers)
         seed = SeedService(identity, model, trackers=trackers, name=name, max_concurrency=max_concurrency)
         seed.announcer.on_announce = events.announced
         try:
             if not settings.trackers_explicit and not await _tracker_alive(seed.ctx, DEFAULT_TRACKER):
-                local_tracker = TrackerService(identity, settings.home / "tracker.db")
-                local_tracker.bind(DEFAULT_TRACKER)
-                tasks.append(asyncio.create_task(local_tracker.serve()))
-                events.tracker_started(local_tracker.url)
+                # this home's tracker.db may belong to a tracker running elsewhere on it: never two writers
+                tracker_lock = try_lock_home(settings.home, TRACKER_LOCK, "tracker")
+                if isinstance(tracker_lock, str):
+                    events.tracker_skipped(DEFAULT_TRACKER, tracker_lock)
+                else:
+                    local_tracker = TrackerService(identity, settings.home / "tracker.db")
+                    local_tracker.bind(DEFAULT_TRACKER)
+                    tasks.append(asyncio.create_task(local_tracker.serve()))
+                    events.tracker_started(local_tracker.url)
             seed.bind(bind, settings.advertise)
             tasks.append(asyncio.create_task(seed.serve()))
             await seed.announce()
@@ -139,8 +152,11 @@ def run_seed(
             seed.close()
             if local_tracker is not None:
                 local_tracker.close()
+            if isinstance(tracker_lock, HomeLock):
+                tracker_lock.release()
 
-    return asyncio.run(main())
+    with lock_home(settings.home, NODE_LOCK, "seed"):  # one announcing node per identity
+        return asyncio.run(main())
 
 
 # ---------------------------------------------------------------------- relay
@@ -155,43 +171,28 @@ class RelayEvents:
 
 def run_relay(settings: NodeSettings, *, bind: str, events: RelayEvents, idle_timeout_s: float = 120.0) -> dict[str, int]:
     """Relay circuits until signalled. Never imports the model runtime."""
-    from .discovery import Announcer
-    from .protocol import PeerRecord
-    from .relay import RelayService, serve_relay
-    from .transport import Server
+    from .relaynode import RelayNode
 
     identity, _ = load_or_create_identity(settings.home)
 
     async def main() -> dict[str, int]:
         ctx = new_context()
-        server = Server(ctx, curve_secret=identity.curve_secret, name="relay")
-        relay = RelayService(identity, ctx, idle_timeout_s=idle_timeout_s)
-
-        def record(stopped: bool) -> PeerRecord:
-            now = time.time()
-            return PeerRecord.sign(identity, endpoint=server.endpoint, roles=("relay",), seq=int(now * 1000),
-                                   expires=now + 90.0, stopped=stopped)
-
-        announcer = Announcer(ctx, settings.trackers, record)
-        announcer.on_announce = events.announced
+        node = RelayNode(identity, ctx, settings.trackers, idle_timeout_s=idle_timeout_s)
+        node.announcer.on_announce = events.announced
         try:
-            server.bind(bind, settings.advertise)
-            tasks = [asyncio.create_task(serve_relay(server, relay)), asyncio.create_task(relay.expire_loop())]
-            await announcer.announce()
-            tasks.append(asyncio.create_task(announcer.loop()))
-            events.ready((identity, server, relay))
+            node.bind(bind, settings.advertise)
+            await node.start()
+            events.ready((identity, node.server, node.relay))
             await _until_signalled()
             events.stopping()
-            for task in tasks:
-                task.cancel()
-            await announcer.stop()
-            return {**relay.counters, **server.counters}
+            await node.stop()
+            return {**node.relay.counters, **node.server.counters}
         finally:
-            relay.close()
-            server.close()
+            node.close()
             ctx.destroy(linger=0)
 
-    return asyncio.run(main())
+    with lock_home(settings.home, NODE_LOCK, "relay"):  # one announcing node per identity
+        return asyncio.run(main())
 
 
 # ---------------------------------------------------------------------- ask and peers
@@ -203,6 +204,7 @@ class PrivacyOptions:
     paths: int = 4
     hops: int = 3
     strict: bool = False  # refuse rather than degrade when relays are too few
+    allow_one_hop: bool = False  # let degradation go below the 2-hop floor (one relay sees asker and seed)
 
 
 def ask(
@@ -226,7 +228,7 @@ def ask(
                 return await ask_direct(ctx, settings.trackers, request, store, events, timeouts)
             return await ask_private(
                 ctx, settings.trackers, request, store, events, timeouts,
-                paths=privacy.paths, hops=privacy.hops, strict=privacy.strict,
+                paths=privacy.paths, hops=privacy.hops, strict=privacy.strict, allow_one_hop=privacy.allow_one_hop,
             )
         finally:
             ctx.destroy(linger=0)

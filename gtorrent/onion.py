@@ -1,15 +1,25 @@
 """Onion layers for circuits (pure; randomness and clocks injected).
 
-Circuits are built by telescoping, as in Tor: the asker CREATEs a circuit with the first relay (an
-ephemeral X25519 key against the relay's onion key), then sends EXTEND cells through the circuit so
-that its current last hop CREATEs the next one. Every cell on every link has the same size, so no hop
-learns its position; a hop learns its predecessor, its successor and the circuit id of each of its two
-links, and the asker picks every circuit id at random, so no identifier is the same on two links.
+Circuits are built by telescoping, as in Tor: the asker CREATEs a circuit with the first relay, then
+sends EXTEND cells through the circuit so that its current last hop CREATEs the next one. Every cell on
+every link has the same size, so no hop learns its position; a hop learns its predecessor, its
+successor and the circuit id of each of its two links, and the asker picks every circuit id at random,
+so no identifier is the same on two links.
 
-Keys: X25519 shared secret -> HKDF-SHA256 with the versioned label `gtorrent/onion/v1/circuit`
-(salt: ephemeral || hop public key) -> five 32-byte keys per hop: forward AEAD, backward stream,
-backward AEAD, forward filler, and the confirmation key that proves (in CREATED) that the hop holds
-its onion private key.
+Handshake (ntor, after Tor's spec; protocol id `gtorrent/onion/v2/ntor`): the asker sends an ephemeral
+X25519 key X and names the hop's onion key B it used (from the hop's signed record); the hop answers
+with an ephemeral key Y of its own and AUTH. Both sides compute
+
+    secret_input = DH(x, Y) || DH(x, B) || ID || B || X || Y || ts || PROTOID
+
+where ID is the hop's Ed25519 identity key and ts the CREATE's timestamp (ms), then
+    verify = HMAC(key=`.../verify`, secret_input)
+    AUTH   = HMAC(key=`.../mac`, verify || ID || B || Y || X || ts || PROTOID || "server")
+    keys   = HKDF-SHA256(salt=`.../key`, ikm=secret_input, info=`gtorrent/onion/v2/circuit`)
+AUTH proves the hop holds b (only DH(x, B) = DH(b, X) ties the answer to B), and DH(x, Y) gives forward
+secrecy: x and y are forgotten once the keys are derived, so a recording of the handshake and the cells
+plus the hop's onion private key, stolen later, derives nothing. Onion keys also rotate (onionkeys.py).
+Four 32-byte keys come out per hop: forward AEAD, backward stream, backward AEAD and forward filler.
 
 Forward cells (asker -> terminal) carry one ChaCha20-Poly1305 layer per hop with a detached tag:
 a cell is tag(16) || body(BODY_BYTES). A hop decrypts with its forward key and its own cell counter as
@@ -26,10 +36,10 @@ detected by the asker.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import struct
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,10 +51,14 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-CIRCUIT_LABEL = b"gtorrent/onion/v1/circuit"
-CREATED_LABEL = b"gtorrent/onion/v1/created"
-FORWARD_AAD = b"gtorrent/onion/v1/forward"
-BACKWARD_AAD = b"gtorrent/onion/v1/backward"
+PROTOCOL_ID = b"gtorrent/onion/v2/ntor"
+KEY_LABEL = b"gtorrent/onion/v2/key"  # HKDF salt (ntor's t_key)
+VERIFY_LABEL = b"gtorrent/onion/v2/verify"  # ntor's t_verify
+MAC_LABEL = b"gtorrent/onion/v2/mac"  # ntor's t_mac
+CIRCUIT_LABEL = b"gtorrent/onion/v2/circuit"  # HKDF info (ntor's m_expand)
+FORWARD_AAD = b"gtorrent/onion/v2/forward"
+BACKWARD_AAD = b"gtorrent/onion/v2/backward"
+KEY_BYTES = 32
 TAG_BYTES = 16
 BODY_BYTES = 1008
 CELL_BYTES = TAG_BYTES + BODY_BYTES  # 1 KiB on every link, in both directions
@@ -75,24 +89,21 @@ def raw_public(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
+def _hmac(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
 @dataclass(frozen=True)
 class HopKeys:
     forward: bytes
     backward_stream: bytes
     backward_seal: bytes
     filler: bytes
-    confirm: bytes
 
     @classmethod
-    def derive(cls, shared: bytes, ephemeral_public: bytes, hop_public: bytes, created_ms: int) -> HopKeys:
-        # the CREATE's timestamp is bound into the keys: a replay with a fresher timestamp derives
-        # other keys, so none of the replayed cells authenticate
-        salt = ephemeral_public + hop_public + created_ms.to_bytes(8, "big")
-        material = HKDF(algorithm=hashes.SHA256(), length=160, salt=salt, info=CIRCUIT_LABEL).derive(shared)
-        return cls(*(material[i : i + 32] for i in range(0, 160, 32)))
-
-    def created_auth(self, ephemeral_public: bytes) -> bytes:
-        return hmac.new(self.confirm, CREATED_LABEL + ephemeral_public, hashlib.sha256).digest()
+    def derive(cls, secret_input: bytes) -> HopKeys:
+        material = HKDF(algorithm=hashes.SHA256(), length=4 * KEY_BYTES, salt=KEY_LABEL, info=CIRCUIT_LABEL).derive(secret_input)
+        return cls(*(material[i : i + KEY_BYTES] for i in range(0, 4 * KEY_BYTES, KEY_BYTES)))
 
     def forward_keystream(self, counter: int) -> bytes:
         return ChaCha20Poly1305(self.forward).encrypt(_nonce(0, counter), bytes(BODY_BYTES), FORWARD_AAD)[:BODY_BYTES]
@@ -108,16 +119,49 @@ class HopKeys:
 # ------------------------------------------------------------------------------------- handshakes
 
 
-def hop_answer_create(onion_key: X25519PrivateKey, ephemeral_public: bytes, created_ms: int) -> tuple[HopKeys, bytes]:
-    """Hop side of CREATE: derive the keys and the CREATED proof."""
-    if len(ephemeral_public) != 32 or not 0 <= created_ms < 1 << 63:
-        raise OnionError("bad ephemeral key or timestamp")
+def _check_key(public: bytes, what: str) -> X25519PublicKey:
+    if len(public) != KEY_BYTES:
+        raise OnionError(f"bad {what}")
+    return X25519PublicKey.from_public_bytes(public)
+
+
+def _dh(private: X25519PrivateKey, public: bytes, what: str) -> bytes:
     try:
-        shared = onion_key.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
-    except ValueError as exc:  # low-order point: all-zero shared secret
-        raise OnionError("bad ephemeral key") from exc
-    keys = HopKeys.derive(shared, ephemeral_public, raw_public(onion_key), created_ms)
-    return keys, keys.created_auth(ephemeral_public)
+        return private.exchange(_check_key(public, what))
+    except ValueError as exc:  # low-order point: an all-zero shared secret, refused by the library
+        raise OnionError(f"bad {what}") from exc
+
+
+def ntor_keys(
+    dh_ephemeral: bytes, dh_static: bytes, hop_id: bytes, onion_public: bytes, asker_public: bytes, hop_public: bytes, created_ms: int
+) -> tuple[HopKeys, bytes]:
+    """The circuit keys and AUTH from both Diffie-Hellman results and the transcript (see the module
+    docstring). The CREATE's timestamp is bound in: a replay with a fresher timestamp derives other keys."""
+    stamp = created_ms.to_bytes(8, "big")
+    transcript = hop_id + onion_public + asker_public + hop_public + stamp + PROTOCOL_ID
+    secret_input = dh_ephemeral + dh_static + transcript
+    verify = _hmac(VERIFY_LABEL, secret_input)
+    auth = _hmac(MAC_LABEL, verify + hop_id + onion_public + hop_public + asker_public + stamp + PROTOCOL_ID + b"server")
+    return HopKeys.derive(secret_input), auth
+
+
+def hop_answer_create(
+    onion_key: X25519PrivateKey,
+    hop_id: bytes,
+    asker_public: bytes,
+    created_ms: int,
+    ephemeral: X25519PrivateKey | None = None,
+) -> tuple[HopKeys, bytes, bytes]:
+    """Hop side of CREATE: (keys, Y, AUTH). `ephemeral` (y) is fresh unless a test injects one; it is
+    dropped when this returns, which is what makes recorded circuits undecryptable later."""
+    if len(hop_id) != KEY_BYTES or not 0 <= created_ms < 1 << 63:
+        raise OnionError("bad identity or timestamp")
+    y = ephemeral or X25519PrivateKey.generate()
+    hop_public = raw_public(y)
+    dh_ephemeral = _dh(y, asker_public, "ephemeral key")
+    dh_static = _dh(onion_key, asker_public, "ephemeral key")
+    keys, auth = ntor_keys(dh_ephemeral, dh_static, hop_id, raw_public(onion_key), asker_public, hop_public, created_ms)
+    return keys, hop_public, auth
 
 
 @dataclass
@@ -125,23 +169,27 @@ class PendingHop:
     """Asker side of one CREATE in flight."""
 
     ephemeral: X25519PrivateKey
-    hop_public: bytes
+    hop_id: bytes  # the hop's Ed25519 identity key, from its signed record
+    onion_public: bytes  # B, from the same record; the CREATE names it
     created_ms: int  # the asker's clock, sent in CREATE; hops refuse stale ones
 
     @classmethod
-    def start(cls, hop_onion_public: bytes, created_ms: int | None = None) -> PendingHop:
+    def start(cls, hop_id: bytes, onion_public: bytes, created_ms: int | None = None) -> PendingHop:
         stamp = int(time.time() * 1000) if created_ms is None else created_ms
-        return cls(X25519PrivateKey.generate(), hop_onion_public, stamp)
+        return cls(X25519PrivateKey.generate(), hop_id, onion_public, stamp)
 
     @property
     def ephemeral_public(self) -> bytes:
         return raw_public(self.ephemeral)
 
-    def finish(self, auth: bytes) -> HopKeys:
-        """Check the CREATED proof: only the holder of the hop's onion private key can produce it."""
-        shared = self.ephemeral.exchange(X25519PublicKey.from_public_bytes(self.hop_public))
-        keys = HopKeys.derive(shared, self.ephemeral_public, self.hop_public, self.created_ms)
-        if not hmac.compare_digest(keys.created_auth(self.ephemeral_public), auth):
+    def finish(self, hop_public: bytes, auth: bytes) -> HopKeys:
+        """Check the hop's AUTH: only the holder of the onion private key b can produce it."""
+        dh_ephemeral = _dh(self.ephemeral, hop_public, "hop ephemeral key")
+        dh_static = _dh(self.ephemeral, self.onion_public, "onion key")
+        keys, expected = ntor_keys(
+            dh_ephemeral, dh_static, self.hop_id, self.onion_public, self.ephemeral_public, hop_public, self.created_ms
+        )
+        if not hmac.compare_digest(expected, auth):
             raise OnionError("CREATED proof does not match the hop's onion key")
         return keys
 
@@ -294,21 +342,73 @@ class ClientCircuit:
 
 
 class ReplayCache:
-    """Remembers recently seen values (ephemeral keys of CREATEs) for `ttl_s`; bounded in size."""
+    """Values seen recently (CREATE ephemeral keys, private-ask ids): at most `max_entries`, each kept
+    `ttl_s` past its timestamp, so memory is bounded per time window whatever a flood sends.
 
-    def __init__(self, ttl_s: float = 600.0, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+    Entries are bucketed by a timestamp (`bucket_s` wide): the value's own when the caller passes one (a
+    CREATE's stamp, which is bound into its keys, so a replay carries the same stamp), else the time it
+    arrived. Expired buckets are dropped. When full, the oldest bucket is dropped to make room, and for
+    stamped values a floor rises to the newest stamp dropped: a stamp at or below the floor is refused
+    as possibly replayed, and so is one no newer than everything kept (admitting it would mean dropping
+    a newer one). So a flood pushes the floor up through the flood's own stamps; an honest CREATE
+    stamped after them is served. To keep honest CREATEs out, a flooder must keep the whole cache full
+    of stamps newer than theirs: max_entries CREATEs within the clock skew a relay accepts, sustained.
+    Without stamps there is no floor: the oldest are evicted, which is safe where late duplicates come
+    seconds after the first (cloves of one ask), and new values are never refused."""
+
+    def __init__(
+        self,
+        ttl_s: float = 600.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.time,  # the timebase of the stamps passed in (unix seconds)
+        bucket_s: float = 1.0,
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.clock = clock
-        self._seen: OrderedDict[bytes, float] = OrderedDict()
+        self.bucket_s = bucket_s
+        self.floor_s = float("-inf")  # stamps at or below this are refused (such entries were dropped)
+        self.evicted = 0  # entries dropped early to make room (a sign of a flood)
+        self._where: dict[bytes, int] = {}  # value -> its bucket
+        self._buckets: dict[int, set[bytes]] = {}
+        self._newest: dict[int, float] = {}  # bucket -> newest stamp in it
+        self._order: list[int] = []  # heap of bucket numbers
 
-    def check_and_add(self, value: bytes) -> bool:
-        """True the first time `value` is seen within the TTL; False for a replay, or when full (a live
-        entry is never evicted early: that would reopen the replay window)."""
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def check_and_add(self, value: bytes, stamp_s: float | None = None) -> bool:
+        """True the first time `value` is seen (and remembered); False for a replay, or a stamped value
+        that the floor (or a full cache of newer stamps) refuses."""
         now = self.clock()
-        while self._seen and next(iter(self._seen.values())) <= now:
-            self._seen.popitem(last=False)
-        if value in self._seen or len(self._seen) >= self.max_entries:
+        self._expire(now)
+        if (stamp_s is not None and stamp_s <= self.floor_s) or value in self._where:
             return False
-        self._seen[value] = now + self.ttl_s
+        while len(self._where) >= self.max_entries:
+            if stamp_s is not None and stamp_s <= self._newest[self._order[0]]:
+                return False  # no newer than the oldest kept: dropping those would raise the floor over it
+            self._drop_oldest(raise_floor=True)
+        stamp = now if stamp_s is None else stamp_s
+        bucket = int(stamp // self.bucket_s)
+        if bucket not in self._buckets:
+            self._buckets[bucket] = set()
+            self._newest[bucket] = stamp
+            heapq.heappush(self._order, bucket)
+        self._buckets[bucket].add(value)
+        self._newest[bucket] = max(self._newest[bucket], stamp)
+        self._where[value] = bucket
         return True
+
+    def _expire(self, now: float) -> None:
+        while self._order and (self._order[0] + 1) * self.bucket_s + self.ttl_s <= now:
+            self._drop_oldest(raise_floor=False)
+
+    def _drop_oldest(self, *, raise_floor: bool) -> None:
+        bucket = heapq.heappop(self._order)
+        gone = self._buckets.pop(bucket)
+        newest = self._newest.pop(bucket)
+        for value in gone:
+            del self._where[value]
+        if raise_floor:
+            self.evicted += len(gone)
+            self.floor_s = max(self.floor_s, newest)

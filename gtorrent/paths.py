@@ -5,10 +5,18 @@ directory. Directories are created 0700 and private files are created with mode 
 system call (`os.open(..., O_CREAT | O_EXCL, 0o600)`), never chmod-ed after the fact, so there is no
 window in which a secret is readable by others. Files are replaced atomically (write a temporary file,
 fsync, rename) so a crash never leaves a half-written file.
+
+Many commands may run at once on one home (asks share its store), but a home holds one identity, so
+two long-running nodes that announce under it would overwrite each other's tracker record. Each such
+node takes an exclusive `flock` on a lock file of the home for its whole life: `node.lock` for the
+roles that announce a peer record (seed, relay), `tracker.lock` for a tracker and its `tracker.db`.
+The kernel drops the lock when the process exits, crash or SIGKILL included, so a stale lock file
+never blocks a restart; the file only says who holds it (role and pid), for the error message.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import stat
@@ -16,11 +24,13 @@ from pathlib import Path
 
 import platformdirs
 
-from .errors import HomeError
+from .errors import HomeError, HomeInUseError
 
 HOME_ENV = "GTORRENT_HOME"
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
+NODE_LOCK = "node"  # seed, relay (and later verifier): one peer record per identity
+TRACKER_LOCK = "tracker"  # a tracker, in its own process or inside a seed: one writer of tracker.db
 
 
 def home_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -83,3 +93,64 @@ def create_private(path: Path) -> None:
         pass
     except OSError as exc:
         raise HomeError(f"cannot create {path} ({exc.strerror or exc})") from exc
+
+
+class HomeLock:
+    """An exclusive lock on one of a home's lock files, held until `release()` or process exit."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor of the open file drops the flock
+
+    def __enter__(self) -> HomeLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def try_lock_home(home: Path, lock: str, role: str) -> HomeLock | str:
+    """Take `home`'s lock `lock` for `role` without waiting.
+
+    Returns the held lock, or, when another process holds it, a description of that process
+    ("relay (pid 1234)") read from the lock file.
+    """
+    ensure_private_dir(home)
+    path = home / f"{lock}.lock"
+    try:
+        # O_CLOEXEC: a child process (a model runtime helper, say) must not inherit and outlive the lock
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    except OSError as exc:
+        raise HomeError(f"cannot open {path} ({exc.strerror or exc})") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+        finally:
+            os.close(fd)
+        if len(holder) == 2 and holder[1].isdigit():
+            return f"{holder[0]} (pid {holder[1]})"
+        return "gtorrent process"  # it holds the lock but has not written its name yet
+    except OSError as exc:
+        os.close(fd)
+        raise HomeError(f"cannot lock {path} ({exc.strerror or exc})") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{role} {os.getpid()}\n".encode(), 0)
+    return HomeLock(path, fd)
+
+
+def lock_home(home: Path, lock: str, role: str) -> HomeLock:
+    """Take `home`'s lock `lock` for `role`, or raise HomeInUseError naming the process that holds it."""
+    held = try_lock_home(home, lock, role)
+    if isinstance(held, HomeLock):
+        return held
+    raise HomeInUseError(
+        f"the home {home} is in use by a running {held}",
+        hint=f"give each long-running node its own home, e.g. GTORRENT_HOME=~/.gtorrent/{role}1 gtorrent {role}",
+    )

@@ -21,7 +21,7 @@ from typing import Any
 
 from .identity import Identity, PeerId, b64, peer_id_for, unb64, verify_signature
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: ntor handshake with rotating onion keys (create/created/EXTEND changed)
 MAX_MESSAGE_BYTES = 256 * 1024  # one JSON frame
 MAX_FRAMES = 8
 MAX_RECORD_TTL_S = 3600.0  # a record may not claim to stay valid longer than this
@@ -188,12 +188,18 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "ping": {},
     "pong": {},
     # circuits (onion.py): circuit ids are per link, 63-bit, chosen at random by the asker
+    # v2: ntor handshake (onion.py, cells.py); keys are 32 bytes, base64url without padding
     "create": {
         "cid": Field(int, minimum=1, maximum=(1 << 63) - 1),
-        "key": Field(str, max_len=64),
+        "key": Field(str, max_len=64),  # X, the asker's ephemeral X25519 key
+        "onion": Field(str, max_len=64),  # B, the hop's onion key named in the record the asker used
         "ts": Field(int, minimum=0, maximum=(1 << 63) - 1),  # asker's clock, ms; bound into the hop keys
     },
-    "created": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1), "auth": Field(str, max_len=64)},
+    "created": {
+        "cid": Field(int, minimum=1, maximum=(1 << 63) - 1),
+        "key": Field(str, max_len=64),  # Y, the hop's ephemeral X25519 key
+        "auth": Field(str, max_len=64),  # AUTH: proves the hop holds B's private key
+    },
     "cell": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1)},  # + one binary frame of CELL_BYTES
     "destroy": {"cid": Field(int, minimum=1, maximum=(1 << 63) - 1), "reason": Field(str, required=False, max_len=64)},
 }
@@ -259,11 +265,14 @@ class PeerRecord:
         seq: int,
         expires: float,
         stopped: bool = False,
+        onion_key: bytes | None = None,
     ) -> PeerRecord:
+        """`onion_key`: the relay's current rotating onion key (onionkeys.py); a peer that relays
+        nothing (a tracker, a test record) may leave it out and announce the identity's static one."""
         record = cls(
             peer_id=identity.peer_id,
             signing_key=identity.signing_public,
-            onion_key=identity.onion_public,
+            onion_key=identity.onion_public if onion_key is None else onion_key,
             curve_key=identity.curve_public,
             endpoint=endpoint,
             roles=tuple(sorted(set(roles))),
@@ -295,7 +304,7 @@ class PeerRecord:
             raise ProtocolError("record: peer id does not match its signing key")
         if not verify_signature(keys["signing_key"], keys["signature"], RECORD_LABEL + signed_bytes):
             raise ProtocolError("record: bad signature")
-        if not _ENDPOINT_RE.match(doc["endpoint"]):
+        if not _ENDPOINT_RE.fullmatch(doc["endpoint"]):  # `$` in the pattern would let a final newline by
             raise ProtocolError("record: endpoint is not tcp://HOST:PORT")
         roles = tuple(doc["roles"])
         if not set(roles) <= ROLES:
@@ -337,9 +346,26 @@ RECORD_SCHEMA: dict[str, Field] = {
 }
 MODEL_SCHEMA: dict[str, Field] = {
     "model_id": Field(str, max_len=64),
-    "name": Field(str, max_len=128),
+    "name": Field(str, max_len=64),
     "context_length": Field(int, minimum=1, maximum=1 << 24),
 }
+
+# Model names are shown in terminals and matched by users, and come from anyone who announces: keep
+# them to a small ASCII set that is neither markup (`[`), a control character (ESC, newline) nor
+# whitespace, yet holds the usual forms (`gpt2-tiny`, `Qwen/Qwen2.5-0.5B`, `llama3:8b`, `model@v1+q4`).
+MAX_MODEL_NAME_CHARS = 64
+MODEL_NAME_CHARS = "letters, digits and . _ - : / @ +"
+_MODEL_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:/@+-]{{0,{MAX_MODEL_NAME_CHARS - 1}}}")
+_MODEL_ID_RE = re.compile(r"[0-9a-f]{64}")  # hex SHA-256, lower case
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` may not be announced as a model name, or None when it may."""
+    if not 1 <= len(name) <= MAX_MODEL_NAME_CHARS:
+        return f"a model name is 1 to {MAX_MODEL_NAME_CHARS} characters long"
+    if not _MODEL_NAME_RE.fullmatch(name):
+        return f"a model name holds only {MODEL_NAME_CHARS}, and starts with a letter or digit"
+    return None
 
 
 _RECORD_KEYS = frozenset(RECORD_SCHEMA)
@@ -373,6 +399,10 @@ def _check_schema_record(doc: dict[str, Any]) -> None:
             raise ProtocolError("record.models: bad entry")
         for name, spec in MODEL_SCHEMA.items():
             _check_value(f"record.models.{name}", model[name], spec)
+        if not _MODEL_ID_RE.fullmatch(model["model_id"]):
+            raise ProtocolError("record.models.model_id: not 64 lower-case hex digits")
+        if model_name_problem(model["name"]) is not None:
+            raise ProtocolError(f"record.models.name: not 1 to {MAX_MODEL_NAME_CHARS} of {MODEL_NAME_CHARS}")
     if type(load) is not dict or len(load) > 16:
         raise ProtocolError("record.load: bad object")
     for key, value in load.items():

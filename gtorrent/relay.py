@@ -8,15 +8,23 @@ single S-IDA clove.
 
 State machine of a circuit at a relay (transitions as the table reads):
 
-    (none)   --create-->            OPEN      (CREATED sent back)
-    OPEN     --cell: EXTEND-->      EXTENDING (CREATE sent to the next hop)
-    EXTENDING--created-->           RELAYING  (EXTENDED sealed back to the asker)
-    RELAYING --cell-->              RELAYING  (peel, forward; backward cells get a layer)
-    OPEN     --cell: DATA-->        OPEN      (terminal only: handed to the terminal handler)
-    any      --destroy / idle / error--> (none)  (destroy sent to the other side)
+    (none)    --create-->             CREATED   (ntor answer: CREATED with Y and AUTH sent back)
+    CREATED   --cell: EXTEND-->       EXTENDING (target checked in the directory, CREATE sent on)
+    EXTENDING --created-->            RELAYING  (EXTENDED = Y || AUTH sealed back to the asker)
+    RELAYING  --cell-->               RELAYING  (peel, forward; backward cells get a layer)
+    CREATED   --cell: DATA-->         CREATED   (terminal only: handed to the terminal handler)
+    any       --destroy / idle / error--> closed  (destroy sent to the other side; `Circuit.closed`)
 
-Replayed CREATEs (same ephemeral key) are refused; replayed, reordered or tampered forward cells fail
-their hop's authentication and destroy the circuit. Idle circuits expire.
+A CREATE names the onion key it was made for; the relay answers with the matching key of its ring
+(onionkeys.py: the current one, or a retired one within its grace period) and refuses others with a
+`destroy`. Replayed CREATEs (same ephemeral key) are refused; replayed, reordered or tampered forward
+cells fail their hop's authentication and destroy the circuit. Idle circuits expire.
+
+Next hops: a relay extends only to an endpoint and CurveZMQ key that a verified record in its
+`PeerDirectory` announces (so an EXTEND cannot aim it at an arbitrary host), opens new links at a
+bounded rate (token bucket), backs off between reconnects, and closes a link whose next hop never
+answered within the EXTEND timeout, so a dead target costs a handful of connection attempts, not
+minutes of them.
 """
 
 from __future__ import annotations
@@ -24,16 +32,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .identity import Identity, b64, unb64
+from .cells import (
+    CIRCUIT_KINDS,
+    CIRCUIT_REPLIES,
+    Extend,
+    cell_frame,
+    created_body,
+    pack_extended,
+    parse_create,
+    parse_created,
+)
+from .discovery import PeerDirectory
+from .identity import Identity
 from .onion import (
-    CELL_BYTES,
     DATA,
     END,
     EXTEND,
@@ -44,8 +60,9 @@ from .onion import (
     hop_answer_create,
     unpack_payload,
 )
+from .onionkeys import OnionKeyRing
 from .protocol import Message, ProtocolError
-from .transport import Connection, Context, Reply, Server, TransportError
+from .transport import Connection, Context, Reply, Server, TransportError, throwaway_curve_keys
 
 log = logging.getLogger(__name__)
 
@@ -53,34 +70,32 @@ IDLE_TIMEOUT_S = 120.0
 EXTEND_TIMEOUT_S = 5.0
 MAX_CIRCUITS = 10_000
 MAX_LINKS = 1_000  # next hops open at once
-TCP_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}$")
-_EXTEND_HEAD = struct.Struct(">Q32s32sQ")  # next circuit id, ephemeral key, next hop's CurveZMQ key, created ms
 CREATE_WINDOW_S = 600.0  # a CREATE older than this is refused; the replay cache covers the window
 CLOCK_SKEW_S = 60.0
-CIRCUIT_KINDS = frozenset({"create", "cell", "destroy"})
+MAINTAIN_INTERVAL_S = 10.0  # idle expiry, onion key rotation, directory refresh
+# libzmq reconnects a link whose peer is unreachable: after 0.5 s (plus up to as much jitter), doubling
+# up to 2 s; a link that never answered is closed after EXTEND_TIMEOUT_S, so at most ~5 attempts
+LINK_RECONNECT_S = (0.5, 2.0)
+LINK_BURST = 32  # new next-hop links a relay may open at once ...
+LINK_RATE_PER_S = 4.0  # ... and per second after that (links are shared by circuits and kept while used)
 
 
-def pack_extend(next_cid: int, ephemeral_public: bytes, curve_key: bytes, created_ms: int, endpoint: str) -> bytes:
-    return _EXTEND_HEAD.pack(next_cid, ephemeral_public, curve_key, created_ms) + endpoint.encode("ascii")
+class TokenBucket:
+    """`burst` tokens refilled at `rate_per_s`; `take` spends one when there is one (pure, clock injected)."""
 
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate_per_s, self.burst, self.clock = rate_per_s, burst, clock
+        self.tokens = float(burst)
+        self.updated = clock()
 
-def unpack_extend(data: bytes) -> tuple[int, bytes, bytes, int, str]:
-    if len(data) <= _EXTEND_HEAD.size or len(data) > _EXTEND_HEAD.size + 256:
-        raise OnionError("malformed EXTEND")
-    next_cid, ephemeral, curve_key, created_ms = _EXTEND_HEAD.unpack_from(data)
-    try:
-        endpoint = data[_EXTEND_HEAD.size :].decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise OnionError("malformed EXTEND endpoint") from exc
-    if not 0 < next_cid < 1 << 63 or created_ms >= 1 << 63:
-        raise OnionError("bad circuit id or timestamp")
-    return next_cid, ephemeral, curve_key, created_ms, endpoint
-
-
-def cell_frame(message: Message) -> bytes:
-    if len(message.binary) != 1 or len(message.binary[0]) != CELL_BYTES:
-        raise ProtocolError("a cell carries exactly one frame of CELL_BYTES")
-    return message.binary[0]
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate_per_s)
+        self.updated = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 @dataclass(eq=False)
@@ -88,12 +103,17 @@ class Circuit:
     hop: HopCircuit
     reply: Reply  # towards the predecessor
     prev_cid: int
-    state: str = "open"
+    state: str = "created"
     next_link: _Link | None = None
     next_cid: int = 0
     last_active: float = field(default_factory=time.monotonic)
-    created: asyncio.Future[bytes] | None = None  # while extending
+    created: asyncio.Future[tuple[bytes, bytes]] | None = None  # the next hop's (Y, AUTH), while extending
     terminal_state: Any = None  # for the terminal handler (a seed's request assembly)
+    closed: bool = False  # set once, by RelayService.destroy: a closed circuit carries nothing more
+
+    @property
+    def open(self) -> bool:
+        return not self.closed
 
     async def send_back(self, command: int, data: bytes) -> None:
         """Originate a backward cell from this hop (the terminal's answers, EXTENDED)."""
@@ -108,18 +128,23 @@ class _Link:
 
     def __init__(self, service: RelayService, endpoint: str, curve_key: bytes) -> None:
         self.service = service
-        self.conn = Connection(service.ctx, endpoint, server_key=curve_key, client_keys=service.link_keys, name=f"hop {endpoint}")
+        self.conn = Connection(
+            service.ctx, endpoint, server_key=curve_key, client_keys=service.link_keys, name=f"hop {endpoint}",
+            reconnect_ivl_s=LINK_RECONNECT_S,
+        )
         self.circuits: dict[int, Circuit] = {}
         self.idle_since = time.monotonic()
+        self.answered = False  # the next hop has sent something: the link works
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         try:
             while True:
                 try:
-                    message = await self.conn.recv(3600.0, frozenset({"created", "cell", "destroy", "error"}))
+                    message = await self.conn.recv(3600.0, CIRCUIT_REPLIES)
                 except TransportError:
                     break
+                self.answered = True
                 circuit = self.circuits.get(message.get("cid", 0))
                 if circuit is None:
                     continue
@@ -148,19 +173,37 @@ class RelayService:
         *,
         terminal: TerminalHandler | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        directory: PeerDirectory | None = None,
+        onion_keys: OnionKeyRing | None = None,
+        extend_timeout_s: float = EXTEND_TIMEOUT_S,
+        link_bucket: TokenBucket | None = None,
     ) -> None:
+        """`directory`: the verified records EXTENDs may target (default: none, so this relay only
+        terminates circuits). `onion_keys`: the rotating onion keys (default: a fresh ring, in memory)."""
         self.identity = identity
+        self.hop_id = identity.signing_public
         self.ctx = ctx
         self.terminal = terminal
         self.idle_timeout_s = idle_timeout_s
+        self.extend_timeout_s = extend_timeout_s
+        self.directory = directory if directory is not None else PeerDirectory()
+        self.onion_keys = onion_keys if onion_keys is not None else OnionKeyRing()
+        self.link_bucket = link_bucket if link_bucket is not None else TokenBucket(LINK_RATE_PER_S, LINK_BURST)
+        self.on_rotate: Callable[[], Awaitable[object]] | None = None  # re-announce the new onion key
         self.circuits: dict[tuple[bytes, int], Circuit] = {}
         self.links: dict[tuple[str, bytes], _Link] = {}
         self.replays = ReplayCache(ttl_s=CREATE_WINDOW_S + 2 * CLOCK_SKEW_S)
-        self.counters: dict[str, int] = {"circuits": 0, "cells": 0, "dropped": 0, "replays": 0}
+        self.counters: dict[str, int] = {
+            "circuits": 0, "cells": 0, "dropped": 0, "replays": 0, "unknown_onion_key": 0,
+            "extend_refused": 0, "links_rate_limited": 0, "links_unanswered": 0, "rotations": 0,
+        }
         # a relay's outgoing links use a key of their own, never its identity's CurveZMQ key
-        from .transport import throwaway_curve_keys
-
         self.link_keys = throwaway_curve_keys()
+
+    @property
+    def onion_public(self) -> bytes:
+        """The onion key to announce in this relay's record now."""
+        return self.onion_keys.current_public
 
     # --------------------------------------------------------------- from the predecessor
 
@@ -188,25 +231,28 @@ class RelayService:
         if (reply.route, cid) in self.circuits or len(self.circuits) >= MAX_CIRCUITS:
             await reply.send("destroy", {"cid": cid, "reason": "busy"})  # circuit id in use, or relay full
             return
-        try:
-            ephemeral = unb64(message["key"])
-        except (ValueError, TypeError):
-            raise ProtocolError("create: bad key") from None
-        created_ms = message["ts"]
+        asker_public, onion_public, created_ms = parse_create(message)
         now_ms = time.time() * 1000
         if not now_ms - CREATE_WINDOW_S * 1000 <= created_ms <= now_ms + CLOCK_SKEW_S * 1000:
             self.counters["replays"] += 1
             raise ProtocolError("create: timestamp outside the accepted window")
-        if not self.replays.check_and_add(ephemeral):
+        onion_key = self.onion_keys.private_for(onion_public)
+        if onion_key is None:
+            # a record older than the grace period, or a key this relay never had: say so at once, so
+            # the asker does not wait for a timeout (and a retry takes the relay's fresh record)
+            self.counters["unknown_onion_key"] += 1
+            await reply.send("destroy", {"cid": cid, "reason": "unknown onion key"})
+            return
+        if not self.replays.check_and_add(asker_public, created_ms / 1000):
             self.counters["replays"] += 1
-            raise ProtocolError("create: replayed ephemeral key (or replay cache full)")
+            raise ProtocolError("create: replayed ephemeral key (or stamped below a flood's replay floor)")
         try:
-            keys, auth = hop_answer_create(self.identity.onion_key, ephemeral, created_ms)
+            keys, hop_public, auth = hop_answer_create(onion_key, self.hop_id, asker_public, created_ms)
         except OnionError as exc:
             raise ProtocolError(str(exc)) from exc
         self.circuits[(reply.route, cid)] = Circuit(HopCircuit(keys), reply, cid)
         self.counters["circuits"] += 1
-        await reply.send("created", {"cid": cid, "auth": b64(auth)})
+        await reply.send("created", created_body(cid, hop_public, auth))
 
     async def _forward(self, circuit: Circuit, frame: bytes) -> None:
         plain = circuit.hop.peel(frame)
@@ -215,46 +261,67 @@ class RelayService:
             await circuit.next_link.conn.send("cell", {"cid": circuit.next_cid}, circuit.hop.next_cell(plain))
             return
         command, data = unpack_payload(plain)
-        if command == EXTEND and circuit.state == "open":
+        if command == EXTEND and circuit.state == "created":
             await self._extend(circuit, data)
-        elif command in (DATA, END) and circuit.state == "open" and self.terminal is not None:
+        elif command in (DATA, END) and circuit.state == "created" and self.terminal is not None:
             await self.terminal(circuit, command, data)
         else:
             raise OnionError(f"unexpected command {command} in state {circuit.state}")
 
-    async def _extend(self, circuit: Circuit, data: bytes) -> None:
-        next_cid, ephemeral, curve_key, created_ms, endpoint = unpack_extend(data)
-        if not TCP_ENDPOINT.match(endpoint):
-            raise OnionError("EXTEND to something that is not tcp://HOST:PORT")
-        link = self.links.get((endpoint, curve_key))
-        if link is None:
-            if len(self.links) >= MAX_LINKS:
-                raise OnionError("too many next hops open")
-            try:
-                link = _Link(self, endpoint, curve_key)
-            except Exception as exc:  # noqa: BLE001 - a bad endpoint from an asker must not hurt the relay
-                raise OnionError(f"cannot reach next hop {endpoint}") from exc
-            self.links[(endpoint, curve_key)] = link
-        if next_cid in link.circuits:
-            raise OnionError("next circuit id in use")
-        circuit.state, circuit.next_link, circuit.next_cid = "extending", link, next_cid
-        circuit.created = asyncio.get_running_loop().create_future()
-        link.circuits[next_cid] = circuit
-        await link.conn.send("create", {"cid": next_cid, "key": b64(ephemeral), "ts": created_ms})
+    async def _link_to(self, extend: Extend) -> _Link:
+        """The link to an EXTEND's target: an open one, or a new one if the target is announced."""
+        target = (extend.endpoint, extend.curve_key)
+        link = self.links.get(target)
+        if link is not None:
+            return link
+        if await self.directory.lookup(*target) is None:
+            self.counters["extend_refused"] += 1
+            raise OnionError(f"EXTEND to {extend.endpoint}, which no verified peer record announces")
+        link = self.links.get(target)  # another circuit may have opened it while we looked
+        if link is not None:
+            return link
+        if len(self.links) >= MAX_LINKS:
+            raise OnionError("too many next hops open")
+        if not self.link_bucket.take():
+            self.counters["links_rate_limited"] += 1
+            raise OnionError("too many new next-hop links; try again later")
         try:
-            auth = await asyncio.wait_for(circuit.created, EXTEND_TIMEOUT_S)
+            link = _Link(self, *target)
+        except Exception as exc:  # noqa: BLE001 - a bad endpoint from an asker must not hurt the relay
+            raise OnionError(f"cannot reach next hop {extend.endpoint}") from exc
+        self.links[target] = link
+        return link
+
+    async def _extend(self, circuit: Circuit, data: bytes) -> None:
+        extend = Extend.unpack(data)
+        circuit.state = "extending"  # before any wait: a second EXTEND meanwhile is refused
+        link = await self._link_to(extend)
+        if circuit.closed:
+            return  # destroyed while the directory was asked
+        if extend.next_cid in link.circuits:
+            raise OnionError("next circuit id in use")
+        circuit.next_link, circuit.next_cid = link, extend.next_cid
+        circuit.created = asyncio.get_running_loop().create_future()
+        link.circuits[extend.next_cid] = circuit
+        await link.conn.send("create", extend.create_body())
+        try:
+            hop_public, auth = await asyncio.wait_for(circuit.created, self.extend_timeout_s)
         except TimeoutError:
+            if not link.answered:  # the next hop never said a word: stop reconnecting to it
+                self.counters["links_unanswered"] += 1
+                self.forget_link(link)
+                link.close()
             await self.destroy(circuit, "next hop did not answer")
             return
         circuit.state = "relaying"
-        await circuit.send_back(EXTENDED, auth)
+        await circuit.send_back(EXTENDED, pack_extended(hop_public, auth))
 
     # --------------------------------------------------------------- from the successor
 
     async def from_next(self, circuit: Circuit, message: Message) -> None:
         circuit.last_active = time.monotonic()
         if message.kind == "created" and circuit.created is not None and not circuit.created.done():
-            circuit.created.set_result(unb64(message["auth"]))
+            circuit.created.set_result(parse_created(message))
         elif message.kind == "cell" and circuit.state == "relaying":
             layered = circuit.hop.relay_backward(cell_frame(message))
             await circuit.reply.send("cell", {"cid": circuit.prev_cid}, layered)
@@ -266,6 +333,7 @@ class RelayService:
     async def destroy(self, circuit: Circuit, reason: str, *, notify_prev: bool = True, notify_next: bool = True) -> None:
         if self.circuits.pop((circuit.reply.route, circuit.prev_cid), None) is None:
             return
+        circuit.closed = True
         if circuit.created is not None and not circuit.created.done():
             circuit.created.cancel()
         link = circuit.next_link
@@ -302,15 +370,31 @@ class RelayService:
                 link.close()
         return len(idle)
 
+    async def maintain(self) -> None:
+        """One round of upkeep: expire idle circuits, rotate the onion key when due (and re-announce
+        at once), refresh the directory when due."""
+        await self.expire_idle()
+        if self.onion_keys.rotate_if_due():
+            self.counters["rotations"] += 1
+            if self.on_rotate is not None:
+                await self.on_rotate()
+        await self.directory.refresh_if_due()
+
     async def expire_loop(self) -> None:
+        """`maintain` forever (the name predates rotation: seeds and relay nodes run this loop)."""
         while True:
-            await asyncio.sleep(min(10.0, self.idle_timeout_s / 2))
-            await self.expire_idle()
+            await asyncio.sleep(min(MAINTAIN_INTERVAL_S, self.idle_timeout_s / 2))
+            try:
+                await self.maintain()
+            except Exception:  # noqa: BLE001 - upkeep must never stop the relay
+                log.exception("relay upkeep failed")
 
     def close(self) -> None:
         for link in list(self.links.values()):
             link.close()
         self.links.clear()
+        for circuit in self.circuits.values():
+            circuit.closed = True
         self.circuits.clear()
 
 

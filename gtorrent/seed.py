@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .discovery import Announcer
+from .discovery import Announcer, PeerDirectory
 from .errors import GtorrentError, UsageError
 from .garlic import (
     REPLY_KEY_BYTES,
@@ -47,6 +47,9 @@ MAX_QUEUE_PER_SLOT = 8  # requests waiting per concurrent slot before the seed a
 MAX_CHUNK_CHARS = 4000  # a token message's text stays under the protocol's 4096
 MAX_PRIVATE_CHUNK_CHARS = 600  # an upper bound; garlic.split_to_fit cuts by bytes so fragments fit a cell
 PRIVATE_ASK_TTL_S = 60.0  # an ask whose cloves never reach k is forgotten after this
+MAX_PENDING_ASKS = 256  # asks still collecting cloves; beyond this the oldest is dropped
+MAX_PENDING_ASK_BYTES = 16 << 20  # clove bytes those asks hold; beyond this the oldest is dropped
+MAX_FINISHED_ASKS = 100_000  # ask ids remembered against late cloves (the oldest go first when full)
 PRIVATE_BATCH_S = 0.1  # answer text is batched this long on private paths (after the first piece)
 REPLY_CAPACITY = BODY_BYTES - PAYLOAD_HEADER.size  # payload bytes of one backward cell
 LATENCY_EWMA = 0.125  # weight of the newest request latency (TCP SRTT style, as the paper)
@@ -107,6 +110,7 @@ class PrivateAsk:
     started: bool = False
     created: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
+    held_bytes: int = 0  # clove bytes held while the ask waits for k of them
 
 
 class PrivateResponder(Responder):
@@ -127,7 +131,7 @@ class PrivateResponder(Responder):
         live = 0
         for path, payload in enumerate(payloads):
             circuit = self.ask.circuits.get(path)
-            if circuit is None or (circuit.reply.route, circuit.prev_cid) not in self.seed.relay.circuits:
+            if circuit is None or circuit.closed:
                 continue  # that path is gone; any k of the others deliver the chunk
             try:
                 await circuit.send_back(DATA, payload)
@@ -185,12 +189,17 @@ class SeedService:
         self.server = Server(self.ctx, curve_secret=identity.curve_secret, name="seed")
         self.announcer = Announcer(self.ctx, trackers, lambda stopped: self.record(stopped=stopped), RECORD_TTL_S / 3)
         # every seed relays other seeds' traffic, and is the terminal of circuits that ask it privately
-        self.relay = RelayService(identity, self.ctx, terminal=self.terminal)
+        # it extends only to peers its trackers announce, and re-announces when its onion key rotates
+        self.relay = RelayService(identity, self.ctx, terminal=self.terminal, directory=PeerDirectory(self.ctx, trackers))
+        self.relay.on_rotate = self.announcer.announce
         self.private_asks: dict[bytes, PrivateAsk] = {}
-        self.finished_asks = ReplayCache(ttl_s=PRIVATE_ASK_TTL_S * 5)  # ask ids seen recently
+        # ask ids seen recently: a late clove of an answered ask must not start it again; a flood of ask
+        # ids only evicts the oldest (late cloves come seconds after the first), never refuses new asks
+        self.finished_asks = ReplayCache(ttl_s=PRIVATE_ASK_TTL_S * 5, max_entries=MAX_FINISHED_ASKS)
         self.max_concurrency = max_concurrency
         self.max_queue = MAX_QUEUE_PER_SLOT * max_concurrency
         self.cancelled = 0  # requests stopped because their asker went away
+        self.dropped_asks = 0  # incomplete private asks dropped to stay within MAX_PENDING_ASKS / _BYTES
         self.roles = ("seed", "relay", *extra_roles)
         self.load = SeedLoad()
         self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
@@ -214,6 +223,7 @@ class SeedService:
             seq=int(now * 1000),
             expires=now + RECORD_TTL_S,
             stopped=stopped,
+            onion_key=self.relay.onion_public,
         )
 
     async def announce(self, *, stopped: bool = False) -> dict[str, str]:
@@ -338,10 +348,19 @@ class SeedService:
             raise OnionError(f"bad clove: {exc}") from exc
         assert assembler.ask_id is not None
         self._expire_asks()
-        if not self.finished_asks.check_and_add(assembler.ask_id) and assembler.ask_id not in self.private_asks:
-            return  # a late clove of an ask that is already answered: never start it twice
-        ask = self.private_asks.setdefault(assembler.ask_id, PrivateAsk())
+        ask = self.private_asks.get(assembler.ask_id)
+        if ask is None:
+            if not self.finished_asks.check_and_add(assembler.ask_id):
+                return  # a late clove of an ask already answered (or dropped): never start it twice
+            self._make_room(len(clove.fragment))
+            ask = self.private_asks[assembler.ask_id] = PrivateAsk()
+        elif not ask.started and clove.index not in ask.cloves:
+            self._make_room(len(clove.fragment), keep=assembler.ask_id)
+            if assembler.ask_id not in self.private_asks:
+                return
         ask.circuits[clove.index - 1] = circuit
+        if clove.index not in ask.cloves:
+            ask.held_bytes += len(clove.fragment)
         ask.cloves[clove.index] = clove
         if ask.started or len(ask.cloves) < clove.k:
             return
@@ -375,6 +394,23 @@ class SeedService:
         for ask_id, ask in list(self.private_asks.items()):
             if not ask.started and ask.created < cutoff:
                 del self.private_asks[ask_id]
+
+    def _make_room(self, adding: int, keep: bytes | None = None) -> None:
+        """Drop the oldest asks still collecting cloves until one more clove of `adding` bytes fits the
+        caps (count and bytes). An honest ask gathers its k cloves within a second or so; a flood of
+        partial asks only pushes out its own oldest. Started asks are bounded by the queue instead."""
+        pending = [(ask_id, ask) for ask_id, ask in self.private_asks.items() if not ask.started]
+        count = len(pending) + (keep is None)
+        held = sum(ask.held_bytes for _, ask in pending) + adding
+        for ask_id, ask in pending:  # oldest first (dicts keep insertion order)
+            if count <= MAX_PENDING_ASKS and held <= MAX_PENDING_ASK_BYTES:
+                break
+            if ask_id == keep and count <= MAX_PENDING_ASKS:
+                continue
+            del self.private_asks[ask_id]
+            self.dropped_asks += 1
+            count -= 1
+            held -= ask.held_bytes
 
     async def serve(self) -> None:
         tasks = [

@@ -4,27 +4,47 @@ One database per home, `gtorrent.db`. Migrations are a list of functions applied
 (sqlite-utils `Migrations`); the database runs in WAL mode and every write is a transaction, so a
 crash never loses a committed row. Reputation is derived from the observations on read
 (`reputation.py` holds the rules), never stored as a number that could drift from its evidence.
+
+Many processes may use one store at once (several asks sharing a home). So every connection waits
+for another's write lock (busy timeout) instead of failing; every write is one short `BEGIN
+IMMEDIATE` transaction, which takes the write lock up front: a deferred transaction that reads and
+then writes must upgrade its read snapshot, and in WAL mode that fails at once (SQLITE_BUSY, no
+waiting) whenever another process committed in between. No write reads first (upserts are single
+`INSERT … ON CONFLICT` statements). Migrations run inside one such transaction and re-read what is
+pending there, so processes opening a new home together apply each migration exactly once. A
+transaction that still meets SQLITE_BUSY is retried a few times with jittered backoff. Any other
+SQLite failure (full disk, read-only or damaged file) becomes a `StoreError` naming the file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import random
+import sqlite3
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from . import reputation
-from .paths import create_private, ensure_private_dir
+from .errors import StoreError
+from .paths import HOME_ENV, create_private, ensure_private_dir
 from .protocol import PeerRecord
 
 DB_NAME = "gtorrent.db"
 OUTCOMES = ("ok", "failed", "timeout")
 RECENT_OBSERVATIONS = 50  # per peer, for reliability and medians
+BUSY_TIMEOUT_S = 5.0  # one statement waits this long for another process's lock before SQLITE_BUSY
+BUSY_ATTEMPTS = 4  # a transaction that still meets SQLITE_BUSY runs again, this many times in all
+BUSY_BACKOFF_S = 0.05  # mean pause before the first retry; doubles for each further one (jittered)
+
+# SQLite primary result codes (the low byte of sqlite3.Error.sqlite_errorcode)
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 5, 6, 8, 11, 13, 26
 
 migrations = Migrations("gtorrent")
 
@@ -60,14 +80,81 @@ def m002_verdicts(db: Database) -> None:
     db.table("verdicts").create_index(["peer_id", "epoch"])
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _primary_code(exc: sqlite3.Error) -> int:
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    if _primary_code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)  # builds without error codes
+
+
+def _retrying(path: Path, attempt_once: Callable[[], R]) -> R:
+    """Run `attempt_once` again on SQLITE_BUSY (bounded, jittered); turn SQLite errors into StoreError."""
+    for attempt in range(BUSY_ATTEMPTS):
+        try:
+            return attempt_once()
+        except sqlite3.Error as exc:
+            if not _is_busy(exc) or attempt == BUSY_ATTEMPTS - 1:
+                raise _store_error(path, exc) from exc
+        # jitter: processes that collided must not retry in lockstep
+        time.sleep(BUSY_BACKOFF_S * (2**attempt) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
+
+
+def _guarded(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
+    """A Store read, retried on SQLITE_BUSY, with SQLite errors as StoreError (writes use `Store._write`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return _retrying(self.path, lambda: method(self, *args, **kwargs))
+
+    return wrapper
+
+
+def _store_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    code = _primary_code(exc)
+    other_home = f"or set {HOME_ENV} to another directory"
+    if code == _SQLITE_FULL:
+        return StoreError(f"cannot write the local store {path}: the database or disk is full ({exc})",
+                          hint=f"free some disk space, {other_home} (on a disk with room)")
+    if code == _SQLITE_READONLY:
+        return StoreError(f"cannot write the local store {path}: it is read-only ({exc})",
+                          hint=f"make it and its folder writable, {other_home}")
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return StoreError(f"the local store {path} is damaged ({exc})",
+                          hint=f"move it aside (it holds only peers seen and ask outcomes, and is made anew), {other_home}")
+    if _is_busy(exc):
+        return StoreError(f"the local store {path} stayed locked by other processes ({exc})",
+                          hint=f"try again; if it persists, stop the gtorrent process stuck on it, {other_home}")
+    return StoreError(f"cannot use the local store {path} ({exc})", hint=f"check the disk that holds it (full? failing?), {other_home}")
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         ensure_private_dir(path.parent)
         self.path = path
         create_private(path)  # SQLite gives the -wal/-shm files the database file's mode
-        self.db = Database(path)
-        self.db.enable_wal()
-        migrations.apply(self.db)
+        try:
+            # timeout= is SQLite's busy timeout: wait for another process's lock instead of failing
+            self.db = Database(sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S))
+        except sqlite3.Error as exc:
+            raise _store_error(path, exc) from exc
+        try:
+            self._open()
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _open(self) -> None:
+        _retrying(self.path, self.db.enable_wal)
+        if _retrying(self.path, lambda: migrations.pending(self.db)):  # an up-to-date store takes no write lock
+            self._write(lambda: migrations.apply(self.db))  # pending is re-read inside, under the lock
 
     @classmethod
     def open(cls, home: Path) -> Store:
@@ -76,24 +163,50 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def _write(self, body: Callable[[], R]) -> R:
+        """Run `body` in one IMMEDIATE transaction (the write lock taken before anything is read), retried."""
+        conn = self.db.conn
+
+        def attempt_once() -> R:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return _retrying(self.path, attempt_once)
+
     # ------------------------------------------------------------------ writes
 
     def saw_peers(self, records: Iterable[PeerRecord], now: float | None = None) -> None:
         now = time.time() if now is None else now
-        with self.db.atomic():
-            for record in records:
-                existing = self._peer_row(record.peer_id)
-                self.db.table("peers").upsert(
-                    {
-                        "peer_id": record.peer_id,
-                        "record": json.dumps(record.to_wire()),
-                        "endpoint": record.endpoint,
-                        "roles": ",".join(record.roles),
-                        "first_seen": existing["first_seen"] if existing else now,
-                        "last_seen": now,
-                    },
-                    pk="peer_id",
-                )
+        rows = [
+            (record.peer_id, json.dumps(record.to_wire()), record.endpoint, ",".join(record.roles), now, now)
+            for record in records
+        ]
+        if not rows:
+            return
+        # one statement per peer, no read first: first_seen keeps the earliest sighting and the record
+        # the latest, whatever order concurrent processes commit in
+        self._write(
+            lambda: self.db.conn.executemany(
+                """
+                insert into peers (peer_id, record, endpoint, roles, first_seen, last_seen)
+                values (?, ?, ?, ?, ?, ?)
+                on conflict (peer_id) do update set
+                    record = case when excluded.last_seen >= peers.last_seen then excluded.record else peers.record end,
+                    endpoint = case when excluded.last_seen >= peers.last_seen then excluded.endpoint else peers.endpoint end,
+                    roles = case when excluded.last_seen >= peers.last_seen then excluded.roles else peers.roles end,
+                    first_seen = min(peers.first_seen, excluded.first_seen),
+                    last_seen = max(peers.last_seen, excluded.last_seen)
+                """,
+                rows,
+            )
+        )
 
     def observe(
         self,
@@ -108,18 +221,14 @@ class Store:
     ) -> None:
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}")
-        with self.db.atomic():
-            self.db.table("observations").insert(
-                {
-                    "peer_id": peer_id,
-                    "kind": kind,
-                    "outcome": outcome,
-                    "ttft_s": ttft_s,
-                    "tokens_per_s": tokens_per_s,
-                    "detail": detail[:500],
-                    "at": time.time() if now is None else now,
-                }
+        row = (peer_id, kind, outcome, ttft_s, tokens_per_s, detail[:500], time.time() if now is None else now)
+        self._write(
+            lambda: self.db.conn.execute(
+                "insert into observations (peer_id, kind, outcome, ttft_s, tokens_per_s, detail, at) "
+                "values (?, ?, ?, ?, ?, ?, ?)",
+                row,
             )
+        )
 
     # ------------------------------------------------------------------ reads
 
@@ -127,6 +236,7 @@ class Store:
         rows = list(self.db.table("peers").rows_where("peer_id = ?", [peer_id], limit=1))
         return rows[0] if rows else None
 
+    @_guarded
     def known_records(self) -> list[PeerRecord]:
         """Records of every peer seen (re-verified: the database is not trusted blindly either)."""
         records = []
@@ -137,10 +247,12 @@ class Store:
                 continue
         return records
 
+    @_guarded
     def last_seen(self, peer_id: str) -> float | None:
         row = self._peer_row(peer_id)
         return float(row["last_seen"]) if row else None
 
+    @_guarded
     def standing(self, peer_id: str) -> reputation.PeerStanding:
         rows = list(
             self.db.table("observations").rows_where(
@@ -151,7 +263,7 @@ class Store:
         counts = self.db.execute(
             "select sum(outcome = 'ok'), sum(outcome != 'ok') from observations where peer_id = ? and kind = 'ask'",
             [peer_id],
-        ).fetchone()
+        ).fetchall()[0]  # fetchall: a cursor left mid-result would hold a read snapshot open
         consecutive = 0
         last_failure = None
         for row in reversed(rows):

@@ -6,8 +6,15 @@ Rules (`TrackerTable`, pure over an injected clock):
   for that peer — so a replayed or rolled-back announce is refused, also after the peer stopped
   (its tombstone keeps the sequence until the record would have expired);
 - `stopped` removes the peer; expired records are forgotten;
+- the table holds at most `max_entries` peers (records and tombstones): a new peer beyond that is
+  refused with `capacity`, while known peers can always refresh or withdraw;
 - the table is persisted in SQLite (group commit: all announces that arrive together are written in one
-  transaction before any of them is acknowledged), so a restart loses nothing acknowledged.
+  transaction before any of them is acknowledged), so a restart loses nothing acknowledged;
+- memory and disk agree on announces: a burst is applied in `TrackerTable.staged()`, and if its commit
+  fails (a full disk) every change of the burst is undone (entries, tombstones, the live count, dirty
+  marks) and each announce is refused with `storage`, so nothing unacknowledged is ever served;
+- a failed flush keeps the dirty marks for the next try, and never stops the tracker: it logs, refuses
+  announces with `storage` and keeps answering queries from memory.
 
 Ports: the tracker's protocol runs over CurveZMQ like every link, but a client given only
 `tcp://host:port` cannot know the tracker's key yet. So the URL's port is a plain bootstrap socket that
@@ -18,10 +25,13 @@ form `tcp://host:port#PEER_ID` pins the tracker's identity.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +49,9 @@ REANNOUNCE_INTERVAL_S = 30.0  # what the tracker asks peers to keep to
 DEFAULT_QUERY_LIMIT = 200
 TRACKER_RECORD_TTL_S = 600.0
 CLOCK_SKEW_S = 60.0  # a record may claim this much more than the TTL, for clocks that run ahead
+MAX_ENTRIES = 50_000  # peers held (records + tombstones); each record is at most 4 KiB on the wire
+EXPIRE_INTERVAL_S = 5.0  # how often expired entries are swept (and unsaved changes retried)
+STORAGE_LOG_INTERVAL_S = 60.0  # at most one log line per this many seconds while the disk stays full
 
 
 QUERY_BUDGET_BYTES = 192 * 1024  # an answer stays well under the message limit
@@ -62,6 +75,20 @@ class Rejected(ProtocolError):
         self.code = code
 
 
+def disk_full(exc: BaseException) -> bool:
+    """True when a storage error means the disk (or the database's size limit) is full."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_problem(exc: BaseException) -> str:
+    """What went wrong with the tracker's database, in words fit for a log line and a peer."""
+    if disk_full(exc):
+        return "the tracker's disk is full"
+    return f"the tracker's database failed ({type(exc).__name__}: {str(exc)[:200]})"
+
+
 @dataclass
 class _Entry:
     record: PeerRecord | None  # None: a tombstone of a peer that stopped
@@ -69,14 +96,43 @@ class _Entry:
     expires: float
 
 
+@dataclass
+class _Undo:
+    saved: dict[str, _Entry | None]  # each changed peer's entry as it was before its first change
+    dirty: set[str]  # the dirty marks as they were
+
+
 class TrackerTable:
     """Records by peer id, with the acceptance rules above. Persistence is the caller's (see `flush`)."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, max_entries: int = MAX_ENTRIES) -> None:
         self.clock = clock
+        self.max_entries = max_entries
         self.entries: dict[str, _Entry] = {}
         self.live = 0  # entries holding a record (not tombstones); expired ones count until expire()
-        self.dirty: set[str] = set()
+        self.dirty: set[str] = set()  # peers whose entry changed since the last successful flush
+        self._undo: _Undo | None = None
+
+    @contextmanager
+    def staged(self) -> Iterator[None]:
+        """Undo every change made inside the block (entries, live count, dirty marks) if it raises.
+
+        The tracker accepts a burst of announces and commits it inside one block, so an announce whose
+        commit failed is neither served nor remembered as dirty (it was never acknowledged).
+        """
+        if self._undo is not None:
+            raise RuntimeError("TrackerTable.staged() does not nest")
+        self._undo = _Undo({}, set(self.dirty))
+        try:
+            yield
+        except BaseException:
+            undo, self._undo = self._undo, None
+            for peer, entry in undo.saved.items():
+                self._set(peer, entry)
+            self.dirty = undo.dirty
+            raise
+        finally:
+            self._undo = None
 
     def accept(self, record: PeerRecord) -> None:
         now = self.clock()
@@ -87,6 +143,8 @@ class TrackerTable:
         known = self.entries.get(record.peer_id)
         if known is not None and known.expires > now and record.seq <= known.seq:
             raise Rejected("replay", f"sequence {record.seq} of {record.peer_id} is not above {known.seq}")
+        if known is None and len(self.entries) >= self.max_entries:  # known peers may always refresh
+            raise Rejected("capacity", f"the tracker holds its maximum of {self.max_entries} peers")
         # keep the latest expiry seen, so an older record cannot be replayed once a shorter-lived newer
         # one has expired
         expires = max(record.expires, known.expires) if known is not None else record.expires
@@ -94,6 +152,8 @@ class TrackerTable:
 
     def _set(self, peer_id: str, entry: _Entry | None) -> None:
         """Replace or remove an entry, keeping the live-record count in step."""
+        if self._undo is not None and peer_id not in self._undo.saved:
+            self._undo.saved[peer_id] = self.entries.get(peer_id)
         old = self.entries.pop(peer_id, None)
         if old is not None and old.record is not None:
             self.live -= 1
@@ -151,24 +211,32 @@ class TrackerDatabase:
         tracker_migrations.apply(self.db)
 
     def load_into(self, table: TrackerTable) -> int:
-        loaded = 0
+        loaded, changed = 0, set()
         for row in self.db.table("tracker_records").rows:
             record = None
             if row["record"]:
                 try:
                     record = PeerRecord.from_wire(json.loads(row["record"]))
                 except (ProtocolError, ValueError):
-                    continue  # never serve a record that no longer verifies
+                    # never serve a record that no longer verifies, but keep its sequence as a
+                    # tombstone so that an older record of the peer cannot be replayed in its place
+                    changed.add(row["peer_id"])
             table._set(row["peer_id"], _Entry(record, row["seq"], row["expires"]))
             loaded += 1
+        table.dirty = changed  # what was loaded is on disk already
         table.expire()
-        self.flush(table)
+        try:
+            self.flush(table)
+        except (sqlite3.Error, OSError) as exc:  # a full disk must not stop the tracker from starting
+            log.error("tracker: cannot save the cleaned-up table (%s); will retry", storage_problem(exc))
         return loaded
 
     def flush(self, table: TrackerTable) -> None:
+        """Write every dirty entry in one transaction. The dirty marks are cleared only once the
+        transaction has committed: a failed flush leaves them for the next try."""
         if not table.dirty:
             return
-        dirty, table.dirty = table.dirty, set()
+        dirty = set(table.dirty)
         with self.db.atomic():
             gone = [peer for peer in dirty if peer not in table.entries]
             if gone:
@@ -185,6 +253,7 @@ class TrackerDatabase:
                 self.db.conn.executemany(
                     "insert or replace into tracker_records (peer_id, seq, expires, record) values (?, ?, ?, ?)", rows
                 )
+        table.dirty -= dirty  # flush is synchronous: nothing was marked in between
 
     def close(self) -> None:
         self.db.close()
@@ -193,9 +262,21 @@ class TrackerDatabase:
 class TrackerService:
     """The tracker's two sockets (plain bootstrap + CurveZMQ) over a persisted TrackerTable."""
 
-    def __init__(self, identity: Identity, db_path: Path | None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        db_path: Path | None,
+        clock: Callable[[], float] = time.time,
+        *,
+        max_entries: int = MAX_ENTRIES,
+        expire_interval_s: float = EXPIRE_INTERVAL_S,
+    ) -> None:
         self.identity = identity
-        self.table = TrackerTable(clock)
+        self.table = TrackerTable(clock, max_entries)
+        self.expire_interval_s = expire_interval_s
+        self.storage_errors = 0  # failed commits and flushes since start
+        self._storage_logged_at = -STORAGE_LOG_INTERVAL_S
+        self._storage_unlogged = 0
         self.database = TrackerDatabase(db_path) if db_path is not None else None
         self.loaded = self.database.load_into(self.table) if self.database else 0
         self.ctx = new_context()
@@ -213,7 +294,24 @@ class TrackerService:
 
     @property
     def counters(self) -> dict[str, int]:
-        return {**{f"bootstrap_{k}": v for k, v in self.bootstrap.counters.items()}, **self.server.counters}
+        return {
+            **{f"bootstrap_{k}": v for k, v in self.bootstrap.counters.items()},
+            **self.server.counters,
+            "storage_errors": self.storage_errors,
+        }
+
+    def _storage_failed(self, exc: BaseException, what: str, serving: bool = True) -> None:
+        """Count and log a failed write; while the fault lasts, log at most once a minute."""
+        self.storage_errors += 1
+        now = time.monotonic()
+        if now - self._storage_logged_at < STORAGE_LOG_INTERVAL_S:
+            self._storage_unlogged += 1
+            return
+        also = f" ({self._storage_unlogged} more failures since the last report)" if self._storage_unlogged else ""
+        still = f"; still serving the {self.table.active_count()} records held" if serving else ""
+        log.error("tracker: %s: %s%s%s", storage_problem(exc), what, still, also,
+                  exc_info=None if disk_full(exc) else exc)
+        self._storage_logged_at, self._storage_unlogged = now, 0
 
     def own_record(self) -> PeerRecord:
         now = self.table.clock()
@@ -245,23 +343,24 @@ class TrackerService:
         Nothing is acknowledged before it is committed, so an acknowledged announce survives a crash.
         """
         answers: list[tuple[Reply, str, dict[str, object]]] = []
-        for reply, message in batch:
-            try:
-                self.table.accept(PeerRecord.from_wire(message["record"]))
-            except Rejected as exc:
-                answers.append((reply, "error", {"code": exc.code, "message": str(exc)}))
-            except ProtocolError as exc:
-                answers.append((reply, "error", {"code": "invalid", "message": str(exc)[:500]}))
-            except Exception as exc:  # noqa: BLE001 - one odd announce must not sink the burst
-                answers.append((reply, "error", {"code": "invalid", "message": type(exc).__name__}))
-            else:
-                answers.append((reply, "announce_ok", {}))
-        if self.database is not None:
-            try:
-                self.database.flush(self.table)
-            except Exception:  # noqa: BLE001 - refuse the burst rather than claim durability
-                log.exception("tracker: cannot commit announces")
-                answers = [(reply, "error", {"code": "storage", "message": "tracker storage failed"}) for reply, _, _ in answers]
+        try:
+            # staged: if the commit fails, the table is as it was before the burst
+            with self.table.staged():
+                for reply, message in batch:
+                    answers.append((reply, *self._check(message)))
+                if self.database is not None:
+                    self.database.flush(self.table)
+        except Exception as exc:  # noqa: BLE001 - refuse the burst rather than claim durability
+            accepted = sum(1 for _, kind, _ in answers if kind == "announce_ok")
+            self._storage_failed(exc, f"refused a burst of {len(batch)} announces ({accepted} valid)")
+            problem = storage_problem(exc)
+            text = f"{problem}: the announce was not stored; try again later or announce to another tracker"
+            refused: dict[str, object] = {"code": "storage", "message": text}
+            if len(answers) != len(batch):  # failed before every announce was checked: refuse them all
+                answers = [(reply, "announce_ok", {}) for reply, _ in batch]
+            # announces refused on their own merits keep their code; the accepted ones were undone
+            answers = [(reply, "error", refused) if kind == "announce_ok" else (reply, kind, body)
+                       for reply, kind, body in answers]
         peers = self.table.active_count()
         for reply, kind, body in answers:
             if kind == "announce_ok":
@@ -270,11 +369,31 @@ class TrackerService:
                 self.server.counters["dropped"] += 1
             await reply.send(kind, body)
 
+    def _check(self, message: Message) -> tuple[str, dict[str, object]]:
+        """Accept one announce into the table, or say why not (as an answer's kind and body)."""
+        try:
+            self.table.accept(PeerRecord.from_wire(message["record"]))
+        except Rejected as exc:
+            return "error", {"code": exc.code, "message": str(exc)}
+        except ProtocolError as exc:
+            return "error", {"code": "invalid", "message": str(exc)[:500]}
+        except Exception as exc:  # noqa: BLE001 - one odd announce must not sink the burst
+            return "error", {"code": "invalid", "message": type(exc).__name__}
+        return "announce_ok", {}
+
+    def sweep(self) -> None:
+        """Forget expired entries and save what is unsaved; a failed save is logged and retried later."""
+        self.table.expire()
+        if self.database is not None and self.table.dirty:
+            try:
+                self.database.flush(self.table)
+            except Exception as exc:  # noqa: BLE001 - the tracker keeps serving from memory
+                self._storage_failed(exc, "cannot save expired entries; will retry")
+
     async def _expire_loop(self) -> None:
         while True:
-            await asyncio.sleep(5.0)
-            if self.table.expire() and self.database is not None:
-                self.database.flush(self.table)
+            await asyncio.sleep(self.expire_interval_s)
+            self.sweep()
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         tasks = [
@@ -301,6 +420,12 @@ class TrackerService:
         self.bootstrap.close()
         self.server.close()
         if self.database is not None:
-            self.database.flush(self.table)
-            self.database.close()
+            try:
+                self.database.flush(self.table)
+            except Exception as exc:  # noqa: BLE001 - unsaved expiries are redone on the next start
+                self._storage_failed(exc, "cannot save the table on close (redone at the next start)", serving=False)
+            try:
+                self.database.close()
+            except Exception as exc:  # noqa: BLE001 - closing must not turn a full disk into a crash
+                log.error("tracker: closing the database failed (%s)", storage_problem(exc))
         self.ctx.term()

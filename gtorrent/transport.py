@@ -8,17 +8,39 @@ record (see tracker.py).
 
 Every received message goes through `protocol.decode` before use. Malformed, oversized or unexpected
 messages are dropped and counted in `counters`; a handler that raises is counted and logged; neither
-stops the node. Every wait has a timeout. libzmq's MAXMSGSIZE also cuts off a peer that sends a frame
-over the limit before it is ever buffered in full.
+stops the node. Every wait has a timeout.
+
+What a peer can make libzmq hold is bounded too. libzmq's MAXMSGSIZE is per frame, and the frames of
+a multipart message that never ends are buffered with no limit (the high-water mark counts whole
+messages), so a frame limit alone lets one anonymous connection pile up gigabytes. The guard bounds it
+per connection: each received message is attributed to its TCP connection (`zmq.SRCFD`) and its size
+on the wire is added up; a watchdog thread compares that with what the kernel says libzmq has read
+from the socket (Linux `TCP_INFO.tcpi_bytes_received` minus the bytes still queued). A connection
+with more than `Limits.max_pending_bytes` read but not delivered as whole messages is cut with
+`shutdown(fd)` (libzmq owns the fd and closes it; it drops the partial message when it sees the
+connection end). Honest peers stay far below the limit: once 1,000 whole messages of a connection
+wait unread (the high-water mark), libzmq stops reading it and the rest waits in the kernel, which is
+not counted; only a peer that queues large messages faster than the node reads them comes near it.
+The watchdog wakes every GUARD_TICK_S: it rescans when the process grew by GUARD_RSS_STEP_BYTES since
+its last scan, and every GUARD_SCAN_S regardless. Elsewhere than on Linux there is no TCP_INFO and the
+guard does nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import re
+import socket
+import struct
+import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -27,12 +49,11 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from .errors import GtorrentError, UsageError
-from .protocol import MAX_FRAMES, MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
+from .protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
 _ENDPOINT_RE = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-*]+):(\d{1,5})$")
-MAX_WIRE_BYTES = MAX_MESSAGE_BYTES * MAX_FRAMES
 DRAIN_MAX = 256  # messages taken from a socket per wake-up
 
 
@@ -86,9 +107,168 @@ def throwaway_curve_keys() -> tuple[bytes, bytes]:
     return z85.decode(public), z85.decode(secret)
 
 
-def _limit(sock: zmq.asyncio.Socket) -> None:
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int  # libzmq's MAXMSGSIZE: a longer frame cuts the connection before it is buffered
+    max_pending_bytes: int  # read from one connection but not yet delivered as whole messages
+
+
+# No frame of the protocol is longer than one JSON message (binary frames are 1 KiB cells). 4 MiB
+# pending is 16 such frames, or ~3,700 cells; libzmq holds at most ~2.3x the wire bytes (tiny frames).
+CURVE_LIMITS = Limits(max_frame_bytes=MAX_MESSAGE_BYTES, max_pending_bytes=4 << 20)
+# The one plain socket is a tracker's bootstrap port: `hello` in, one signed record out. Each empty
+# NULL frame costs 2 bytes on the wire and ~64 in libzmq, so its pending limit is small.
+PLAIN_LIMITS = Limits(max_frame_bytes=16 << 10, max_pending_bytes=64 << 10)
+HANDSHAKE_BYTES = 4096  # greeting + CurveZMQ handshake with metadata: read, never delivered (~600 seen)
+GUARD_TICK_S = 0.02
+GUARD_SCAN_S = 0.25
+GUARD_RSS_STEP_BYTES = 4 << 20
+GUARD_TOTAL_PENDING_BYTES = 64 << 20  # over all connections: the largest are cut first
+
+
+def _limit(sock: zmq.asyncio.Socket, limits: Limits) -> None:
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_WIRE_BYTES)
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes)
+
+
+def wire_bytes(size: int, curve: bool) -> int:
+    """Bytes one frame of `size` takes on a ZMTP 3 connection, as libzmq encodes it: a flags byte and a
+    1- or 8-byte length; under CurveZMQ each frame is a MESSAGE command (name, nonce, box tag, flags)."""
+    if curve:
+        return size + (35 if size <= 222 else 42)
+    return size + (2 if size <= 255 else 9)
+
+
+def _take(raw: zmq.Socket[Any], curve: bool, router: bool) -> tuple[list[bytes], int, int]:
+    """One whole message without waiting (zmq.Again when none is queued): its frames, the fd of the
+    connection it came on, and its size on the wire (a ROUTER's routing-id frame is not on the wire)."""
+    first = raw.recv(zmq.NOBLOCK, copy=False)
+    try:
+        fd = first.get(zmq.SRCFD)
+    except zmq.ZMQError:  # no metadata: a ZMTP 1.0/2.0 peer (unsupported; never credited, so soon cut)
+        fd = -1
+    frames = [first.bytes]
+    while raw.getsockopt(zmq.RCVMORE):
+        frames.append(raw.recv(zmq.NOBLOCK))
+    wire = sum(wire_bytes(len(frame), curve) for frame in frames[1 if router else 0 :])
+    return frames, fd, wire
+
+
+@dataclass(eq=False)
+class _Tracked:
+    owner: object
+    limits: Limits
+    counters: Counter[str]
+    delivered: int = 0  # wire bytes of the whole messages taken from this connection
+    cut: bool = False
+
+
+class _Guard:
+    """Per process: the TCP connections of every Server and Connection, and the watchdog thread."""
+
+    def __init__(self) -> None:
+        self.conns: dict[int, _Tracked] = {}
+        self.cuts = 0
+        self.scans = 0
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._libc: Any = None
+        self.enabled = sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO")
+        if self.enabled:
+            try:
+                self._libc = ctypes.CDLL(None, use_errno=True)
+            except OSError:
+                self.enabled = False
+
+    def track(self, fd: int, owner: object, limits: Limits, counters: Counter[str]) -> None:
+        if fd < 0 or not self.enabled:
+            return
+        self.conns[fd] = _Tracked(owner, limits, counters)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="gtorrent-guard", daemon=True)
+                    self._thread.start()
+
+    def untrack(self, fd: int, owner: object) -> None:
+        tracked = self.conns.get(fd)
+        if tracked is not None and tracked.owner is owner:  # the fd may already serve a newer connection
+            del self.conns[fd]
+
+    def untrack_owner(self, owner: object) -> None:
+        for fd, tracked in list(self.conns.items()):
+            if tracked.owner is owner:
+                self.conns.pop(fd, None)
+
+    def read_bytes(self, fd: int) -> int | None:
+        """Bytes libzmq has read from a TCP socket: received by the kernel, less what is still queued."""
+        info = ctypes.create_string_buffer(232)
+        size = ctypes.c_uint32(232)
+        if self._libc.getsockopt(fd, socket.IPPROTO_TCP, socket.TCP_INFO, info, ctypes.byref(size)) != 0 or size.value < 136:
+            return None  # closed meanwhile, not a TCP socket, or a kernel older than 4.1
+        received: int = struct.unpack_from("=Q", info.raw, 128)[0]  # tcpi_bytes_received
+        import fcntl  # Linux only, like TCP_INFO
+        import termios
+
+        try:
+            queued: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return None
+        return received - queued
+
+    def scan(self) -> int:
+        """Cut every connection over its pending limit (and the largest, while the total is over
+        GUARD_TOTAL_PENDING_BYTES); return how many were cut."""
+        self.scans += 1
+        pending: list[tuple[int, int, _Tracked]] = []
+        cut = 0
+        for fd, tracked in list(self.conns.items()):
+            if tracked.cut:
+                continue
+            read = self.read_bytes(fd)  # read before `delivered`: a message delivered meanwhile only helps
+            if read is None:
+                continue
+            over = read - tracked.delivered - HANDSHAKE_BYTES
+            if over > tracked.limits.max_pending_bytes:
+                cut += self._cut(fd, tracked, over)
+            elif over > 0:
+                pending.append((over, fd, tracked))
+        total = sum(over for over, _, _ in pending)
+        for over, fd, tracked in sorted(pending, key=lambda item: item[0], reverse=True):
+            if total <= GUARD_TOTAL_PENDING_BYTES:
+                break
+            cut += self._cut(fd, tracked, over)
+            total -= over
+        return cut
+
+    def _cut(self, fd: int, tracked: _Tracked, over: int) -> int:
+        if self.conns.get(fd) is not tracked:
+            return 0
+        tracked.cut = True
+        self._libc.shutdown(fd, socket.SHUT_RDWR)  # never close(): the fd is libzmq's
+        tracked.counters["cut_off"] += 1
+        self.cuts += 1
+        log.warning("cut off a connection holding %d bytes of unfinished messages", over)
+        return 1
+
+    def _run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        statm = os.open("/proc/self/statm", os.O_RDONLY)
+        last_rss, last_scan = 0, 0.0
+        while True:
+            time.sleep(GUARD_TICK_S)
+            try:
+                rss = int(os.pread(statm, 128, 0).split()[1]) * page
+                now = time.monotonic()
+                if rss - last_rss >= GUARD_RSS_STEP_BYTES or now - last_scan >= GUARD_SCAN_S:
+                    self.scan()
+                    last_rss, last_scan = rss, now
+                last_rss = min(last_rss, rss)
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any surprise
+                log.exception("connection guard failed a scan")
+
+
+GUARD = _Guard()
 
 
 class Reply:
@@ -110,10 +290,17 @@ BatchHandler = Callable[[list[tuple["Reply", Message]]], Awaitable[None]]
 class Server:
     """A ROUTER socket that decodes, validates and dispatches each message to a handler task."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, *, curve_secret: bytes | None, name: str = "server") -> None:
+    def __init__(
+        self, ctx: zmq.asyncio.Context, *, curve_secret: bytes | None, name: str = "server", limits: Limits | None = None
+    ) -> None:
         self.name = name
         self.sock = ctx.socket(zmq.ROUTER)
-        _limit(self.sock)
+        self.curve = curve_secret is not None
+        self.limits = limits or (CURVE_LIMITS if self.curve else PLAIN_LIMITS)
+        _limit(self.sock, self.limits)
+        self._raw: zmq.Socket[Any] = zmq.Socket.shadow(self.sock.underlying)  # synchronous reads of the same socket
+        # before bind, so that no connection is missed
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         if curve_secret is not None:
             self.sock.curve_server = True
             self.sock.curve_secretkey = z85.encode(curve_secret)
@@ -163,15 +350,41 @@ class Server:
     ) -> None:
         """Receive forever. Each valid message runs `handler` in its own task, except messages of
         `batch_kinds`: those that arrive together go to `batch_handler` as one list, in one task."""
+        watcher = asyncio.create_task(self._watch_connections())
+        try:
+            await self._serve(handler, expected, batch_kinds, batch_handler)
+        finally:
+            watcher.cancel()
+
+    async def _watch_connections(self) -> None:
+        """Tell the guard which TCP connections this socket has."""
         while True:
-            burst = [await self.sock.recv_multipart()]
+            event = parse_monitor_message(await self.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                GUARD.track(event["value"], self, self.limits, self.counters)
+            else:
+                GUARD.untrack(event["value"], self)
+
+    async def _serve(
+        self, handler: Handler, expected: frozenset[str], batch_kinds: frozenset[str], batch_handler: BatchHandler | None
+    ) -> None:
+        conns = GUARD.conns
+        while True:
             # Drain what is already queued, so a burst is handled in one loop turn (and, for batched
             # kinds, in one call: the tracker commits a burst of announces in one transaction).
+            burst: list[list[bytes]] = []
             while len(burst) < DRAIN_MAX:
                 try:
-                    burst.append(self.sock.recv_multipart(flags=zmq.NOBLOCK).result())  # type: ignore[attr-defined]
+                    frames, fd, wire = _take(self._raw, self.curve, router=True)
                 except zmq.Again:
                     break
+                tracked = conns.get(fd)
+                if tracked is not None:
+                    tracked.delivered += wire
+                burst.append(frames)
+            if not burst:
+                await self.sock.poll()
+                continue
             grouped: list[tuple[Reply, Message]] = []
             for frames in burst:
                 try:
@@ -189,6 +402,7 @@ class Server:
                     self._spawn(self._run(handler, reply, message))
             if grouped and batch_handler is not None:
                 self._spawn(self._run_batch(batch_handler, grouped))
+            await asyncio.sleep(0)  # let the handlers run before the next burst
 
     def _decode(self, frames: list[bytes], expected: frozenset[str]) -> tuple[Reply, Message] | None:
         if len(frames) < 2:
@@ -232,11 +446,20 @@ class Server:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        GUARD.untrack_owner(self)
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
         self.sock.close(linger=0)
 
 
 _MONITOR_EVENTS = (
-    zmq.EVENT_DISCONNECTED
+    zmq.EVENT_CONNECT_RETRIED  # counted (Connection.connect_retries), not an error: libzmq retries
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CONNECTED  # the connection's fd, for the guard
+    | zmq.EVENT_CLOSED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -254,12 +477,17 @@ class Connection:
         server_key: bytes | None,
         client_keys: tuple[bytes, bytes] | None = None,
         name: str = "",
+        reconnect_ivl_s: tuple[float, float] | None = None,  # (first, max) back-off; libzmq's default otherwise
     ) -> None:
         check_endpoint(endpoint)
         self.endpoint = endpoint
         self.name = name or endpoint
         self.sock = ctx.socket(zmq.DEALER)
-        _limit(self.sock)
+        self.curve = server_key is not None
+        self.limits = CURVE_LIMITS if self.curve else PLAIN_LIMITS
+        self.counters: Counter[str] = Counter()
+        _limit(self.sock, self.limits)
+        self._raw: zmq.Socket[Any] = zmq.Socket.shadow(self.sock.underlying)
         if server_key is not None:
             public, secret = client_keys or throwaway_curve_keys()
             self.sock.curve_serverkey = z85.encode(server_key)
@@ -270,6 +498,10 @@ class Connection:
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
         self.dropped = 0
+        self.connect_retries = 0  # failed TCP connects so far (seen while someone waits in recv)
+        if reconnect_ivl_s is not None:  # read by libzmq at connect time, so set before it
+            self.sock.setsockopt(zmq.RECONNECT_IVL, int(reconnect_ivl_s[0] * 1000))
+            self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(reconnect_ivl_s[1] * 1000))
         self.sock.connect(endpoint)
 
     async def send(self, kind: str, body: dict[str, Any] | None = None, *binary: bytes) -> None:
@@ -285,7 +517,13 @@ class Connection:
                 raise PeerTimeout(f"no answer from {self.name} in {timeout_s:g} s")
             ready = dict(await self.poller.poll(timeout=int(remaining * 1000) + 1))
             if self.sock in ready:
-                frames = await self.sock.recv_multipart()
+                try:
+                    frames, fd, wire = _take(self._raw, self.curve, router=False)
+                except zmq.Again:
+                    continue
+                tracked = GUARD.conns.get(fd)
+                if tracked is not None:
+                    tracked.delivered += wire
                 try:
                     return decode(frames, expected)
                 except ProtocolError as exc:
@@ -294,7 +532,17 @@ class Connection:
                     continue
             if self.monitor in ready:
                 event = parse_monitor_message(await self.monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                    self.connect_retries += 1
+                    continue
+                if event["event"] == zmq.EVENT_CONNECTED:
+                    GUARD.track(event["value"], self, self.limits, self.counters)
+                    continue
+                if event["event"] == zmq.EVENT_CLOSED:
+                    GUARD.untrack(event["value"], self)
+                    continue
                 if event["event"] == zmq.EVENT_DISCONNECTED:
+                    GUARD.untrack(event["value"], self)
                     raise PeerDisconnected(f"{self.name} closed the connection")
                 raise PeerRefused(f"encrypted handshake with {self.name} failed (wrong key?)")
 
@@ -305,6 +553,7 @@ class Connection:
         return await self.recv(timeout_s, expected)
 
     def close(self) -> None:
+        GUARD.untrack_owner(self)
         try:
             self.sock.disable_monitor()
         except zmq.ZMQError:

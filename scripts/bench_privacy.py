@@ -31,7 +31,7 @@ from bench_swarm import process_cpu_s  # noqa: E402
 
 from gtorrent.asker import AskRequest  # noqa: E402
 from gtorrent.circuit import CircuitClient  # noqa: E402
-from gtorrent.discovery import discover  # noqa: E402
+from gtorrent.discovery import announce_all, discover  # noqa: E402
 from gtorrent.node import NodeSettings, PrivacyOptions, ask  # noqa: E402
 from gtorrent.sida import combine, split  # noqa: E402
 from tests.procs import Proc, start_seed, start_tracker  # noqa: E402
@@ -102,7 +102,9 @@ async def bench_relay_cells(base: Path, cells: int = 20000) -> None:
         task = asyncio.create_task(serve_relay(server, terminal))
         found = await discover(swarm.ctx, [url], role="relay")
         hop = next(iter(found.records.values()))
-        me = PeerRecord.sign(identity, endpoint=server.endpoint, roles=("relay",), seq=1, expires=time.time() + 60)
+        me = PeerRecord.sign(identity, endpoint=server.endpoint, roles=("relay",), seq=1, expires=time.time() + 60,
+                             onion_key=terminal.onion_public)
+        await announce_all(swarm.ctx, [url], me)  # relays extend only to announced peers
         circuit = CircuitClient(swarm.ctx, [hop, me])
         await circuit.build()
         prepared = [circuit.onion.wrap(3, b"x" * 100, os.urandom) for _ in range(cells)]

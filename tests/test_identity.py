@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,11 @@ from gtorrent.errors import IdentityError
 from gtorrent.identity import (
     KEY_FILE_NAME,
     Identity,
+    b64,
     load_identity,
     load_or_create_identity,
     peer_id_for,
+    unb64,
     verify_signature,
 )
 
@@ -132,3 +136,79 @@ def _a_file(tmp_path: Path) -> Path:
     path = tmp_path / "a-file"
     path.write_text("x")
     return path
+
+
+def _flip_key_byte(text: str, field: str) -> str:
+    """The key file with one byte of the private key `field` changed (still valid base64 and length)."""
+    doc = json.loads(text)
+    raw = bytearray(unb64(doc[field]))
+    raw[7] ^= 0x01
+    return json.dumps({**doc, field: b64(bytes(raw))}, indent=2) + "\n"
+
+
+def test_new_key_file_has_a_checksum_over_all_keys(gtorrent_home: Path) -> None:
+    load_or_create_identity(gtorrent_home)
+    doc = json.loads((gtorrent_home / KEY_FILE_NAME).read_text())
+    assert len(doc["checksum"]) == 64 and int(doc["checksum"], 16) >= 0
+
+
+@pytest.mark.parametrize("field", ["onion_key", "curve_key", "signing_key"])
+def test_one_flipped_key_byte_is_caught_and_file_kept(gtorrent_home: Path, field: str) -> None:
+    load_or_create_identity(gtorrent_home)
+    path = gtorrent_home / KEY_FILE_NAME
+    damaged = _flip_key_byte(path.read_text(), field)
+    path.write_text(damaged)
+    with pytest.raises(IdentityError, match="corrupted") as info:
+        load_or_create_identity(gtorrent_home)
+    assert info.value.hint and "restore it from a backup" in info.value.hint
+    assert path.read_text() == damaged  # never silently replaced
+
+
+def test_damaged_checksum_is_caught(gtorrent_home: Path) -> None:
+    load_or_create_identity(gtorrent_home)
+    path = gtorrent_home / KEY_FILE_NAME
+    doc = json.loads(path.read_text())
+    for bad in ["0" * 64, doc["checksum"][:-1], 12345, None]:
+        path.write_text(json.dumps({**doc, "checksum": bad}))
+        with pytest.raises(IdentityError, match="corrupted"):
+            load_identity(gtorrent_home)
+
+
+def test_key_file_without_checksum_still_loads_and_is_not_rewritten(gtorrent_home: Path) -> None:
+    # files written before the checksum existed are accepted as they are (checked by peer id only)
+    identity, _ = load_or_create_identity(gtorrent_home)
+    path = gtorrent_home / KEY_FILE_NAME
+    doc = json.loads(path.read_text())
+    del doc["checksum"]
+    old = json.dumps(doc, indent=2) + "\n"
+    path.write_text(old)
+    again, created = load_or_create_identity(gtorrent_home)
+    assert not created and again.public_info() == identity.public_info()
+    assert path.read_text() == old
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_non_regular_key_file_is_refused_without_blocking(gtorrent_home: Path, kind: str) -> None:
+    gtorrent_home.mkdir(mode=0o700)
+    path = gtorrent_home / KEY_FILE_NAME
+    if kind == "fifo":
+        os.mkfifo(path, 0o600)  # opening it to read would wait forever for a writer
+    else:
+        path.mkdir(mode=0o700)
+    with pytest.raises(IdentityError, match="not a regular file") as info:
+        load_or_create_identity(gtorrent_home)
+    assert info.value.hint and "mv " in info.value.hint
+    assert stat.S_ISFIFO(path.lstat().st_mode) if kind == "fifo" else path.is_dir()  # left in place
+
+
+@pytest.mark.timeout(60)
+def test_cli_id_with_fifo_key_file_exits_instead_of_hanging(gtorrent_home: Path) -> None:
+    gtorrent_home.mkdir(mode=0o700)
+    os.mkfifo(gtorrent_home / KEY_FILE_NAME, 0o600)
+    env = {**os.environ, "GTORRENT_HOME": str(gtorrent_home)}
+    done = subprocess.run(
+        [sys.executable, "-m", "gtorrent_cli", "id"], capture_output=True, text=True, env=env, timeout=45
+    )
+    assert done.returncode == 1, done
+    assert "error:" in done.stderr and "not a regular file" in done.stderr and "hint:" in done.stderr

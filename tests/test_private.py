@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gtorrent.asker import AskEvents, AskRequest
-from gtorrent.discovery import Announcer
+from gtorrent.discovery import Announcer, PeerDirectory
 from gtorrent.garlic import CloveAssembler, GarlicError, ReplyAssembler, clove_payloads, reply_payloads
 from gtorrent.identity import Identity
 from gtorrent.private import ask_private
@@ -62,7 +62,7 @@ class Swarm:
         identity = Identity.generate()
         server = Server(self.ctx, curve_secret=identity.curve_secret)
         server.bind("tcp://127.0.0.1:0")
-        service = RelayService(identity, self.ctx)
+        service = RelayService(identity, self.ctx, directory=PeerDirectory(self.ctx, [self.url]))  # EXTEND targets
         seen = self.seen.setdefault(identity.peer_id, [])
         original = service.handle
 
@@ -83,6 +83,7 @@ class Swarm:
 
         def record(stopped: bool) -> PeerRecord:
             return PeerRecord.sign(identity, endpoint=server.endpoint, roles=("relay",), seq=int(time.time() * 1000),
+                                   onion_key=service.onion_public,
                                    expires=time.time() + 60, stopped=stopped)
 
         await Announcer(self.ctx, [self.url], record).announce()
@@ -163,12 +164,12 @@ async def test_a_relay_killed_mid_answer_is_tolerated(swarm: Swarm, tmp_path: Pa
     killed: list[str] = []
     routes: list[list[str]] = []
 
-    original_build = __import__("gtorrent.private", fromlist=["_build"])._build
+    original_build = __import__("gtorrent.private", fromlist=["build_paths"]).build_paths
 
-    async def build_and_remember(ctx, plan, seed, timeout_s):  # type: ignore[no-untyped-def]
-        built, failed = await original_build(ctx, plan, seed, timeout_s)
-        routes.extend([c.route[:-1] for _, c in built])
-        return built, failed
+    async def build_and_remember(ctx, plan, seed, state, timeout_s):  # type: ignore[no-untyped-def]
+        built = await original_build(ctx, plan, seed, state, timeout_s)
+        routes.extend([c.route[:-1] for c in built])
+        return built
 
     def on_text(piece: str) -> None:
         if not killed:
@@ -180,11 +181,11 @@ async def test_a_relay_killed_mid_answer_is_tolerated(swarm: Swarm, tmp_path: Pa
 
     import gtorrent.private as private
 
-    private._build = build_and_remember  # type: ignore[assignment]
+    private.build_paths = build_and_remember  # type: ignore[assignment]
     try:
         result = await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=120), store, AskEvents(on_text=on_text))
     finally:
-        private._build = original_build  # type: ignore[assignment]
+        private.build_paths = original_build  # type: ignore[assignment]
     assert killed and result.attempts == 1
     assert result.text == swarm.local(120)
     store.close()
@@ -193,7 +194,11 @@ async def test_a_relay_killed_mid_answer_is_tolerated(swarm: Swarm, tmp_path: Pa
 async def test_degraded_and_strict(swarm: Swarm, tmp_path: Path) -> None:
     await swarm.start(relays=5)
     store = Store.open(tmp_path)
-    result = await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=8), store)
+    # 5 relays: 3 paths of 2 hops do not fit, and one-hop paths are below the floor unless allowed
+    with pytest.raises(PrivacyError, match="at least 2 relays need 6") as refused:
+        await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=8), store)
+    assert "--allow-one-hop" in str(refused.value.hint)
+    result = await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=8), store, allow_one_hop=True)
     assert result.privacy == {"paths": 3, "hops": 1, "k": 3, "degraded": True}
     assert result.text == swarm.local(8)
     with pytest.raises(PrivacyError, match="need 12 relays"):
@@ -202,8 +207,8 @@ async def test_degraded_and_strict(swarm: Swarm, tmp_path: Path) -> None:
 
 
 def records(count: int) -> list[PeerRecord]:
-    return [PeerRecord.sign(Identity.generate(), endpoint="tcp://127.0.0.1:1", roles=("relay",), seq=1,
-                            expires=time.time() + 60) for _ in range(count)]
+    return [PeerRecord.sign(Identity.generate(), endpoint=f"tcp://127.0.0.1:{1000 + i}", roles=("relay",), seq=1,
+                            expires=time.time() + 60) for i in range(count)]
 
 
 @pytest.mark.parametrize(
@@ -214,7 +219,13 @@ def records(count: int) -> list[PeerRecord]:
 def test_path_plans(relays: int, expected: tuple[int, int, int, bool]) -> None:
     pool = records(relays + 1)
     seed = pool[-1]
-    plan = plan_paths(pool, exclude={seed.peer_id}, paths=4, hops=3, k=3, strict=False, rng=random.Random(1))
+    plan = plan_paths(pool, exclude={seed.peer_id}, paths=4, hops=3, k=3, strict=False, rng=random.Random(1), min_hops=1)
+    if expected[1] < 2:  # below the default floor: refused unless one-hop paths are allowed
+        with pytest.raises(PrivacyError, match="need 6 relays"):
+            plan_paths(pool, exclude={seed.peer_id}, paths=4, hops=3, k=3, strict=False, rng=random.Random(1))
+    else:
+        assert plan_paths(pool, exclude={seed.peer_id}, paths=4, hops=3, k=3, strict=False,
+                          rng=random.Random(1)).describe() == plan.describe()
     assert (len(plan.paths), plan.hops, plan.k, plan.degraded) == expected
     used = [r.peer_id for path in plan.paths for r in path]
     assert len(used) == len(set(used)) and seed.peer_id not in used
@@ -288,15 +299,15 @@ async def test_below_k_paths_the_ask_restarts_on_fresh_paths(swarm: Swarm, tmp_p
     store = Store.open(tmp_path)
     import gtorrent.private as private
 
-    original_build = private._build
+    original_build = private.build_paths
     routes: list[list[str]] = []
     killed: list[str] = []
     restarts: list[str] = []
 
-    async def build_and_remember(ctx, plan, seed, timeout_s):  # type: ignore[no-untyped-def]
-        built, failed = await original_build(ctx, plan, seed, timeout_s)
-        routes.extend([c.route[:-1] for _, c in built])
-        return built, failed
+    async def build_and_remember(ctx, plan, seed, state, timeout_s):  # type: ignore[no-untyped-def]
+        built = await original_build(ctx, plan, seed, state, timeout_s)
+        routes.extend([c.route[:-1] for c in built])
+        return built
 
     def on_text(piece: str) -> None:
         if not killed:  # the middle relays of two paths: 2 of 4 left, below k = 3
@@ -306,17 +317,20 @@ async def test_below_k_paths_the_ask_restarts_on_fresh_paths(swarm: Swarm, tmp_p
                 service.close()
                 server.close()
 
-    private._build = build_and_remember  # type: ignore[assignment]
+    private.build_paths = build_and_remember  # type: ignore[assignment]
     try:
         events = AskEvents(on_text=on_text, on_restart=lambda seed, reason, lost: restarts.append(reason))
         result = await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=150), store, events)
     finally:
-        private._build = original_build  # type: ignore[assignment]
+        private.build_paths = original_build  # type: ignore[assignment]
     assert len(killed) == 2 and result.attempts == 2 and restarts and "paths left" in restarts[0]
     assert result.text == swarm.local(150)
-    # the fresh paths avoid every relay of the broken ones (so the ask degrades: 6 relays left)
+    # the fresh paths avoid the dead relays and the ones after them on the broken paths (the first relay
+    # reported the break, so one of those is at fault), but not the first relays, nor the seed: the
+    # other paths proved it alive, and it answered the retry
     used = {peer for route in result.route for peer in route}
-    assert not used & {peer for route in routes[:2] for peer in route}
+    assert not used & {peer for route in routes[:2] for peer in route[1:]}
+    assert store.standing(swarm.seeds[0].identity.peer_id).asks_failed == 0
     assert result.privacy is not None and result.privacy["degraded"]
     store.close()
 

@@ -11,6 +11,7 @@ import pytest
 from gtorrent.identity import Identity, b64
 from gtorrent.protocol import (
     MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
     ModelInfo,
     PeerRecord,
     ProtocolError,
@@ -49,19 +50,19 @@ def test_roundtrip() -> None:
         [b"[1,2,3]"],
         [json.dumps({"t": "query"}).encode()],  # no version
         [json.dumps({"v": 99, "t": "query"}).encode()],
-        [json.dumps({"v": 1, "t": "launch_missiles"}).encode()],
-        [json.dumps({"v": 1, "t": "query", "extra": 1}).encode()],
-        [json.dumps({"v": 1, "t": "query", "limit": "ten"}).encode()],
-        [json.dumps({"v": 1, "t": "query", "limit": 10**9}).encode()],
-        [json.dumps({"v": 1, "t": "query", "limit": True}).encode()],
-        [b'{"v":1,"t":"token","id":"x","n":0,"text":NaN}'],
-        [json.dumps({"v": 1, "t": "generate", "id": "x"}).encode()],  # missing fields
+        [json.dumps({"v": PROTOCOL_VERSION, "t": "launch_missiles"}).encode()],
+        [json.dumps({"v": PROTOCOL_VERSION, "t": "query", "extra": 1}).encode()],
+        [json.dumps({"v": PROTOCOL_VERSION, "t": "query", "limit": "ten"}).encode()],
+        [json.dumps({"v": PROTOCOL_VERSION, "t": "query", "limit": 10**9}).encode()],
+        [json.dumps({"v": PROTOCOL_VERSION, "t": "query", "limit": True}).encode()],
+        [b'{"v":%d,' % PROTOCOL_VERSION + b'"t":"token","id":"x","n":0,"text":NaN}'],
+        [json.dumps({"v": PROTOCOL_VERSION, "t": "generate", "id": "x"}).encode()],  # missing fields
         [b"{" * 100_000],
-        [b'{"v":1,"t":"query","model":"' + b"a" * MAX_MESSAGE_BYTES + b'"}'],
+        [b'{"v":%d,' % PROTOCOL_VERSION + b'"t":"query","model":"' + b"a" * MAX_MESSAGE_BYTES + b'"}'],
         [b"{}"] * 9,
         [b'{"v":true,"t":"ping"}'],
         [b'{"v":1.0,"t":"ping"}'],
-        [b'{"v":1,"t":"query","model":"a","model":"b"}'],
+        [b'{"v":%d,' % PROTOCOL_VERSION + b'"t":"query","model":"a","model":"b"}'],
     ],
 )
 def test_malformed_messages_are_rejected(frames: list[bytes]) -> None:
@@ -139,7 +140,7 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(sorted(__import__("gtorrent.protocol", fromlist=["SCHEMAS"]).SCHEMAS)), st.dictionaries(st.text(max_size=10), json_values, max_size=6))
 def test_decode_only_ever_raises_protocol_error_on_json(kind: str, body: dict[str, object]) -> None:
-    frame = json.dumps({"v": 1, "t": kind, **body}).encode()
+    frame = json.dumps({"v": PROTOCOL_VERSION, "t": kind, **body}).encode()
     try:
         decode([frame])
     except ProtocolError:
@@ -148,7 +149,7 @@ def test_decode_only_ever_raises_protocol_error_on_json(kind: str, body: dict[st
 
 def test_huge_integer_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
-        decode([b'{"v":1,"t":"hello","x":' + b"1" * 5000 + b"}"])
+        decode([b'{"v":%d,' % PROTOCOL_VERSION + b'"t":"hello","x":' + b"1" * 5000 + b"}"])
 
 
 def test_oversized_record_is_rejected() -> None:

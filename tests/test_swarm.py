@@ -175,14 +175,19 @@ def test_untrusted_seeds_get_no_asks(swarm, tmp_path: Path) -> None:  # type: ig
 
 def test_private_ask_through_the_cli_degrades_explicitly(swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     home = tmp_path / "asker"
-    # two seeds: the one not asked is the only relay, so 4 x 3 degrades to 1 path of 1 hop
-    done = run_cli(home, "ask", PROMPT, "-n", "12", "--tracker", swarm["url"], "--json")
+    # two seeds: the one not asked is the only relay, so 4 x 3 would degrade to 1 path of 1 hop: below
+    # the 2-hop floor, refused unless --allow-one-hop
+    floor = run_cli(home, "ask", PROMPT, "-n", "12", "--tracker", swarm["url"])
+    assert floor.returncode == 1 and "need 6 relays; 1 are available" in floor.stderr
+    assert "--allow-one-hop" in floor.stderr and floor.stdout == ""
+    done = run_cli(home, "ask", PROMPT, "-n", "12", "--tracker", swarm["url"], "--json", "--allow-one-hop")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert doc["mode"] == "private" and doc["text"] == local_greedy(12)
     assert doc["privacy"] == {"paths": 1, "hops": 1, "k": 1, "degraded": True}
     assert doc["path_setup_s"] > 0 and doc["ttft_s"] > 0 and doc["total_s"] >= doc["ttft_s"]
-    streamed = run_cli(home, "ask", PROMPT, "-n", "12", "--tracker", swarm["url"], "--verbose")
+    assert "warning: privacy degraded: 1 paths of 1 hops" in done.stderr  # announced with --json too
+    streamed = run_cli(home, "ask", PROMPT, "-n", "12", "--tracker", swarm["url"], "--verbose", "--allow-one-hop")
     assert streamed.returncode == 0 and streamed.stdout == doc["text"] + "\n"
     assert "warning: privacy degraded: 1 paths of 1 hops" in streamed.stderr
     assert "path 1: you → " in streamed.stderr
