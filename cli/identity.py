@@ -26,6 +26,6 @@ def id_command(
     if created:
         output.info(f"[green]created[/] a new identity in {output.remote(str(home))}")
     table = Table(show_header=False, box=None, pad_edge=False)
-    for key in ("peer_id", "home", "signing_key", "onion_key", "curve_key"):
+    for key in ("peer_id", "home", "signing_key", "curve_key"):
         table.add_row(f"[bold]{key}[/]", output.remote(str(info[key])))  # a home path may hold "["
     output.out.print(table)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -107,12 +108,14 @@ class TrackerClient:
             raise TrackerRejected(self.address, reply["code"], reply["message"])
         return reply
 
-    async def query(self, model: str | None = None, role: str | None = None) -> list[PeerRecord]:
+    async def query(self, model: str | None = None, role: str | None = None, endpoint: str | None = None) -> list[PeerRecord]:
         body: dict[str, object] = {}
         if model is not None:
             body["model"] = model
         if role is not None:
             body["role"] = role
+        if endpoint is not None:
+            body["endpoint"] = endpoint
         reply = await self._request("query", body, frozenset({"peers"}))
         if reply.kind == "error":
             raise TrackerUnreachable(f"tracker {self.address} refused the query: {reply['message']}")
@@ -144,11 +147,11 @@ class Discovery:
 
 async def discover(
     ctx: Context, urls: list[str], *, model: str | None = None, role: str | None = None,
-    timeout_s: float = TRACKER_TIMEOUT_S,
+    endpoint: str | None = None, timeout_s: float = TRACKER_TIMEOUT_S,
 ) -> Discovery:
     """Query every tracker at once; raise TrackerUnreachable only if none answers."""
     clients = [TrackerClient(ctx, url, timeout_s) for url in urls]
-    results = await asyncio.gather(*(c.query(model, role) for c in clients), return_exceptions=True)
+    results = await asyncio.gather(*(c.query(model, role, endpoint) for c in clients), return_exceptions=True)
     found = Discovery()
     now = time.time()
     for client, result in zip(clients, results, strict=True):
@@ -224,7 +227,8 @@ class Announcer:
 
 
 DIRECTORY_REFRESH_S = 30.0  # a relay's periodic refresh; records live 90 s
-DIRECTORY_MISS_INTERVAL_S = 3.0  # an unknown EXTEND target refreshes at most this often
+DIRECTORY_MISS_INTERVAL_S = 3.0  # unknown EXTEND targets are looked up at most
+DIRECTORY_MISS_QUERIES = 4  # ... this many times per interval (one tracker query each, by endpoint)
 
 
 class PeerDirectory:
@@ -257,7 +261,8 @@ class PeerDirectory:
         self.records: dict[str, PeerRecord] = {}
         self._index: dict[tuple[str, bytes], PeerRecord] = {}
         self._refreshed_at = -float("inf")
-        self._miss_at = -float("inf")
+        self._miss_times: deque[float] = deque()  # when the recent miss queries went out
+        self._misses: dict[str, asyncio.Task[None]] = {}  # endpoint -> its miss query under way
         self._inflight: asyncio.Task[None] | None = None
         self.refreshes = 0
 
@@ -287,16 +292,26 @@ class PeerDirectory:
         return record
 
     async def lookup(self, endpoint: str, curve_key: bytes) -> PeerRecord | None:
-        """`find`, refreshing from the trackers first on a miss (rate-limited)."""
+        """`find`, asking the trackers for that endpoint's records on a miss (rate-limited).
+
+        The query names the endpoint, so it finds the record however large the swarm (a general query
+        returns at most a few hundred records). At most DIRECTORY_MISS_QUERIES such queries go out per
+        miss interval, and concurrent misses of one endpoint share one: a flood of EXTENDs to unknown
+        endpoints costs a few tracker queries, not one each."""
         found = self.find(endpoint, curve_key)
         if found is not None or not self.urls or self.ctx is None:
             return found
-        if self._inflight is None or self._inflight.done():
-            if self.monotonic() - self._miss_at < self.miss_interval_s:
+        task = self._misses.get(endpoint)
+        if task is None or task.done():
+            now = self.monotonic()
+            while self._miss_times and now - self._miss_times[0] >= self.miss_interval_s:
+                self._miss_times.popleft()
+            if len(self._miss_times) >= DIRECTORY_MISS_QUERIES:
                 return None
-            self._miss_at = self.monotonic()
-            self._inflight = asyncio.create_task(self._refresh())
-        await asyncio.shield(self._inflight)
+            self._miss_times.append(now)
+            task = self._misses[endpoint] = asyncio.create_task(self._fetch(endpoint))
+            task.add_done_callback(lambda _: self._misses.pop(endpoint, None))
+        await asyncio.shield(task)
         return self.find(endpoint, curve_key)
 
     async def refresh(self) -> None:
@@ -312,11 +327,15 @@ class PeerDirectory:
             await self.refresh()
 
     async def _refresh(self) -> None:
-        assert self.ctx is not None
         self._refreshed_at = self.monotonic()
+        await self._fetch(None)
+
+    async def _fetch(self, endpoint: str | None) -> None:
+        """Query the trackers (for one endpoint, or for every relay) and hold what verifies."""
+        assert self.ctx is not None
         self.refreshes += 1
         try:
-            found = await discover(self.ctx, self.urls, role="relay")
+            found = await discover(self.ctx, self.urls, role="relay", endpoint=endpoint)
         except Exception as exc:  # noqa: BLE001 - keep what is held; the next refresh retries
             log.debug("peer directory refresh failed: %s", exc)
             self._reindex()

@@ -4,7 +4,8 @@ One file, `identity.key` in the home directory, holds three private keys:
 
 - Ed25519, for signing records and transcripts. The peer id is derived from its public key, so any
   record that carries the public key and a valid signature proves it came from that peer id.
-- X25519 "onion", the static key relays and seeds use for onion-layer key agreement.
+- X25519 "onion": announced only in a tracker's own record. Relays and seeds do not use it: their
+  onion keys rotate and live in memory only (onionkeys.py), so a stolen key file opens no circuit.
 - X25519 "curve", the long-term CurveZMQ server key of the peer's ROUTER socket.
 
 The file is created once with mode 0600 and never silently replaced: a corrupted file, one that group
@@ -130,11 +131,11 @@ class Identity:
         return self.signing_key.sign(message)
 
     def public_info(self) -> dict[str, str]:
-        """Public keys as URL-safe base64, for display and records."""
+        """The long-term public keys as URL-safe base64, for display. Not the onion key: relays and
+        seeds announce rotating ones (onionkeys.py), so showing the file's would mislead."""
         return {
             "peer_id": self.peer_id,
             "signing_key": b64(self.signing_public),
-            "onion_key": b64(self.onion_public),
             "curve_key": b64(self.curve_public),
         }
 

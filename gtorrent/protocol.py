@@ -159,6 +159,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "query": {
         "model": Field(str, required=False, max_len=128),
         "role": Field(str, required=False, max_len=16),
+        "endpoint": Field(str, required=False, max_len=256),  # exactly this endpoint (a relay checking an EXTEND)
         "limit": Field(int, required=False, minimum=1, maximum=1000),
     },
     "peers": {"records": Field(list, max_len=1000)},

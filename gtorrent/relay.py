@@ -190,6 +190,7 @@ class RelayService:
         self.onion_keys = onion_keys if onion_keys is not None else OnionKeyRing()
         self.link_bucket = link_bucket if link_bucket is not None else TokenBucket(LINK_RATE_PER_S, LINK_BURST)
         self.on_rotate: Callable[[], Awaitable[object]] | None = None  # re-announce the new onion key
+        self.on_close: Callable[[Circuit], None] | None = None  # the terminal frees what it held for a circuit
         self.circuits: dict[tuple[bytes, int], Circuit] = {}
         self.links: dict[tuple[str, bytes], _Link] = {}
         self.replays = ReplayCache(ttl_s=CREATE_WINDOW_S + 2 * CLOCK_SKEW_S)
@@ -334,6 +335,8 @@ class RelayService:
         if self.circuits.pop((circuit.reply.route, circuit.prev_cid), None) is None:
             return
         circuit.closed = True
+        if self.on_close is not None:
+            self.on_close(circuit)
         if circuit.created is not None and not circuit.created.done():
             circuit.created.cancel()
         link = circuit.next_link

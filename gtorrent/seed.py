@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ MAX_PRIVATE_CHUNK_CHARS = 600  # an upper bound; garlic.split_to_fit cuts by byt
 PRIVATE_ASK_TTL_S = 60.0  # an ask whose cloves never reach k is forgotten after this
 MAX_PENDING_ASKS = 256  # asks still collecting cloves; beyond this the oldest is dropped
 MAX_PENDING_ASK_BYTES = 16 << 20  # clove bytes those asks hold; beyond this the oldest is dropped
+MAX_PARTIAL_CLOVE_BYTES = 16 << 20  # clove pieces held by circuits whose clove is not whole yet
 MAX_FINISHED_ASKS = 100_000  # ask ids remembered against late cloves (the oldest go first when full)
 PRIVATE_BATCH_S = 0.1  # answer text is batched this long on private paths (after the first piece)
 REPLY_CAPACITY = BODY_BYTES - PAYLOAD_HEADER.size  # payload bytes of one backward cell
@@ -192,6 +194,12 @@ class SeedService:
         # it extends only to peers its trackers announce, and re-announces when its onion key rotates
         self.relay = RelayService(identity, self.ctx, terminal=self.terminal, directory=PeerDirectory(self.ctx, trackers))
         self.relay.on_rotate = self.announcer.announce
+        self.relay.on_close = self._circuit_closed
+        # circuits whose clove is still arriving, oldest first, with the bytes their pieces hold: bounded
+        # in all (MAX_PARTIAL_CLOVE_BYTES), the oldest cut first, so circuits that never finish a clove
+        # push out each other, not the honest ones whose cloves complete within a moment
+        self.assembling: OrderedDict[Circuit, int] = OrderedDict()
+        self.assembling_bytes = 0
         self.private_asks: dict[bytes, PrivateAsk] = {}
         # ask ids seen recently: a late clove of an answered ask must not start it again; a flood of ask
         # ids only evicts the oldest (late cloves come seconds after the first), never refuses new asks
@@ -341,10 +349,15 @@ class SeedService:
             assembler = circuit.terminal_state = CloveAssembler()
         try:
             whole = assembler.feed(data)
-            if whole is None:
-                return
+        except GarlicError as exc:
+            raise OnionError(f"bad clove: {exc}") from exc
+        if whole is None:
+            await self._hold_partial(circuit, assembler.size)
+            return
+        self._release_partial(circuit)
+        try:
             clove = Clove.from_bytes(whole)
-        except (GarlicError, SidaError) as exc:
+        except SidaError as exc:
             raise OnionError(f"bad clove: {exc}") from exc
         assert assembler.ask_id is not None
         self._expire_asks()
@@ -382,6 +395,24 @@ class SeedService:
         responder = PrivateResponder(self, ask, reply_key, request_bytes, clove.n, clove.k)
         task = asyncio.create_task(self._serve_private(assembler.ask_id, request, responder))
         ask.task = task
+
+    async def _hold_partial(self, circuit: Circuit, size: int) -> None:
+        """Account a circuit's partial clove; cut the oldest partial cloves while over the budget."""
+        self.assembling_bytes += size - self.assembling.get(circuit, 0)
+        self.assembling[circuit] = size
+        while self.assembling_bytes > MAX_PARTIAL_CLOVE_BYTES:
+            oldest = next(iter(self.assembling))
+            if oldest is circuit:
+                break  # only this one is left over the budget: MAX_CLOVE_BYTES bounds it
+            self._release_partial(oldest)
+            self.dropped_asks += 1
+            await self.relay.destroy(oldest, "clove never completed")
+
+    def _release_partial(self, circuit: Circuit) -> None:
+        self.assembling_bytes -= self.assembling.pop(circuit, 0)
+
+    def _circuit_closed(self, circuit: Circuit) -> None:
+        self._release_partial(circuit)
 
     async def _serve_private(self, ask_id: bytes, request: dict[str, Any], responder: PrivateResponder) -> None:
         try:

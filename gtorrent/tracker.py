@@ -163,12 +163,17 @@ class TrackerTable:
                 self.live += 1
         self.dirty.add(peer_id)
 
-    def query(self, model: str | None = None, role: str | None = None, limit: int = DEFAULT_QUERY_LIMIT) -> list[PeerRecord]:
+    def query(
+        self, model: str | None = None, role: str | None = None, limit: int = DEFAULT_QUERY_LIMIT,
+        endpoint: str | None = None,
+    ) -> list[PeerRecord]:
         now = self.clock()
         found = []
         for entry in self.entries.values():
             record = entry.record
             if record is None or entry.expires <= now:
+                continue
+            if endpoint is not None and record.endpoint != endpoint:
                 continue
             if role is not None and role not in record.roles:
                 continue
@@ -332,7 +337,9 @@ class TrackerService:
         if message.kind == "hello":
             await reply.send("hello_ok", {"record": self.own_record().to_wire()})
         elif message.kind == "query":
-            records = self.table.query(message.get("model"), message.get("role"), message.get("limit", DEFAULT_QUERY_LIMIT))
+            records = self.table.query(
+                message.get("model"), message.get("role"), message.get("limit", DEFAULT_QUERY_LIMIT), message.get("endpoint")
+            )
             await reply.send("peers", {"records": within_budget([r.to_wire() for r in records])})
         elif message.kind == "ping":
             await reply.send("pong", {})

@@ -446,13 +446,18 @@ class Server:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        GUARD.untrack_owner(self)
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        _close_monitored(self, self.sock, self.monitor)
+
+
+def _close_monitored(owner: object, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+    """Close a socket and its monitor, and stop guarding its connections."""
+    GUARD.untrack_owner(owner)
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(linger=0)
+    sock.close(linger=0)
 
 
 _MONITOR_EVENTS = (
@@ -553,13 +558,7 @@ class Connection:
         return await self.recv(timeout_s, expected)
 
     def close(self) -> None:
-        GUARD.untrack_owner(self)
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        _close_monitored(self, self.sock, self.monitor)
 
     async def __aenter__(self) -> Connection:
         return self

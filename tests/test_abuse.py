@@ -257,3 +257,63 @@ def test_reply_assembler_accounting_returns_to_zero() -> None:
             out += assembler.feed(payload, path)
     assert [chunk["text"] for chunk in out] == [str(i) for i in range(10)]
     assert assembler.buffered == 0 and assembler.ready == {} and assembler.fragments == {} and assembler.shape == {}
+
+
+# --------------------------------------------------------------------------- seed: cloves that never finish
+
+
+async def test_partial_cloves_are_bounded_in_all_and_the_oldest_are_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each circuit may hold up to 64 KiB of an unfinished clove; across 10,000 circuits that was
+    ~640 MB. Now the seed holds a bounded total: past it the circuits with the oldest unfinished
+    cloves are cut, and an honest ask (whose cloves complete at once) is still answered."""
+    from gtorrent.circuit import CircuitClient, CircuitError
+    from gtorrent.onion import forward_capacity
+    from gtorrent.transport import new_context
+
+    capacity = forward_capacity(9)
+    monkeypatch.setattr(seed_module, "MAX_PARTIAL_CLOVE_BYTES", 4 * capacity)
+    ctx = new_context()
+    seed = SeedService(Identity.generate(), LanguageModel.load(None), trackers=[])
+    seed.bind("tcp://127.0.0.1:0")
+    serving = asyncio.create_task(seed.serve())
+    circuits: list[CircuitClient] = []
+    try:
+        for _ in range(12):  # each sends the first piece of a clove and never the rest
+            circuit = CircuitClient(ctx, [seed.record()])
+            await circuit.build(timeout_s=5)
+            await circuit.send(clove_payloads(os.urandom(16), os.urandom(10 * capacity), capacity)[0])
+            circuits.append(circuit)
+        # the seed handles cells in order on one link each: a full round trip on the last circuit
+        # proves every earlier piece has been accounted
+        await circuits[-1].send(clove_payloads(os.urandom(16), b"x" * 10, capacity)[0][:5])  # malformed: cut
+        with pytest.raises(CircuitError):
+            await circuits[-1].receive(5.0)
+        assert 0 < seed.assembling_bytes <= 4 * capacity and len(seed.assembling) <= 4
+        with pytest.raises(CircuitError, match="never completed"):
+            await circuits[0].receive(5.0)  # the oldest unfinished clove was cut
+        # an honest ask: two cloves, each whole, over two fresh circuits
+        reply_key, ask_id = os.urandom(32), os.urandom(16)
+        request = json.dumps({**REQUEST, "reply_key": b64(reply_key)}, separators=(",", ":")).encode()
+        honest = []
+        for clove in split(request, n=2, k=2):
+            circuit = CircuitClient(ctx, [seed.record()])
+            await circuit.build(timeout_s=5)
+            for payload in clove_payloads(ask_id, clove.to_bytes(), capacity):
+                await circuit.send(payload)
+            honest.append(circuit)
+        assembler = ReplyAssembler(reply_key)
+        final: dict[str, Any] | None = None
+        while final is None:
+            for path, circuit in enumerate(honest):
+                _, _, payload = await circuit.receive(30.0)
+                for chunk in assembler.feed(payload, path):
+                    if "done" in chunk or "error" in chunk:
+                        final = chunk
+        assert "done" in final, final
+        circuits += honest
+    finally:
+        for circuit in circuits:
+            await circuit.close()
+        serving.cancel()
+        seed.close()
+        ctx.destroy(linger=0)

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -518,7 +519,7 @@ def test_token_bucket() -> None:
     assert [bucket.take() for _ in range(4)] == [True, True, True, False]
 
 
-async def test_directory_refreshes_on_a_miss_at_most_every_few_seconds() -> None:
+async def test_directory_looks_up_a_miss_at_most_a_few_times_every_few_seconds() -> None:
     ctx = new_context()
     tracker = TrackerService(Identity.generate(), None)
     url = tracker.bind("tcp://127.0.0.1:0")
@@ -531,17 +532,54 @@ async def test_directory_refreshes_on_a_miss_at_most_every_few_seconds() -> None
         await node.start()
         record = node.record()
         assert directory.find(record.endpoint, record.curve_key) is None
-        found = await directory.lookup(record.endpoint, record.curve_key)  # a miss: one refresh finds it
+        found = await directory.lookup(record.endpoint, record.curve_key)  # a miss: one query finds it
         assert found is not None and found.peer_id == record.peer_id and directory.refreshes == 1
         unknown = ("tcp://127.0.0.1:1", b"k" * 32)
         results = await asyncio.gather(*(directory.lookup(*unknown) for _ in range(20)))  # a flood of misses
-        assert results == [None] * 20 and directory.refreshes == 1  # within 3 s of the last: no query
-        clock[0] += 3.0
-        results = await asyncio.gather(*(directory.lookup(*unknown) for _ in range(20)))
         assert results == [None] * 20 and directory.refreshes == 2  # one query, shared by all 20
+        floods = [(f"tcp://127.0.0.1:{port}", b"k" * 32) for port in range(2, 40)]  # other unknown endpoints
+        assert await asyncio.gather(*(directory.lookup(*target) for target in floods)) == [None] * len(floods)
+        assert directory.refreshes == 4  # 4 queries per 3 s at most, whatever the flood
+        clock[0] += 3.0
+        assert await directory.lookup(*unknown) is None and directory.refreshes == 5  # a new interval
         assert await directory.lookup(record.endpoint, b"x" * 32) is None  # the endpoint with another key
     finally:
         node.close()
         serving.cancel()
         tracker.close()
         ctx.destroy(linger=0)
+
+
+async def test_directory_finds_a_relay_a_general_query_leaves_out() -> None:
+    """A tracker answers a general query with at most 200 records (the least loaded first); a relay
+    checking an EXTEND asks for the target's endpoint, so it finds any announced peer in a large swarm."""
+    ctx = new_context()
+    tracker = TrackerService(Identity.generate(), None)
+    url = tracker.bind("tcp://127.0.0.1:0")
+    serving = asyncio.create_task(tracker.serve())
+    now = time.time()
+    crowd = [
+        PeerRecord.sign(Identity.generate(), endpoint=f"tcp://127.0.0.1:{20000 + i}", roles=("relay",), seq=1,
+                        expires=now + 60, load={"queue": 0.0})
+        for i in range(210)
+    ]
+    busy = PeerRecord.sign(Identity.generate(), endpoint="tcp://127.0.0.1:19999", roles=("relay",), seq=1,
+                           expires=now + 60, load={"queue": 5.0})  # sorted after the crowd
+    try:
+        assert not await announce_all_records(ctx, url, [*crowd, busy])
+        directory = PeerDirectory(ctx, [url])
+        await directory.refresh()
+        assert len(directory.records) == 200 and directory.find(busy.endpoint, busy.curve_key) is None
+        found = await directory.lookup(busy.endpoint, busy.curve_key)
+        assert found is not None and found.peer_id == busy.peer_id
+    finally:
+        serving.cancel()
+        tracker.close()
+        ctx.destroy(linger=0)
+
+
+async def announce_all_records(ctx: Any, url: str, records: list[PeerRecord]) -> list[str]:
+    from gtorrent.discovery import announce_all
+
+    failures = await asyncio.gather(*(announce_all(ctx, [url], record) for record in records))
+    return [message for errors in failures for message in errors.values()]
