@@ -72,7 +72,9 @@ def ask_command(
 
     def on_model(choice: ModelChoice) -> None:
         if choice.rivals:
-            others = ", ".join(f"{mid[:12]} ({name}, {count} trusted seeds)" for mid, name, count in choice.rivals[:5])
+            others = ", ".join(
+                f"{mid[:12]} ({name}, {count} trusted seed{'' if count == 1 else 's'})" for mid, name, count in choice.rivals[:5]
+            )
             what = f"the name {choice.wanted!r} is claimed by several model ids" if choice.wanted else "the swarm serves several models"
             output.warning(
                 f"{what}; using {choice.name} ({choice.model_id[:12]}), the one most trusted seeds serve; also: {others}",

@@ -22,18 +22,19 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .discovery import discover
 from .errors import GtorrentError, UsageError
 from .identity import short_id
 from .protocol import PeerRecord, ProtocolError, decode, encode
 from .reputation import PeerStanding, choice_key
-from .routing import group_nodes
+from .routing import candidate_records
 from .store import Store
 from .transport import Connection, Context, PeerTimeout, TransportError
 
 MAX_ATTEMPTS = 3
+CONTESTED_ATTEMPTS = 2  # per model id, when several ids claim the name asked for
 MAX_CHARS_PER_TOKEN = 256  # answer characters one token may account for (real tokens: a few to a few dozen)
 ANSWER_SLACK_CHARS = 4096
 
@@ -151,19 +152,27 @@ class ModelChoice:
     seeds: list[PeerRecord]  # the seeds that announce model_id
     rivals: list[tuple[str, str, int]] = field(default_factory=list)  # (model id, name, trusted seeds)
     wanted: str | None = None
+    # the rival ids' seeds, best-supported first: where an ask goes when every seed of model_id failed
+    alternatives: list[tuple[str, list[PeerRecord]]] = field(default_factory=list)
 
 
-def _support(seeds: list[PeerRecord], standing: Callable[[str], PeerStanding]) -> tuple[float, int]:
-    """(summed reputation of the trusted nodes, their number): how much trust backs a model id.
+def _support(seeds: list[PeerRecord], standing: Callable[[str], PeerStanding]) -> tuple[int, float, int]:
+    """How much trust backs a model id: (trusted machines that have answered this peer before, summed
+    reputation of the trusted machines, their number).
 
-    Counted per node, not per record (routing.group_nodes): copies of one machine's endpoint or keys
-    under fresh peer ids add nothing. Each node counts with its best-standing trusted record."""
-    total, count = 0.0, 0
-    for node in group_nodes(seeds):
-        trusted = [s.reputation for s in (standing(r.peer_id) for r in node) if s.trusted]
-        if trusted:
-            total, count = total + max(trusted), count + 1
-    return (total, count)
+    Proven machines come first: a record costs nothing to make, so fresh records (reputation 0.5, no
+    history) outnumber real seeds whenever someone bothers; seeds this peer has seen answer do not.
+    Counted per machine, not per record: records that share an endpoint or keys conflict
+    (routing.candidate_records) and only the best-standing one counts, so copies of one machine under
+    fresh peer ids add nothing."""
+    standings = {r.peer_id: s for r in seeds if (s := standing(r.peer_id)).trusted}
+    kept = candidate_records(
+        [r for r in seeds if r.peer_id in standings], target=None, exclude=set(), rng=secrets.SystemRandom(),
+        # of conflicting records the one with more answers seen counts, then the better reputation (< 1)
+        seniority=lambda r: -(standings[r.peer_id].asks_ok + standings[r.peer_id].reputation / 2),
+    )
+    proven = sum(1 for r in kept if standings[r.peer_id].asks_ok > 0)
+    return (proven, sum(standings[r.peer_id].reputation for r in kept), len(kept))
 
 
 def resolve_model(seeds: list[PeerRecord], wanted: str | None, standing: Callable[[str], PeerStanding]) -> ModelChoice:
@@ -171,9 +180,11 @@ def resolve_model(seeds: list[PeerRecord], wanted: str | None, standing: Callabl
 
     Names and ids are claims a record makes, so anyone can announce a popular name with another id
     (squatting) or a lookalike id prefix. Among the ids that match, the one backed by the most trust
-    wins: the summed reputation of the trusted seeds serving it, then their number. So one squatting
-    record cannot make a name, or an ask without one, fail or go elsewhere; the caller is told which
-    id was chosen and which others claimed the name.
+    wins (`_support`): first the seeds this peer has seen answer, then the summed reputation of the
+    trusted seeds serving it, then their number. So one squatting record cannot make a name, or an ask
+    without one, fail or go elsewhere, and many fresh ones cannot outvote seeds that answered before;
+    the caller is told which id was chosen and which others claimed the name, and the rivals' seeds
+    are kept as `alternatives` for when every seed of the chosen id fails.
     """
     by_id: dict[str, list[PeerRecord]] = {}
     names: dict[str, Counter[str]] = {}
@@ -194,7 +205,7 @@ def resolve_model(seeds: list[PeerRecord], wanted: str | None, standing: Callabl
             served = ", ".join(sorted({name for counter in names.values() for name in counter}))
             raise NoSeedError(f"no seed serves model {wanted!r} (the swarm serves: {served})")
     support = {mid: _support(by_id[mid], standing) for mid in matches}
-    ranked = sorted(matches, key=lambda mid: (-support[mid][0], -support[mid][1], mid))
+    ranked = sorted(matches, key=lambda mid: (-support[mid][0], -support[mid][1], -support[mid][2], mid))
     chosen = ranked[0]
 
     def name_of(mid: str) -> str:
@@ -202,8 +213,9 @@ def resolve_model(seeds: list[PeerRecord], wanted: str | None, standing: Callabl
             return wanted
         return names[mid].most_common(1)[0][0]
 
-    rivals = [(mid, name_of(mid), support[mid][1]) for mid in ranked[1:]]
-    return ModelChoice(chosen, name_of(chosen), by_id[chosen], rivals, wanted)
+    rivals = [(mid, name_of(mid), support[mid][2]) for mid in ranked[1:]]
+    alternatives = [(mid, by_id[mid]) for mid in ranked[1:] if support[mid][2] > 0]
+    return ModelChoice(chosen, name_of(chosen), by_id[chosen], rivals, wanted, alternatives)
 
 
 def trusted_seeds(seeds: list[PeerRecord], store: Store, model_id: str) -> list[PeerRecord]:
@@ -232,15 +244,21 @@ async def find_seeds(
         found = await discover(ctx, trackers, role="seed")  # only to say what the swarm does serve
     store.saw_peers(found.records.values())
     choice = resolve_model(list(found.records.values()), request.model, store.standing)
+    now = time.time()
+    alternatives = [
+        (mid, rank_seeds([s for s in seeds if store.standing(s.peer_id).trusted], store, now))
+        for mid, seeds in choice.alternatives
+    ]
+    choice = replace(choice, alternatives=[(mid, seeds) for mid, seeds in alternatives if seeds])
     if events.on_model is not None:
         events.on_model(choice)
-    return choice, rank_seeds(trusted_seeds(choice.seeds, store, choice.model_id), store, time.time())
+    return choice, rank_seeds(trusted_seeds(choice.seeds, store, choice.model_id), store, now)
 
 
-def seed_lister(ctx: Context, trackers: list[str], model_id: str) -> Refresh:
-    """A `refresh` for `run_attempts`: the peer ids of the seeds of `model_id` listed now."""
+def seed_lister(ctx: Context, trackers: list[str]) -> Refresh:
+    """A `refresh` for `run_attempts`: the peer ids of the seeds of a model id listed now."""
 
-    async def listed() -> set[str] | None:
+    async def listed(model_id: str) -> set[str] | None:
         try:
             found = await discover(ctx, trackers, model=model_id, role="seed")
         except GtorrentError:
@@ -286,8 +304,8 @@ class AnswerSink:
         return "".join(self.pieces)
 
 
-Attempt = Callable[[PeerRecord, AnswerSink], Awaitable[AskResult]]
-Refresh = Callable[[], Awaitable["set[str] | None"]]
+Attempt = Callable[[PeerRecord, str, AnswerSink], Awaitable[AskResult]]  # (seed, model id, sink)
+Refresh = Callable[[str], Awaitable["set[str] | None"]]  # model id -> peer ids of its seeds listed now
 
 
 async def run_attempts(
@@ -298,6 +316,8 @@ async def run_attempts(
     *,
     request: AskRequest,
     started: float,
+    model_id: str,
+    alternatives: list[tuple[str, list[PeerRecord]]] | None = None,
     max_attempts: int = MAX_ATTEMPTS,
     refresh: Refresh | None = None,
     what: str = "ask",
@@ -306,43 +326,51 @@ async def run_attempts(
 
     An attempt raises SeedFailed when the seed is at fault (written to the store; that seed is not
     asked again in this ask) or RouteFailed when the way to it is (the seed may be asked again). Before
-    a retry `refresh` lists the seeds still announced, so a seed that said `stopped` is not retried.
-    `on_restart` comes before anything of the next attempt.
+    a retry `refresh` lists the seeds of a model still announced, so a seed that said `stopped` is not
+    retried. `on_restart` comes before anything of the next attempt.
+
+    `alternatives` are other model ids that claimed the same name (resolve_model), best first. When
+    there are some, the chosen id gets CONTESTED_ATTEMPTS attempts and then the next id gets as many:
+    fresh records squatting on a name can win the choice, but not every attempt of the ask.
     """
+    groups = [(model_id, ranked), *[(mid, seeds) for mid, seeds in alternatives or []]][:2]
+    per_group = max_attempts if len(groups) == 1 else min(CONTESTED_ATTEMPTS, max_attempts)
     failed: set[str] = set()
     failures: list[dict[str, str]] = []
-    seed: PeerRecord | None = ranked[0] if ranked else None
     number = 0
-    while seed is not None:
-        number += 1
-        if events.on_attempt is not None:
-            events.on_attempt(seed, number)
-        sink = AnswerSink(seed, answer_budget(request.max_tokens), events.on_text)
-        try:
-            result = await attempt(seed, sink)
-        except SeedFailed as exc:
-            store.observe(seed.peer_id, exc.outcome, detail=exc.message)
-            failed.add(seed.peer_id)
-            reason = exc.message
-        except RouteFailed as exc:
-            reason = exc.message
-        else:
-            store.observe(seed.peer_id, "ok", ttft_s=result.ttft_s, tokens_per_s=result.tokens_per_s)
-            result.ttft_s += time.perf_counter() - started - result.total_s
-            result.total_s = time.perf_counter() - started
-            result.attempts = number
-            result.failures = failures
-            return result
-        failures.append({"seed": seed.peer_id, "reason": reason})
-        following: PeerRecord | None = None
-        if number < max_attempts:
-            listed = await refresh() if refresh is not None else None
-            # rank order holds; a seed not at fault (route failure) stays first and is asked again
-            remaining = [s for s in ranked if s.peer_id not in failed and (listed is None or s.peer_id in listed)]
-            following = remaining[0] if remaining else None
-        if following is not None and events.on_restart is not None:
-            events.on_restart(seed, reason, len(sink.pieces))
-        seed = following
+    restart: tuple[PeerRecord, str, int] | None = None  # said just before the next attempt, if any comes
+    for group, (current_id, seeds) in enumerate(groups):
+        listed = await refresh(current_id) if refresh is not None and group > 0 else None
+        for _ in range(per_group):
+            remaining = [s for s in seeds if s.peer_id not in failed and (listed is None or s.peer_id in listed)]
+            if not remaining:
+                break
+            seed = remaining[0]  # rank order; a seed not at fault (route failure) stays first, asked again
+            number += 1
+            if restart is not None and events.on_restart is not None:
+                events.on_restart(*restart)
+            if events.on_attempt is not None:
+                events.on_attempt(seed, number)
+            sink = AnswerSink(seed, answer_budget(request.max_tokens), events.on_text)
+            try:
+                result = await attempt(seed, current_id, sink)
+            except SeedFailed as exc:
+                store.observe(seed.peer_id, exc.outcome, detail=exc.message)
+                failed.add(seed.peer_id)
+                reason = exc.message
+            except RouteFailed as exc:
+                reason = exc.message
+            else:
+                store.observe(seed.peer_id, "ok", ttft_s=result.ttft_s, tokens_per_s=result.tokens_per_s)
+                result.ttft_s += time.perf_counter() - started - result.total_s
+                result.total_s = time.perf_counter() - started
+                result.attempts = number
+                result.failures = failures
+                return result
+            failures.append({"seed": seed.peer_id, "reason": reason, "model_id": current_id})
+            restart = (seed, reason, len(sink.pieces))
+            if refresh is not None:
+                listed = await refresh(current_id)
     reasons = "; ".join(f"{short_id(f['seed'])}: {f['reason']}" for f in failures)
     raise GtorrentError(
         f"the {what} failed after {len(failures)} attempt(s): {reasons}",
@@ -438,10 +466,10 @@ async def ask_direct(
     started = time.perf_counter()
     choice, ranked = await find_seeds(ctx, trackers, request, store, events)
 
-    async def attempt(seed: PeerRecord, sink: AnswerSink) -> AskResult:
-        return await ask_seed(ctx, seed, choice.model_id, request, ask_timeouts, sink, time.perf_counter())
+    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
+        return await ask_seed(ctx, seed, model_id, request, ask_timeouts, sink, time.perf_counter())
 
     return await run_attempts(
-        ranked, attempt, store, events, request=request, started=started, max_attempts=max_attempts,
-        refresh=seed_lister(ctx, trackers, choice.model_id),
+        ranked, attempt, store, events, request=request, started=started, model_id=choice.model_id,
+        alternatives=choice.alternatives, max_attempts=max_attempts, refresh=seed_lister(ctx, trackers),
     )

@@ -5,12 +5,14 @@ link two circuits of one ask by key, and a random circuit id per link (chosen he
 links share one). `build` CREATEs the first hop and EXTENDs one hop at a time, running the ntor
 handshake (onion.py) with each hop against the identity and onion key in its signed record and
 checking the hop's AUTH. When `build` fails, `CircuitError.hop` says which hop of the route did not
-answer or failed its proof. Wire forms come from cells.py, shared with the relays (this module never
-imports the relay).
+answer or failed its proof, and `CircuitError.first` the earliest hop that may have caused it instead
+(see the class). `receive` waits at most its timeout in all, whatever the first relay sends meanwhile.
+Wire forms come from cells.py, shared with the relays (this module never imports the relay).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 
@@ -19,18 +21,27 @@ from .errors import GtorrentError
 from .identity import short_id
 from .onion import DATA, END, EXTEND, EXTENDED, ClientCircuit, HopKeys, OnionError, PendingHop
 from .protocol import Message, PeerRecord, ProtocolError
-from .transport import Connection, Context, PeerDisconnected, PeerRefused, TransportError
+from .transport import Connection, Context, PeerDisconnected, PeerRefused, PeerTimeout, TransportError
 
 HOP_TIMEOUT_S = 5.0
 
 
 class CircuitError(GtorrentError):
     """A circuit could not be built, or broke. `hop`: index into the route of the peer that did not
-    answer or failed its key proof while building (None when unknown, or once built)."""
+    answer or failed its key proof while building (None when unknown, or once built).
 
-    def __init__(self, message: str, hint: str | None = None, *, hop: int | None = None) -> None:
+    `first` (<= hop): the earliest hop that may be at fault instead, so that the peers to suspect are
+    route[first : hop + 1]. Any relay before `hop` can swallow the EXTEND or send a `destroy` of its
+    own (a destroy carries no proof of who started it), so a silence or a destroy while extending to
+    hop i names hops 0..i; a failed key proof came in hop i-1's EXTENDED, which relays hop i's
+    CREATED, so it names hops i-1 and i; a cell sealed by hop j that is not the EXTENDED expected
+    names hop j alone."""
+
+    def __init__(self, message: str, hint: str | None = None, *, hop: int | None = None,
+                 first: int | None = None) -> None:
         super().__init__(message, hint)
         self.hop = hop
+        self.first = hop if first is None or hop is None else min(first, hop)
 
 
 def new_cid() -> int:
@@ -72,25 +83,33 @@ class CircuitClient:
             try:
                 origin, command, payload = await self.receive(timeout_s)
             except CircuitError as exc:
-                # the hop before it reports a next hop that never answered (or refused the CREATE) by
-                # destroying the circuit; silence is blamed on the hop being reached too. A broken link
-                # to the first hop is the first hop's.
+                # a relay reports a next hop that never answered (or refused the CREATE) by destroying
+                # the circuit, but any relay before hop `index` may send that destroy, or swallow the
+                # EXTEND: they are all suspects with the hop being reached. A broken link to the first
+                # hop is the first hop's.
                 lost_first = isinstance(exc.__cause__, (PeerDisconnected, PeerRefused))
                 blamed = 0 if lost_first else index
-                raise CircuitError(f"extending to {short_id(hop.peer_id)} failed: {exc.message}", hop=blamed) from exc
-            if command != EXTENDED or origin != len(self.onion.hops) - 1:
-                raise CircuitError(f"unexpected answer while extending to {short_id(hop.peer_id)}", hop=index)
+                raise CircuitError(f"extending to {short_id(hop.peer_id)} failed: {exc.message}",
+                                   hop=blamed, first=0) from exc
+            # a cell sealed by hop j came from hop j (no other peer has its keys): j alone is at fault
+            # when it is not the EXTENDED expected from the newest hop, or not a well-formed one
+            if origin != len(self.onion.hops) - 1 or command != EXTENDED:
+                raise CircuitError(f"hop {short_id(self.hops[origin].peer_id)} sent an unexpected cell while "
+                                   f"extending to {short_id(hop.peer_id)}", hop=origin)
             try:
                 hop_public, auth = unpack_extended(payload)
             except OnionError as exc:
-                raise CircuitError(f"hop {short_id(hop.peer_id)} sent a malformed EXTENDED", hop=index) from exc
+                raise CircuitError(f"hop {short_id(self.hops[origin].peer_id)} sent a malformed EXTENDED",
+                                   hop=origin) from exc
             self.onion.add_hop(self._finish(pending, hop_public, auth, index))
 
     def _finish(self, pending: PendingHop, hop_public: bytes, auth: bytes, index: int) -> HopKeys:
         try:
             return pending.finish(hop_public, auth)
         except OnionError as exc:
-            raise CircuitError(f"hop {short_id(self.hops[index].peer_id)} failed its key proof", hop=index) from exc
+            # hop index-1 relayed the CREATED it carries (and sealed the EXTENDED): it may have spoilt it
+            raise CircuitError(f"hop {short_id(self.hops[index].peer_id)} failed its key proof",
+                               hop=index, first=max(index - 1, 0)) from exc
 
     async def _request(self, kind: str, body: dict[str, object], timeout_s: float) -> Message:
         try:
@@ -102,10 +121,20 @@ class CircuitClient:
         await self.conn.send("cell", {"cid": self.cid}, self.onion.wrap(command, data, os.urandom))
 
     async def receive(self, timeout_s: float) -> tuple[int, int, bytes]:
-        """The next backward cell: (originating hop index, command, data)."""
+        """The next backward cell: (originating hop index, command, data), within `timeout_s` in all.
+
+        One deadline for the whole call: messages for another circuit id or of an ignored kind do not
+        restart the wait, so a first relay trickling junk cannot hold the asker forever."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         while True:
             try:
-                message = await self.conn.recv(timeout_s, CIRCUIT_REPLIES)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise PeerTimeout(f"no cell from {self.conn.name} in {timeout_s:g} s")
+                message = await self.conn.recv(remaining, CIRCUIT_REPLIES)
+            except PeerTimeout as exc:
+                raise CircuitError(f"circuit broke: no cell from {self.conn.name} in {timeout_s:g} s") from exc
             except TransportError as exc:
                 raise CircuitError(f"circuit broke: {exc.message}") from exc
             if message.get("cid") != self.cid:

@@ -152,5 +152,5 @@ def lock_home(home: Path, lock: str, role: str) -> HomeLock:
         return held
     raise HomeInUseError(
         f"the home {home} is in use by a running {held}",
-        hint=f"give each long-running node its own home, e.g. GTORRENT_HOME=~/.gtorrent/{role}1 gtorrent {role}",
+        hint=f"give each long-running node its own home, e.g. GTORRENT_HOME=~/.gtorrent/another-{role} gtorrent {role}",
     )

@@ -9,15 +9,29 @@ reply fragments from every path, rebuild each chunk from any k, and stream its t
 breaks is tolerated while k paths live. The final chunk carries the seed's signature over the
 transcript, checked against its record. Retries are asker.run_attempts' (the loop direct asks use).
 
-Blame goes to the party that failed, so that a dead seed never burns healthy relays:
+Blame goes to the party that failed, so that a dead seed never burns healthy relays, and to whoever
+reported the failure along with the accused, so that a relay cannot frame honest ones and stay in use
+(a `destroy` carries no proof of which relay started it):
 
-- a circuit that fails while extending to hop i blames hop i; when hop i is the seed, the seed is at
-  fault if no path reached it at all (SeedFailed: written to the store, not asked again), else the
-  relay before it did not extend (it becomes a suspect);
+- a circuit that fails while extending to hop i (a relay) makes suspects of hop i and of every relay
+  before it that could have sent the destroy or swallowed the EXTEND: relays 0..i for a silence or a
+  destroy, relays i-1 and i for a spoilt key proof (circuit.CircuitError.first), relay 0 alone when
+  our link to it broke. When hop i is the seed, the seed is at fault if no path reached it at all
+  (SeedFailed: written to the store, not asked again; no relay is blamed), else that path's relays
+  are suspects by the same rule (the seed answered on other paths);
 - paths that break mid-answer: if every path breaks, the seed (the one node they share) is at fault;
-  if some live on, the broken ones' relays are (the first relay when the link to it broke, the relays
-  after it when it reported the break);
+  if some live on, every relay of a broken path is a suspect (relay 0 alone when our link to it broke);
+- an answer that stops (the first-token or between-token timer expires): when some paths delivered
+  more of it than others, the seed answered and the relays of the paths left behind dropped cells
+  (RouteFailed, they are suspects); when every live path is equally far along (nothing at all, or the
+  seed stopped mid-answer on all of them) the seed is at fault (SeedFailed, "timeout"). Residuals: relays
+  on more than n-k paths dropping the forward cloves (the seed never gets the request), or relays on
+  every path dropping at the same point, still look like a silent seed; a seed that answers on some
+  paths only makes the other paths' relays suspects (for that ask) and costs a retry;
 - suspects are left out of the rest of this ask only (RouteFailed; the seed may be asked again).
+
+With --strict, a route with fewer paths than planned (replacements ran out) never carries the request:
+the attempt fails as a RouteFailed and the retry plans again.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ import json
 import os
 import random
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -50,7 +65,15 @@ from .garlic import ASK_ID_BYTES, REPLY_KEY_BYTES, GarlicError, ReplyAssembler, 
 from .identity import b64, short_id, unb64, verify_signature
 from .onion import DATA, forward_capacity
 from .protocol import PeerRecord
-from .routing import DEFAULT_MIN_HOPS, ONE_HOP_HINT, PathPlan, PrivacyError, plan_paths
+from .routing import (
+    DEFAULT_MIN_HOPS,
+    ONE_HOP_HINT,
+    PathPlan,
+    PrivacyError,
+    host_of,
+    normalise_endpoint,
+    plan_paths,
+)
 from .sida import split
 from .store import Store
 from .transport import Context, TransportError
@@ -60,6 +83,7 @@ DEFAULT_HOPS = 3
 DEFAULT_K = 3
 MAX_PATH_HOPS = 8  # the CLI's --hops limit
 BUILD_ROUNDS = 3  # a path that fails to build is replaced at most twice within one attempt
+RESOLVE_TIMEOUT_S = 2.0  # per host name in a record, all resolved at once
 BREAK_SETTLE_S = 1.0  # after too many paths broke: how long to wait to see whether all of them do
 
 
@@ -75,16 +99,52 @@ class RouteState:
     min_hops: int
     rng: random.Random = field(default_factory=secrets.SystemRandom)  # path choice is security-relevant
     suspects: set[str] = field(default_factory=set)
+    first_seen: dict[str, float] = field(default_factory=dict)  # of conflicting records, the first seen wins
+    aliases: dict[str, frozenset[str]] = field(default_factory=dict)  # host names -> the addresses they resolved to
 
-    def plan(self, seed: PeerRecord) -> PathPlan:
-        # a seed that failed in this ask is a suspect too: it may also be listed as a relay
-        return plan_paths(self.relays, target=seed, exclude=self.suspects, paths=self.paths, hops=self.hops,
-                          k=self.k, strict=self.strict, rng=self.rng, min_hops=self.min_hops)
+    def seniority(self, record: PeerRecord) -> float:
+        return self.first_seen.get(record.peer_id, float("inf"))
+
+    def plan(self, seed: PeerRecord, *, exclude: set[str] | None = None, paths: int | None = None,
+             hops: int | None = None, k: int | None = None, strict: bool | None = None,
+             min_hops: int | None = None) -> PathPlan:
+        """A plan to `seed` under this ask's rules (the ask's own sizes unless given); a seed that
+        failed in this ask is a suspect too: it may also be listed as a relay."""
+        return plan_paths(
+            self.relays, target=seed, exclude=self.suspects | (exclude or set()), paths=paths or self.paths,
+            hops=hops or self.hops, k=k or self.k, strict=self.strict if strict is None else strict, rng=self.rng,
+            min_hops=min_hops or self.min_hops, seniority=self.seniority, aliases=self.aliases,
+        )
 
 
-def failed_hop(circuit: CircuitClient, exc: CircuitError) -> int | None:
-    """Index in `circuit.route` of the peer that did not answer or failed its proof, when known."""
-    return exc.hop if exc.hop is not None and 0 <= exc.hop < len(circuit.route) else None
+async def resolve_names(records: list[PeerRecord], timeout_s: float = RESOLVE_TIMEOUT_S) -> dict[str, frozenset[str]]:
+    """The addresses the host names in these records' endpoints resolve to, as routing aliases.
+
+    A record may name the seed's address under a host name (any DNS name that points at it); compared
+    as text it would not conflict with the seed, and the asker would connect to the seed as its first
+    hop. Names that do not resolve in time are left as they are (connecting to them fails too)."""
+    loop = asyncio.get_running_loop()
+    names = {normalise_endpoint(r.endpoint): (host, r.endpoint.rpartition(":")[2])
+             for r in records if (host := host_of(r.endpoint)) is not None}
+
+    async def resolve(host: str, port: str) -> frozenset[str]:
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout_s)
+        except (OSError, TimeoutError, UnicodeError):
+            return frozenset()
+        return frozenset(normalise_endpoint(f"tcp://[{info[4][0]}]:{port}") for info in infos)
+
+    resolved = await asyncio.gather(*(resolve(host, port) for host, port in names.values()))
+    return {endpoint: addresses for endpoint, addresses in zip(names, resolved, strict=True) if addresses}
+
+
+def failed_span(circuit: CircuitClient, exc: CircuitError) -> tuple[int, int] | None:
+    """(first, hop): indices in `circuit.route` of the earliest peer that may be at fault and of the
+    peer that did not answer or failed its proof, when known (see circuit.CircuitError)."""
+    hop, first = exc.hop, exc.first
+    if hop is None or first is None or not 0 <= first <= hop < len(circuit.route):
+        return None
+    return (first, hop)
 
 
 async def _close_all(circuits: list[CircuitClient]) -> None:
@@ -97,11 +157,13 @@ async def build_paths(
     """Build the plan's circuits at once; replace failed paths with fresh ones (up to BUILD_ROUNDS).
 
     Raises SeedFailed when no path reached the seed and the seed's hop failed; returns the circuits
-    built otherwise (fewer than planned when relays ran out), adding each failing relay to the suspects.
+    built otherwise (fewer than planned when relays ran out), adding the relays that may have caused
+    each failure to the suspects (see the module docstring).
     """
     routes = plan.paths
     built: list[CircuitClient] = []
-    seed_misses: list[CircuitClient] = []  # circuits that reached the hop before the seed, not the seed
+    # circuits that failed at the seed's hop, with the earliest hop that may be at fault instead
+    seed_misses: list[tuple[CircuitClient, int]] = []
     for round_number in range(BUILD_ROUNDS):
         circuits = [CircuitClient(ctx, [*path, seed]) for path in routes]
         results = await asyncio.gather(*(c.build(timeout_s) for c in circuits), return_exceptions=True)
@@ -114,11 +176,11 @@ async def build_paths(
             if not isinstance(result, GtorrentError):
                 unexpected = result
                 continue
-            hop = failed_hop(circuit, result) if isinstance(result, CircuitError) else None
-            if hop == len(circuit.route) - 1:
-                seed_misses.append(circuit)
-            elif hop is not None:
-                state.suspects.add(circuit.route[hop])
+            span = failed_span(circuit, result) if isinstance(result, CircuitError) else None
+            if span is not None and span[1] == len(circuit.route) - 1:
+                seed_misses.append((circuit, span[0]))
+            elif span is not None:  # the accused relay and the relays that may have reported it falsely
+                state.suspects.update(circuit.route[span[0] : span[1] + 1])
             else:  # no hop named: any relay of this path may be at fault, the seed is not known to be
                 state.suspects.update(circuit.route[:-1])
         if unexpected is not None:
@@ -129,16 +191,17 @@ async def build_paths(
                 f"seed {short_id(seed.peer_id)} did not answer on any path ({len(seed_misses)} got as far as it)",
                 "timeout",
             )
-        # the seed answered on other paths: the relay before it did not extend (or lied about it)
-        state.suspects.update(circuit.route[-2] for circuit in seed_misses if len(circuit.route) >= 2)
+        # the seed answered on other paths: a relay of this path did not extend (or lied about it)
+        for circuit, first in seed_misses:
+            state.suspects.update(circuit.route[first:-1])
         seed_misses = []
         missing = len(plan.paths) - len(built)
         if missing == 0 or round_number == BUILD_ROUNDS - 1:
             break
         in_use = {peer for circuit in built for peer in circuit.route[:-1]}
         try:
-            routes = plan_paths(state.relays, target=seed, exclude=state.suspects | in_use, paths=missing,
-                                hops=plan.hops, k=1, strict=True, rng=state.rng, min_hops=plan.hops).paths
+            routes = state.plan(seed, exclude=in_use, paths=missing, hops=plan.hops, k=1, strict=True,
+                                min_hops=plan.hops).paths
         except PrivacyError:
             break  # no fresh relays left: go on with the paths built, if they are enough
     return built
@@ -162,6 +225,10 @@ async def _one_attempt(
         if len(built) < plan.k:
             raise RouteFailed(f"only {len(built)} of {len(plan.paths)} paths could be built (need {plan.k})",
                               set(state.suspects))
+        if state.strict and len(built) < len(plan.paths):
+            # --strict: never send a clove over a route weaker than planned; the retry plans afresh
+            raise RouteFailed(f"only {len(built)} of {len(plan.paths)} paths could be built (--strict)",
+                              set(state.suspects))
         used = PathPlan([circuit.hops[:-1] for circuit in built], plan.k, plan.wanted_paths, plan.wanted_hops)
         if events.on_route is not None:  # before the request goes out, so before any answer text
             events.on_route(seed, used.describe(), [circuit.route[:-1] for circuit in built])
@@ -183,14 +250,11 @@ async def _one_attempt(
 def _broken_suspects(circuit: CircuitClient, exc: CircuitError | None) -> set[str]:
     """The relays to blame for a path that broke mid-answer (see the module docstring)."""
     relays = circuit.route[:-1]
-    if exc is None:
-        return set(relays)  # it carried cells no hop should send: any of its relays
-    hop = failed_hop(circuit, exc)
-    if hop is not None and hop < len(relays):
-        return {relays[hop]}
-    if isinstance(exc.__cause__, TransportError) or len(relays) == 1:
+    if exc is not None and isinstance(exc.__cause__, TransportError):
         return {relays[0]}  # our own link to the first relay broke
-    return set(relays[1:])  # the first relay reported a break further on
+    # a destroy (any relay may send one and say it came from further on), or cells no hop should
+    # send: any of its relays, the one that reported the break included
+    return set(relays)
 
 
 async def _receive(
@@ -225,6 +289,20 @@ async def _receive(
     dead: set[int] = set()
     suspects: set[str] = set()
     ttft_s: float | None = None
+    # fragments each path delivered in this attempt: the seed sends one per chunk on every path, and
+    # only the seed can seal a cell as the terminal hop, so a relay cannot inflate its path's count
+    delivered = [0] * len(built)
+
+    def silence(wait_s: float) -> RouteFailed | SeedFailed:
+        """The answer stopped for `wait_s`: whose fault (see the module docstring)."""
+        most = max(delivered)
+        behind = [path for path in range(len(built)) if path not in dead and delivered[path] < most]
+        if not behind:  # every live path is as far along as any: the seed went silent
+            return SeedFailed(f"no answer over the paths to seed {short_id(seed.peer_id)} in {wait_s:g} s", "timeout")
+        for path in behind:
+            suspects.update(built[path].route[:-1])
+        return RouteFailed(f"{len(behind)} of {len(built)} paths went silent ({wait_s:g} s) while the seed "
+                           f"answered on others", set(suspects))
 
     async def paths_lost(reason: str) -> RouteFailed | SeedFailed:
         # Paths are node-disjoint: if every one of them breaks, the seed is the failure they share. The
@@ -248,7 +326,7 @@ async def _receive(
             try:
                 path, payload, error = await asyncio.wait_for(queue.get(), wait_s)
             except TimeoutError:
-                raise SeedFailed(f"no answer over the paths to seed {short_id(seed.peer_id)} in {wait_s:g} s", "timeout") from None
+                raise silence(wait_s) from None
             if payload is None:
                 if path not in dead:
                     dead.add(path)
@@ -256,6 +334,7 @@ async def _receive(
                 if len(built) - len(dead) < plan.k:
                     raise await paths_lost(f"only {len(built) - len(dead)} paths left (need {plan.k})")
                 continue
+            delivered[path] += 1
             try:
                 chunks = assembler.feed(payload, path)
             except GarlicError as exc:
@@ -338,11 +417,12 @@ async def ask_private(
     )
     store.saw_peers(relays_found.records.values())
     relays = [r for r in relays_found.records.values() if store.standing(r.peer_id).trusted]
-    state = RouteState(relays, paths, hops, k, strict, min_hops)
+    state = RouteState(relays, paths, hops, k, strict, min_hops, first_seen=store.first_seen())
+    state.aliases = await resolve_names([*relays, *ranked, *(s for _, seeds in choice.alternatives for s in seeds)])
 
-    async def attempt(seed: PeerRecord, sink: AnswerSink) -> AskResult:
+    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
         try:
-            return await _one_attempt(ctx, seed, choice.model_id, request, state, ask_timeouts, events, sink)
+            return await _one_attempt(ctx, seed, model_id, request, state, ask_timeouts, events, sink)
         except SeedFailed:
             state.suspects.add(seed.peer_id)  # it may be listed as a relay too: not on later paths either
             raise
@@ -352,18 +432,26 @@ async def ask_private(
         except CircuitError as exc:  # a circuit failure outside building: a route failure
             raise RouteFailed(exc.message) from exc
 
-    async def refresh() -> set[str] | None:
-        """Seeds and relays still announced: a peer that said `stopped` is neither asked nor used."""
+    async def refresh(model_id: str) -> set[str] | None:
+        """Seeds and relays still announced: a peer that said `stopped` is neither asked nor used.
+
+        The relays' records are replaced by the ones listed now: an ask may outlive a rotated onion
+        key's grace period (onionkeys.py), and a record naming a key past it only gets its CREATE
+        refused. The suspects of this ask stay."""
         try:
             seeds_now, relays_now = await asyncio.gather(
-                discover(ctx, trackers, model=choice.model_id, role="seed"), discover(ctx, trackers, role="relay")
+                discover(ctx, trackers, model=model_id, role="seed"), discover(ctx, trackers, role="relay")
             )
         except GtorrentError:
             return None
-        state.relays = [r for r in state.relays if r.peer_id in relays_now.records]
+        store.saw_peers(relays_now.records.values())
+        state.relays = [r for r in relays_now.records.values() if store.standing(r.peer_id).trusted]
+        state.first_seen = store.first_seen()
+        state.aliases = await resolve_names([*state.relays, *(s for s in seeds_now.records.values())])
         return set(seeds_now.records)
 
     return await run_attempts(ranked, attempt, store, events, request=request, started=started,
+                              model_id=choice.model_id, alternatives=choice.alternatives,
                               max_attempts=max_attempts, refresh=refresh, what="private ask")
 
 

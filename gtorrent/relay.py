@@ -70,7 +70,7 @@ IDLE_TIMEOUT_S = 120.0
 EXTEND_TIMEOUT_S = 5.0
 MAX_CIRCUITS = 10_000
 MAX_LINKS = 1_000  # next hops open at once
-CREATE_WINDOW_S = 600.0  # a CREATE older than this is refused; the replay cache covers the window
+CREATE_WINDOW_S = 600.0  # a CREATE older than this is refused (its stamp is bound into the hop keys)
 CLOCK_SKEW_S = 60.0
 MAINTAIN_INTERVAL_S = 10.0  # idle expiry, onion key rotation, directory refresh
 # libzmq reconnects a link whose peer is unreachable: after 0.5 s (plus up to as much jitter), doubling
@@ -236,7 +236,9 @@ class RelayService:
         now_ms = time.time() * 1000
         if not now_ms - CREATE_WINDOW_S * 1000 <= created_ms <= now_ms + CLOCK_SKEW_S * 1000:
             self.counters["replays"] += 1
-            raise ProtocolError("create: timestamp outside the accepted window")
+            # answered, not dropped: an honest asker whose clock is off learns why at once
+            await reply.send("destroy", {"cid": cid, "reason": "create timestamp outside the window"})
+            return
         onion_key = self.onion_keys.private_for(onion_public)
         if onion_key is None:
             # a record older than the grace period, or a key this relay never had: say so at once, so
@@ -244,9 +246,14 @@ class RelayService:
             self.counters["unknown_onion_key"] += 1
             await reply.send("destroy", {"cid": cid, "reason": "unknown onion key"})
             return
-        if not self.replays.check_and_add(asker_public, created_ms / 1000):
+        # Under ntor a replayed CREATE is harmless (the answer has a fresh Y, so the replayer derives no
+        # keys and replayed cells fail), so this memory only drops exact repeats, and it never refuses a
+        # new key: unstamped, a full cache evicts its oldest entries. A stamped cache with a floor let a
+        # flood of CREATEs stamped at the edge of the accepted skew refuse every honest CREATE.
+        if not self.replays.check_and_add(asker_public):
             self.counters["replays"] += 1
-            raise ProtocolError("create: replayed ephemeral key (or stamped below a flood's replay floor)")
+            await reply.send("destroy", {"cid": cid, "reason": "replayed create"})
+            return
         try:
             keys, hop_public, auth = hop_answer_create(onion_key, self.hop_id, asker_public, created_ms)
         except OnionError as exc:

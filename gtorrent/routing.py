@@ -10,21 +10,27 @@ of degrading.
 Invariants:
 
 - "Node" means the machine behind a record, not its peer id: a record may copy another peer's
-  endpoint, CurveZMQ key or onion key under a fresh signing key (a Sybil copy). Records sharing an
-  endpoint (host case and IP spelling normalised), a curve key or an onion key are one node (grouped
-  transitively); a plan holds at most one record of a node, so disjointness is counted in nodes.
-- The target seed's node, and every group that touches it in peer id, endpoint, curve key or onion
-  key, is never on a plan: otherwise the seed would relay its own circuits and learn the asker.
-- An excluded peer id (a suspect, a relay already in use) excludes its whole node.
-
-Which record of a node is used is drawn at random: they all lead to the same machine (a hop's
-CurveZMQ handshake and onion-key proof only succeed with that machine's keys).
+  endpoint, CurveZMQ key or onion key under a fresh signing key (a Sybil copy). Two records that share
+  an endpoint (host case and IP spelling normalised), a curve key or an onion key conflict: a plan
+  never holds both, so disjointness is counted in machines.
+- Every record that shares any of these with the target seed (or is the seed) is never on a plan:
+  otherwise the seed would relay its own circuits and learn the asker. Only a direct share counts.
+  Conflicts are not followed transitively: "glue" records that each share one mark with two others
+  would otherwise chain honest relays to the seed and exclude them all, leaving the attacker's own
+  relays as the only candidates with nothing degraded.
+- A copy never works as a hop: the CurveZMQ handshake needs the copied curve key's secret, and the
+  ntor AUTH binds the hop's signing key and onion key. So among conflicting records the one seen
+  first (`seniority`, e.g. the asker's first sighting) is kept, ties broken at random; copies made
+  later lose to the genuine record in a store that saw it first.
+- Which machines go on a plan is a uniform draw from the kept records: seniority only settles
+  conflicts, it never makes a record likelier to be drawn.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .errors import GtorrentError
@@ -58,14 +64,22 @@ class PathPlan:
 
 
 def normalise_endpoint(endpoint: str) -> str:
-    """`tcp://HOST:PORT` as one spelling per address: host lowercased, IPs in canonical form."""
+    """`tcp://HOST:PORT` as one spelling per address: host lowercased, IPs in canonical form, and every
+    loopback or unspecified address as `loopback` (on the asker's machine 127.0.0.2, ::1 and 0.0.0.0
+    all reach a socket bound to every interface)."""
     rest = endpoint.split("://", 1)[-1]
     host, _, port = rest.rpartition(":")
     host = host.strip("[]").lower().rstrip(".")
     try:
-        host = ipaddress.ip_address(host).compressed
+        address = ipaddress.ip_address(host)
     except ValueError:
-        pass  # a host name: case is all that can be normalised without resolving it
+        if host == "localhost":
+            host = "loopback"
+        # else a host name: only what the asker resolved it to (`aliases`) can tie it to an address
+    else:
+        mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+        address = mapped or address
+        host = "loopback" if address.is_loopback or address.is_unspecified else address.compressed
     try:
         port = str(int(port))
     except ValueError:
@@ -73,51 +87,61 @@ def normalise_endpoint(endpoint: str) -> str:
     return f"{host}:{port}"
 
 
-def _marks(record: PeerRecord) -> list[tuple[str, object]]:
-    """What makes two records the same node."""
-    return [
-        ("id", record.peer_id),
-        ("endpoint", normalise_endpoint(record.endpoint)),
-        ("curve", record.curve_key),
-        ("onion", record.onion_key),
-    ]
+Aliases = Mapping[str, frozenset[str]]  # normalised endpoint -> the normalised IP:port it resolved to
 
 
-def group_nodes(records: list[PeerRecord]) -> list[list[PeerRecord]]:
-    """Records partitioned into nodes: transitively, those sharing any mark are one (union-find)."""
-    parent = list(range(len(records)))
-
-    def root(index: int) -> int:
-        while parent[index] != index:
-            parent[index] = parent[parent[index]]
-            index = parent[index]
-        return index
-
-    owner: dict[tuple[str, object], int] = {}
-    for index, record in enumerate(records):
-        for mark in _marks(record):
-            other = owner.setdefault(mark, index)
-            if other != index:
-                parent[root(index)] = root(other)
-    groups: dict[int, list[PeerRecord]] = {}
-    for index, record in enumerate(records):
-        groups.setdefault(root(index), []).append(record)
-    return list(groups.values())
+def host_of(endpoint: str) -> str | None:
+    """The host name of a `tcp://` endpoint when it is a name, not an IP literal (what needs resolving)."""
+    host = endpoint.split("://", 1)[-1].rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().rstrip(".") or None
+    return None
 
 
-def candidate_nodes(relays: list[PeerRecord], *, target: PeerRecord | None, exclude: set[str]) -> list[list[PeerRecord]]:
-    """The nodes a plan may use: never the target's, never one holding an excluded peer id."""
+def _marks(record: PeerRecord, aliases: Aliases | None = None) -> set[tuple[str, object]]:
+    """What two records of one machine share: an endpoint (under any name it resolved to), keys."""
+    endpoint = normalise_endpoint(record.endpoint)
+    marks: set[tuple[str, object]] = {("endpoint", endpoint), ("curve", record.curve_key), ("onion", record.onion_key)}
+    for alias in (aliases or {}).get(endpoint, frozenset()):
+        marks.add(("endpoint", alias))
+    return marks
+
+
+Seniority = Callable[[PeerRecord], float]  # smaller: seen earlier
+
+
+def candidate_records(
+    relays: list[PeerRecord],
+    *,
+    target: PeerRecord | None,
+    exclude: set[str],
+    rng: random.Random,
+    seniority: Seniority | None = None,
+    aliases: Aliases | None = None,
+) -> list[PeerRecord]:
+    """The records a plan may draw from, pairwise free of conflicts: never the target's or one sharing
+    a mark with it, never an excluded peer id; of conflicting records the senior one (ties: random)."""
     unique = list({r.peer_id: r for r in relays}.values())
-    if target is not None:
-        unique = [r for r in unique if r.peer_id != target.peer_id] + [target]
-    nodes = []
-    for group in group_nodes(unique):
-        ids = {r.peer_id for r in group}
-        if ids & exclude or (target is not None and target.peer_id in ids):
-            continue
-        nodes.append(sorted(group, key=lambda r: r.peer_id))
-    nodes.sort(key=lambda group: group[0].peer_id)  # the draw alone decides the order
-    return nodes
+    barred = _marks(target, aliases) if target is not None else set()
+    eligible = [
+        r for r in unique
+        if r.peer_id not in exclude and (target is None or r.peer_id != target.peer_id) and not _marks(r, aliases) & barred
+    ]
+    order = sorted(eligible, key=lambda r: r.peer_id)  # rng alone breaks ties, whatever the input order
+    rng.shuffle(order)
+    if seniority is not None:
+        order.sort(key=seniority)  # stable: the shuffle breaks ties
+    kept: list[PeerRecord] = []
+    taken: set[tuple[str, object]] = set()
+    for record in order:
+        marks = _marks(record, aliases)
+        if marks & taken:
+            continue  # a machine already kept (or a copy of it): one record per machine
+        kept.append(record)
+        taken |= marks
+    return kept
 
 
 def plan_paths(
@@ -131,12 +155,14 @@ def plan_paths(
     rng: random.Random,
     target: PeerRecord | None = None,
     min_hops: int = DEFAULT_MIN_HOPS,
+    seniority: Seniority | None = None,
+    aliases: Aliases | None = None,
 ) -> PathPlan:
     if not 1 <= k <= paths or hops < 1:
         raise PrivacyError(f"--paths {paths} / --hops {hops} with k={k}: need 1 <= k <= paths and hops >= 1")
     if hops < min_hops:
         raise PrivacyError(f"paths of {hops} hop(s) are below the floor of {min_hops}", hint=ONE_HOP_HINT)
-    nodes = candidate_nodes(relays, target=target, exclude=exclude)
+    nodes = candidate_records(relays, target=target, exclude=exclude, rng=rng, seniority=seniority, aliases=aliases)
     available = len(nodes)
     if available >= paths * hops:
         use_paths, use_hops, use_k = paths, hops, k
@@ -158,7 +184,6 @@ def plan_paths(
             f"{k} disjoint paths of at least {min_hops} relays need {k * min_hops} relays; {available} are available",
             hint=f"start more relays (`gtorrent relay`), or {ONE_HOP_HINT}",
         )
-    chosen = rng.sample(nodes, use_paths * use_hops)
-    picked = [rng.choice(node) for node in chosen]
+    picked = rng.sample(nodes, use_paths * use_hops)
     routes = [picked[i * use_hops : (i + 1) * use_hops] for i in range(use_paths)]
     return PathPlan(routes, use_k, paths, hops)

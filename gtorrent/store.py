@@ -248,6 +248,12 @@ class Store:
         return records
 
     @_guarded
+    def first_seen(self) -> dict[str, float]:
+        """When this peer first saw each peer listed: among records that copy one another's endpoint or
+        keys, the one seen first is the genuine one (routing.candidate_records)."""
+        return {row[0]: float(row[1]) for row in self.db.execute("select peer_id, first_seen from peers").fetchall()}
+
+    @_guarded
     def last_seen(self, peer_id: str) -> float | None:
         row = self._peer_row(peer_id)
         return float(row["last_seen"]) if row else None

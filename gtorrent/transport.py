@@ -159,6 +159,7 @@ class _Tracked:
     owner: object
     limits: Limits
     counters: Counter[str]
+    inode: int = 0  # the socket's inode when tracked: an fd number libzmq closed may be reused
     delivered: int = 0  # wire bytes of the whole messages taken from this connection
     cut: bool = False
 
@@ -183,7 +184,10 @@ class _Guard:
     def track(self, fd: int, owner: object, limits: Limits, counters: Counter[str]) -> None:
         if fd < 0 or not self.enabled:
             return
-        self.conns[fd] = _Tracked(owner, limits, counters)
+        inode = _inode(fd)
+        if inode is None:
+            return  # already closed again
+        self.conns[fd] = _Tracked(owner, limits, counters, inode)
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -244,6 +248,9 @@ class _Guard:
     def _cut(self, fd: int, tracked: _Tracked, over: int) -> int:
         if self.conns.get(fd) is not tracked:
             return 0
+        if _inode(fd) != tracked.inode:  # libzmq closed it and the number now names another socket
+            self.conns.pop(fd, None)
+            return 0
         tracked.cut = True
         self._libc.shutdown(fd, socket.SHUT_RDWR)  # never close(): the fd is libzmq's
         tracked.counters["cut_off"] += 1
@@ -266,6 +273,13 @@ class _Guard:
                 last_rss = min(last_rss, rss)
             except Exception:  # noqa: BLE001 - the watchdog must outlive any surprise
                 log.exception("connection guard failed a scan")
+
+
+def _inode(fd: int) -> int | None:
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return None
 
 
 GUARD = _Guard()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,4 +317,44 @@ async def test_partial_cloves_are_bounded_in_all_and_the_oldest_are_cut(monkeypa
             await circuit.close()
         serving.cancel()
         seed.close()
+        ctx.destroy(linger=0)
+
+
+async def test_creates_stamped_at_the_edge_of_the_skew_do_not_shut_out_honest_ones() -> None:
+    """A flood of CREATEs stamped 59 s ahead (the relay accepts 60 s of skew) used to raise the
+    replay cache's floor above every honest stamp, so no honest CREATE was served. Under ntor a replay
+    is harmless, so the cache only drops exact repeats and evicts its oldest when full."""
+    from gtorrent.cells import create_body
+    from gtorrent.circuit import CircuitClient
+    from gtorrent.discovery import PeerDirectory
+    from gtorrent.relaynode import RelayNode
+    from gtorrent.transport import Connection, new_context
+
+    ctx = new_context()
+    node = RelayNode(Identity.generate(), ctx, [], directory=PeerDirectory())
+    node.bind("tcp://127.0.0.1:0")
+    await node.start()
+    node.relay.replays = ReplayCache(ttl_s=720.0, max_entries=20)
+    record = node.record()
+    flooder = Connection(ctx, record.endpoint, server_key=record.curve_key)
+    try:
+        ahead_ms = int((time.time() + 59) * 1000)
+        for cid in range(1, 61):
+            await flooder.send("create", create_body(cid, Identity.generate().onion_public, record.onion_key, ahead_ms))
+            answer = await flooder.recv(5.0, frozenset({"created", "destroy"}))
+            assert answer.kind == "created"
+        assert len(node.relay.replays) <= 20
+        # the same CREATE again is dropped, and said so
+        await flooder.send("create", create_body(61, b"\x09" * 32, record.onion_key, ahead_ms))
+        assert (await flooder.recv(5.0, frozenset({"created", "destroy"}))).kind == "created"
+        await flooder.send("create", create_body(62, b"\x09" * 32, record.onion_key, ahead_ms))
+        refused = await flooder.recv(5.0, frozenset({"created", "destroy"}))
+        assert refused.kind == "destroy" and refused["reason"] == "replayed create"
+        for _ in range(5):
+            honest = CircuitClient(ctx, [node.record()])
+            await honest.build(timeout_s=5)  # stamped now, below every flood stamp
+            await honest.close()
+    finally:
+        flooder.close()
+        node.close()
         ctx.destroy(linger=0)

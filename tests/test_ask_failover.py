@@ -70,12 +70,14 @@ async def test_a_dead_seed_burns_no_relays(swarm: Swarm, tmp_path: Path) -> None
             timeouts,
         )
         assert result.text == swarm.local(8) and result.seed == alive
-        # the full route, over 12 distinct live relays: none was burnt by the dead seed's attempt
-        assert result.privacy == {"paths": 4, "hops": 3, "k": 3, "degraded": False}
         relays = [peer for route in result.route for peer in route]
-        assert len(set(relays)) == 12 and set(relays) <= set(swarm.relays)
-        assert events[0] == "route"
+        assert dead not in relays and events[0] == "route"
         if dead_first:
+            # the full route, over 12 distinct live relays: none was burnt by the dead seed's attempt.
+            # (When the live seed ranks first, the dead one, also listed as a relay, may be drawn onto a
+            # path: that path's relays before it are suspects too, as any of them may have lied.)
+            assert result.privacy == {"paths": 4, "hops": 3, "k": 3, "degraded": False}
+            assert len(set(relays)) == 12 and set(relays) <= set(swarm.relays)
             assert result.attempts == 2 and [f["seed"] for f in result.failures] == [dead]
             assert store.standing(dead).asks_failed == 1  # private failures count like direct ones
         assert store.standing(alive).asks_ok == 1 and store.standing(alive).asks_failed == 0
@@ -115,8 +117,11 @@ def seed_record(number: int) -> PeerRecord:
                            seq=1, expires=time.time() + 60)
 
 
+MODEL_ID = "m" * 64
+
+
 def answer(seed: PeerRecord) -> AskResult:
-    return AskResult(text="ok", tokens=1, seed=seed.peer_id, model_id="m" * 64, finish_reason="length",
+    return AskResult(text="ok", tokens=1, seed=seed.peer_id, model_id=MODEL_ID, finish_reason="length",
                      ttft_s=0.01, total_s=0.02, attempts=1)
 
 
@@ -126,7 +131,7 @@ async def test_a_seed_that_failed_is_not_asked_again_but_one_whose_route_failed_
     asked: list[str] = []
     restarts: list[str] = []
 
-    async def attempt(seed: PeerRecord, sink: AnswerSink) -> AskResult:
+    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
         asked.append(seed.peer_id)
         if seed is first:
             sink.add("partial")
@@ -137,7 +142,7 @@ async def test_a_seed_that_failed_is_not_asked_again_but_one_whose_route_failed_
 
     events = AskEvents(on_restart=lambda seed, reason, lost: restarts.append(f"{reason}/{lost}"))
     result = await run_attempts([first, second], attempt, store, events, request=AskRequest(PROMPT),
-                                started=time.perf_counter(), max_attempts=3)
+                                started=time.perf_counter(), model_id=MODEL_ID, max_attempts=3)
     assert asked == [first.peer_id, second.peer_id, second.peer_id] and result.attempts == 3
     assert restarts == ["died/1", "relays broke/0"]
     assert store.standing(first.peer_id).asks_failed == 1
@@ -145,13 +150,13 @@ async def test_a_seed_that_failed_is_not_asked_again_but_one_whose_route_failed_
     # a failed seed is never asked again, even with attempts to spare
     asked.clear()
 
-    async def always_fails(seed: PeerRecord, sink: AnswerSink) -> AskResult:
+    async def always_fails(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
         asked.append(seed.peer_id)
         raise SeedFailed("no")
 
     with pytest.raises(GtorrentError, match="failed after 2 attempt"):
         await run_attempts([first, second], always_fails, store, AskEvents(), request=AskRequest(PROMPT),
-                           started=time.perf_counter(), max_attempts=5)
+                           started=time.perf_counter(), model_id=MODEL_ID, max_attempts=5)
     assert asked == [first.peer_id, second.peer_id]
     store.close()
 
@@ -161,17 +166,17 @@ async def test_a_seed_that_said_stopped_is_not_retried(tmp_path: Path) -> None:
     store = Store.open(tmp_path)
     asked: list[str] = []
 
-    async def attempt(seed: PeerRecord, sink: AnswerSink) -> AskResult:
+    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
         asked.append(seed.peer_id)
         if seed is first:
             raise RouteFailed("paths broke")  # not the seed's fault: it would be asked again...
         return answer(seed)
 
-    async def listed() -> set[str] | None:
+    async def listed(model_id: str) -> set[str] | None:
         return {second.peer_id}  # ...but the trackers no longer list it (it announced `stopped`)
 
     result = await run_attempts([first, second], attempt, store, AskEvents(), request=AskRequest(PROMPT),
-                                started=time.perf_counter(), refresh=listed)
+                                started=time.perf_counter(), model_id=MODEL_ID, refresh=listed)
     assert asked == [first.peer_id, second.peer_id] and result.seed == second.peer_id
     store.close()
 

@@ -126,3 +126,41 @@ def test_ask_without_model_survives_a_squatter(tmp_path: Path) -> None:
         for proc, _ in seeds:
             proc.kill()
         tracker.kill()
+
+
+def test_many_squatting_records_cost_attempts_not_the_ask(tmp_path: Path) -> None:
+    """Nine fresh records (separate endpoints, nothing listening) claim `gtorrent-demo` with another id:
+    they outnumber the two real seeds and win the choice for a peer with no history. The ask still
+    answers: the chosen id gets two attempts, then the real id; after that the seeds this peer has seen
+    answer outweigh any number of fresh records."""
+    import json
+
+    from .test_swarm import run_cli
+
+    tracker, url = start_tracker(tmp_path / "tracker")
+    seeds = [start_seed(tmp_path / f"seed{i}", [url]) for i in range(2)]
+    try:
+        squatters = [seed(SQUAT, port=2 + i) for i in range(9)]
+
+        async def announce() -> list[dict[str, str]]:
+            ctx = new_context()
+            try:
+                return [await announce_all(ctx, [url], record) for record in squatters]
+            finally:
+                ctx.destroy(linger=0)
+
+        assert all(errors == {} for errors in asyncio.run(announce()))
+        first = run_cli(tmp_path / "asker", "ask", PROMPT, "-n", "6", "--direct", "--json", "--tracker", url,
+                        timeout_s=90)
+        assert first.returncode == 0, first.stderr
+        doc = json.loads(first.stdout)
+        assert doc["model_id"] != SQUAT and doc["text"] == local_greedy(6)
+        assert [f["model_id"] for f in doc["failures"]] == [SQUAT, SQUAT]  # two attempts on the squatted id
+        again = run_cli(tmp_path / "asker", "ask", PROMPT, "-n", "6", "--direct", "--json", "--tracker", url)
+        assert again.returncode == 0, again.stderr
+        doc = json.loads(again.stdout)
+        assert doc["model_id"] != SQUAT and doc["failures"] == []  # proven seeds now outweigh the nine
+    finally:
+        for proc, _ in seeds:
+            proc.kill()
+        tracker.kill()

@@ -136,3 +136,47 @@ def test_unexpected_exception_is_an_internal_error_without_traceback(cli, monkey
     assert result.code == 70
     assert "error: internal error: RuntimeError: kaboom" in result.err and "hint:" in result.err
     assert "Traceback" not in result.err
+
+
+def test_run_refuses_a_lone_surrogate(cli) -> None:  # type: ignore[no-untyped-def]
+    """Undecodable bytes in argv arrive as a lone surrogate: a usage error, not an internal one (70)."""
+    result = cli("run", "The \udced statement", "-n", "4")
+    assert result.code == 2, result
+    assert "error: the prompt is not valid text" in result.err and "hint:" in result.err
+
+
+def test_a_seed_answers_a_lone_surrogate_in_a_request_as_a_bad_request() -> None:
+    """JSON can carry "\\ud800": a seed must answer bad_request (the asker's fault), never `internal`."""
+    import asyncio
+
+    from gtorrent.identity import Identity
+    from gtorrent.runtime import LanguageModel
+    from gtorrent.seed import DirectResponder, SeedService
+
+    class Recorder(DirectResponder):
+        def __init__(self) -> None:
+            self.errors: list[tuple[str, str]] = []
+            self.count = 0
+
+        async def accepted(self, queue: int) -> None:
+            pass
+
+        async def text(self, piece: str) -> None:
+            pass
+
+        async def error(self, code: str, message: str) -> None:
+            self.errors.append((code, message))
+
+    async def run() -> list[tuple[str, str]]:
+        seed = SeedService(Identity.generate(), LanguageModel.load(None), trackers=[])
+        try:
+            recorder = Recorder()
+            request = {"model": seed.model.model_id, "prompt": "x\ud800y", "max_tokens": 4, "temperature": 0.0,
+                       "top_k": 0, "top_p": 1.0}
+            await seed.serve_request(request, recorder)
+            return recorder.errors
+        finally:
+            seed.close()
+
+    errors = asyncio.run(run())
+    assert errors and errors[0][0] == "bad_request", errors

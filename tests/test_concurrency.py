@@ -85,7 +85,7 @@ def test_home_locks_in_one_process(tmp_path: Path) -> None:
     assert try_lock_home(tmp_path, NODE_LOCK, "relay") == f"seed (pid {os.getpid()})"
     with pytest.raises(HomeInUseError) as caught:
         lock_home(tmp_path, NODE_LOCK, "relay")
-    assert caught.value.exit_code == 1 and "GTORRENT_HOME=~/.gtorrent/relay1 gtorrent relay" in (caught.value.hint or "")
+    assert caught.value.exit_code == 1 and "GTORRENT_HOME=~/.gtorrent/another-relay gtorrent relay" in (caught.value.hint or "")
     tracker = try_lock_home(tmp_path, TRACKER_LOCK, "tracker")  # another lock of the same home: free
     assert isinstance(tracker, HomeLock)
     tracker.release()
@@ -103,7 +103,7 @@ def refused(done: subprocess.CompletedProcess[str], home: Path, holder: str, rol
     return (
         done.returncode == 1
         and re.fullmatch(rf"error: the home {re.escape(str(home))} is in use by a running {holder} \(pid \d+\)", first) is not None
-        and hint == f"hint: give each long-running node its own home, e.g. GTORRENT_HOME=~/.gtorrent/{role}1 gtorrent {role}"
+        and hint == f"hint: give each long-running node its own home, e.g. GTORRENT_HOME=~/.gtorrent/another-{role} gtorrent {role}"
     )
 
 

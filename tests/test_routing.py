@@ -12,7 +12,7 @@ import pytest
 
 from gtorrent.identity import Identity
 from gtorrent.protocol import RECORD_LABEL, PeerRecord, canonical
-from gtorrent.routing import PrivacyError, group_nodes, normalise_endpoint, plan_paths
+from gtorrent.routing import PrivacyError, candidate_records, normalise_endpoint, plan_paths
 
 
 def relay(port: int, roles: tuple[str, ...] = ("relay",)) -> PeerRecord:
@@ -70,7 +70,9 @@ def test_thirty_copies_of_the_seed_never_reach_a_plan() -> None:
         assert plan.describe() == {"paths": 4, "hops": 3, "k": 3, "degraded": False}
 
 
-def test_copies_chained_through_each_other_are_dropped_too() -> None:
+def test_a_copy_of_a_copy_is_not_the_seed() -> None:
+    """Only a direct share bars a record: a copy of a copy shares nothing with the seed, so it cannot
+    reach the seed's machine as a working hop (the handshake needs the seed's own keys)."""
     seed = relay(9000, ("relay", "seed"))
     first = copy_of(seed, onion=True, port=31000)  # shares the seed's onion key only
     second = copy_of(first, endpoint=first.endpoint)  # shares nothing with the seed, but first's endpoint
@@ -78,8 +80,37 @@ def test_copies_chained_through_each_other_are_dropped_too() -> None:
     for draw in range(50):
         plan = plan_paths([first, second, *honest], exclude=set(), target=seed, paths=4, hops=3, k=3,
                           strict=True, rng=random.Random(draw))
-        used = {r.peer_id for path in plan.paths for r in path}
-        assert not used & {first.peer_id, second.peer_id}
+        used = [r for path in plan.paths for r in path]
+        assert first.peer_id not in {r.peer_id for r in used}
+        assert all(not node_marks(r) & node_marks(seed) for r in used)
+
+
+def test_glue_records_cannot_chain_honest_relays_to_the_seed() -> None:
+    """The attack a transitive grouping let through: record i copies the previous record's endpoint
+    and honest relay i's curve key, so one chain links the seed to every honest relay. Were the chain
+    one node with the seed, every honest relay would be excluded and a plan of the attacker's own
+    relays would come out undegraded. Honest relays must stay candidates."""
+    seed = relay(9000, ("relay", "seed"))
+    honest = [relay(10000 + i) for i in range(20)]
+    attacker = [relay(20000 + i) for i in range(12)]
+    glue: list[PeerRecord] = []
+    previous = seed
+    for number, victim in enumerate(honest):
+        link = copy_of(victim, curve=True, port=32000 + number)
+        link = copy_of(link, endpoint=previous.endpoint, curve=True)  # previous's endpoint, victim's curve key
+        glue.append(link)
+        previous = link
+    honest_ids = {r.peer_id for r in honest}
+    honest_hops = 0
+    for draw in range(200):
+        plan = plan_paths([*glue, *honest, *attacker], exclude=set(), target=seed, paths=4, hops=3, k=3,
+                          strict=True, rng=random.Random(draw))
+        used = [r for path in plan.paths for r in path]
+        assert all(not node_marks(r) & node_marks(seed) for r in used)
+        honest_hops += sum(r.peer_id in honest_ids for r in used)
+    # honest relays are drawn about as often as their number says (the glue records that win a
+    # conflict take some of their slots, the attacker's 12 relays get no more than their share)
+    assert honest_hops / (200 * 12) > 0.3
 
 
 def test_copies_of_one_relay_count_as_one_node() -> None:
@@ -95,22 +126,48 @@ def test_copies_of_one_relay_count_as_one_node() -> None:
         endpoints = [normalise_endpoint(r.endpoint) for r in used]
         assert len(set(endpoints)) == len(used)
         assert len({r.curve_key for r in used}) == len(used) and len({r.onion_key for r in used}) == len(used)
-    # the victim with its 12 copies is one node: 12 nodes in all, and 11 without the 12th honest relay
-    assert len(group_nodes([*honest, *copies])) == 12
+    # seen first, the victim wins every conflict: its 12 copies add no candidate, and without the 12th
+    # honest relay there are 11
+    first_seen = {r.peer_id: 1.0 for r in honest} | {c.peer_id: 2.0 for c in copies}
+
+    def seniority(record: PeerRecord) -> float:
+        return first_seen[record.peer_id]
+
+    kept = candidate_records([*honest, *copies], target=None, exclude=set(), rng=random.Random(0), seniority=seniority)
+    assert len(kept) == 12
     with pytest.raises(PrivacyError, match="need 12 relays; 11 are available"):
         plan_paths([*honest[:11], *copies], exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True,
-                   rng=random.Random(0))
+                   rng=random.Random(0), seniority=seniority)
 
 
-def test_an_excluded_peer_excludes_its_copies() -> None:
+def test_the_first_seen_of_conflicting_records_is_kept() -> None:
+    """A copy made later loses to the genuine record in a store that saw the genuine one first; the
+    draw among machines stays uniform."""
+    honest = [relay(10000 + i) for i in range(12)]
+    copies = sybils_of(honest[0], 6)
+    first_seen = {r.peer_id: 100.0 for r in honest} | {c.peer_id: 200.0 for c in copies}
+    for draw in range(50):
+        kept = candidate_records([*copies, *honest], target=None, exclude=set(), rng=random.Random(draw),
+                                 seniority=lambda r: first_seen[r.peer_id])
+        assert {r.peer_id for r in kept} == {r.peer_id for r in honest}
+
+
+def test_an_excluded_peer_id_is_never_drawn_and_its_copies_do_not_exclude_it() -> None:
+    """Exclusion is by peer id and does not spread: blaming a copy (a failed hop) must not take the
+    genuine relay out with it, or copies would be a way to exclude honest relays."""
     honest = [relay(10000 + i) for i in range(13)]
     copies = sybils_of(honest[0], 6)
     seed = relay(9000, ("relay", "seed"))
     for draw in range(50):
         plan = plan_paths([*honest, *copies], exclude={honest[0].peer_id}, target=seed, paths=4, hops=3, k=3,
                           strict=True, rng=random.Random(draw))
-        used = {r.peer_id for path in plan.paths for r in path}
-        assert not used & ({honest[0].peer_id} | {c.peer_id for c in copies})
+        assert honest[0].peer_id not in {r.peer_id for path in plan.paths for r in path}
+    seen_genuine = False
+    for draw in range(100):
+        kept = candidate_records([*honest, *copies], target=seed, exclude={c.peer_id for c in copies},
+                                 rng=random.Random(draw))
+        seen_genuine |= honest[0].peer_id in {r.peer_id for r in kept}
+    assert seen_genuine
 
 
 @pytest.mark.parametrize(
@@ -120,7 +177,14 @@ def test_an_excluded_peer_excludes_its_copies() -> None:
         ("tcp://[::1]:7000", "tcp://[0:0:0:0:0:0:0:1]:7000", True),
         ("tcp://example.org.:7000", "tcp://EXAMPLE.org:7000", True),
         ("tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001", False),
-        ("tcp://127.0.0.1:7000", "tcp://127.0.0.2:7000", False),
+        ("tcp://10.0.0.1:7000", "tcp://10.0.0.2:7000", False),
+        # on the asker's machine every loopback and unspecified address reaches a wildcard-bound socket
+        ("tcp://127.0.0.1:7000", "tcp://127.0.0.2:7000", True),
+        ("tcp://127.0.0.1:7000", "tcp://localhost:7000", True),
+        ("tcp://127.0.0.1:7000", "tcp://0.0.0.0:7000", True),
+        ("tcp://127.0.0.1:7000", "tcp://[::ffff:127.0.0.1]:7000", True),
+        ("tcp://[::1]:7000", "tcp://[::]:7000", True),
+        ("tcp://[::ffff:10.0.0.1]:7000", "tcp://10.0.0.1:7000", True),
     ],
 )
 def test_endpoint_spellings(one: str, other: str, same: bool) -> None:
@@ -163,3 +227,40 @@ def test_private_asks_draw_paths_from_a_csprng() -> None:
 
     state = RouteState([], 4, 3, 3, False, 2)
     assert isinstance(state.rng, secrets.SystemRandom)
+
+
+def test_a_copy_under_a_name_that_resolves_to_the_seed_is_barred() -> None:
+    """A copy of the seed's address under a host name (any DNS name pointing at it) is the seed: with the
+    names the asker resolved, it never goes on a plan, so the asker never even connects to it."""
+    from gtorrent.routing import host_of
+
+    seed = PeerRecord.sign(Identity.generate(), endpoint="tcp://10.1.2.3:9000", roles=("relay", "seed"), seq=1,
+                           expires=time.time() + 60)
+    honest = [relay(10000 + i) for i in range(12)]
+    named = [copy_of(seed, endpoint=f"tcp://seed-{i}.example.org:9000") for i in range(5)]
+    assert host_of(named[0].endpoint) == "seed-0.example.org" and host_of(seed.endpoint) is None
+    aliases = {normalise_endpoint(r.endpoint): frozenset({"10.1.2.3:9000"}) for r in named}
+    for draw in range(100):
+        plan = plan_paths([*named, *honest], exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True,
+                          rng=random.Random(draw), aliases=aliases)
+        assert not {r.peer_id for path in plan.paths for r in path} & {r.peer_id for r in named}
+
+
+def test_resolve_names_ties_a_host_name_to_the_address_it_names() -> None:
+    """The asker resolves host names in records before planning (the real resolver, on this machine's
+    own host name), so a copy of the seed under a name that points at it is the seed."""
+    import asyncio
+    import socket
+
+    from gtorrent.private import resolve_names
+
+    address = socket.getaddrinfo(socket.gethostname(), 9000, type=socket.SOCK_STREAM)[0][4][0]
+    seed = PeerRecord.sign(Identity.generate(), endpoint=f"tcp://[{address}]:9000" if ":" in address
+                           else f"tcp://{address}:9000", roles=("relay", "seed"), seq=1, expires=time.time() + 60)
+    named = copy_of(seed, endpoint=f"tcp://{socket.gethostname()}:9000")
+    aliases = asyncio.run(resolve_names([named, seed, copy_of(seed, endpoint="tcp://no-such-host.invalid:9000")]))
+    assert normalise_endpoint(seed.endpoint) in aliases[normalise_endpoint(named.endpoint)]
+    assert len(aliases) == 1  # the IP literal needs no resolving; the unknown name resolves to nothing
+    plan = plan_paths([named, *(relay(10000 + i) for i in range(12))], exclude=set(), target=seed, paths=4,
+                      hops=3, k=3, strict=True, rng=random.Random(0), aliases=aliases)
+    assert named.peer_id not in {r.peer_id for path in plan.paths for r in path}

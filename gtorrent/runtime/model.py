@@ -248,6 +248,15 @@ class LanguageModel:
 
     def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
         """Token ids of `prompt`; with `chat`, formatted as one user turn by the model's template."""
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # a lone surrogate (undecodable bytes in argv, or a "\ud800" escape in a request's JSON)
+            # has no UTF-8 form and no tokens: the request is wrong, not the model
+            raise UsageError(
+                f"the prompt is not valid text: character {exc.start} is a lone surrogate",
+                hint="remove that character from the prompt, or pass the text as UTF-8",
+            ) from None
         if chat:
             if self.chat_template is None:
                 raise UsageError(
