@@ -22,7 +22,9 @@ connection end). Honest peers stay far below the limit: once 1,000 whole message
 wait unread (the high-water mark), libzmq stops reading it and the rest waits in the kernel, which is
 not counted; only a peer that queues large messages faster than the node reads them comes near it.
 The watchdog wakes every GUARD_TICK_S: it rescans when the process grew by GUARD_RSS_STEP_BYTES since
-its last scan, and every GUARD_SCAN_S regardless. Elsewhere than on Linux there is no TCP_INFO and the
+its last scan, and every GUARD_SCAN_S regardless. It learns a Server's connections from the socket's
+accept events, read by the event loop, and also finds them itself (the sockets in /proc/self/fd whose
+local port is a listening Server's), so a connection is guarded even while the loop is stalled. Elsewhere than on Linux there is no TCP_INFO and the
 guard does nothing.
 """
 
@@ -169,6 +171,10 @@ class _Guard:
 
     def __init__(self) -> None:
         self.conns: dict[int, _Tracked] = {}
+        # listening ports of the Servers: the watchdog finds their accepted connections on its own,
+        # so a connection is guarded even while the event loop (which reads the accept events) stalls
+        self.listeners: dict[int, tuple[object, Limits, Counter[str]]] = {}
+        self.discovered = 0
         self.cuts = 0
         self.scans = 0
         self._thread: threading.Thread | None = None
@@ -187,7 +193,13 @@ class _Guard:
         inode = _inode(fd)
         if inode is None:
             return  # already closed again
+        known = self.conns.get(fd)
+        if known is not None and known.inode == inode:
+            return  # the watchdog found it first: keep its count
         self.conns[fd] = _Tracked(owner, limits, counters, inode)
+        self._start()
+
+    def _start(self) -> None:
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -203,6 +215,50 @@ class _Guard:
         for fd, tracked in list(self.conns.items()):
             if tracked.owner is owner:
                 self.conns.pop(fd, None)
+        for port, (listener, _, _) in list(self.listeners.items()):
+            if listener is owner:
+                self.listeners.pop(port, None)
+
+    def listen(self, port: int, owner: object, limits: Limits, counters: Counter[str]) -> None:
+        if self.enabled:
+            self.listeners[port] = (owner, limits, counters)
+            self._start()
+
+    def discover(self) -> int:
+        """Track the accepted TCP connections of listening Servers that no accept event has reported
+        yet (the event loop may be busy). What such a connection had read before is taken as delivered;
+        only what it reads from now on counts. Returns how many were found."""
+        if not self.listeners:
+            return 0
+        found = 0
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in self.conns:
+                continue
+            try:
+                if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                    continue
+                probe = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            try:
+                if probe.family not in (socket.AF_INET, socket.AF_INET6) or probe.type != socket.SOCK_STREAM:
+                    continue
+                port = probe.getsockname()[1]
+                probe.getpeername()  # a listener or an unconnected socket raises
+            except OSError:
+                continue
+            finally:
+                probe.close()  # the duplicate only
+            listener = self.listeners.get(port)
+            inode, read = _inode(fd), self.read_bytes(fd)
+            if listener is None or inode is None or read is None:
+                continue
+            owner, limits, counters = listener
+            self.conns.setdefault(fd, _Tracked(owner, limits, counters, inode, delivered=read))
+            found += 1
+        self.discovered += found
+        return found
 
     def read_bytes(self, fd: int) -> int | None:
         """Bytes libzmq has read from a TCP socket: received by the kernel, less what is still queued."""
@@ -224,6 +280,7 @@ class _Guard:
         """Cut every connection over its pending limit (and the largest, while the total is over
         GUARD_TOTAL_PENDING_BYTES); return how many were cut."""
         self.scans += 1
+        self.discover()
         pending: list[tuple[int, int, _Tracked]] = []
         cut = 0
         for fd, tracked in list(self.conns.items()):
@@ -338,10 +395,12 @@ class Server:
                 f"cannot bind {url} ({exc.strerror})", hint="pick another --bind address, or port 0 for any free port"
             ) from exc
         try:
-            self.endpoint = advertised_endpoint(self.sock.getsockopt_string(zmq.LAST_ENDPOINT), advertise)
+            bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.endpoint = advertised_endpoint(bound, advertise)
         except UsageError:
             self.sock.close(linger=0)
             raise
+        GUARD.listen(int(bound.rsplit(":", 1)[1]), self, self.limits, self.counters)
         return self.endpoint
 
     async def send(self, route: bytes, frames: list[bytes]) -> bool:

@@ -222,3 +222,44 @@ def test_wire_accounting_matches_libzmq() -> None:
             sock.close(linger=0)
         ctx.term()
     assert CURVE_LIMITS.max_pending_bytes >= 8 * CURVE_LIMITS.max_frame_bytes
+
+
+async def test_a_connection_is_guarded_while_the_event_loop_is_stalled() -> None:
+    """The accept events that tell the guard about a connection are read by the event loop; a peer that
+    stalls it (a burst of expensive requests) used to leave new connections unguarded meanwhile. The
+    watchdog now finds a listening Server's connections itself: one that sends a never-ending message
+    while the loop is blocked is cut before the loop runs again."""
+    from gtorrent.transport import Server
+
+    ctx = new_context()
+    server = Server(ctx, curve_secret=None, name="stalled")
+    endpoint = server.bind("tcp://127.0.0.1:0")
+    attacker: list[Attacker] = []
+    stalled: dict[str, float] = {}
+
+    async def handler(reply, message) -> None:  # type: ignore[no-untyped-def]
+        # the loop is blocked from here until the attack is over (or 20 s): nothing async runs
+        stalled["from"] = time.monotonic()
+        one = Attacker(endpoint, None, 8 << 10)
+        attacker.append(one)
+        thread = threading.Thread(target=one.run, args=(200 << 20, 20.0), daemon=True)
+        thread.start()
+        thread.join(25.0)
+        stalled["until"] = time.monotonic()
+        await reply.send("pong", {})
+
+    serving = asyncio.create_task(server.serve(handler, frozenset({"ping"})))
+    client = Connection(ctx, endpoint, server_key=None)
+    try:
+        answer = await client.request("ping", {}, frozenset({"pong"}), 60.0)
+        assert answer.kind == "pong"
+        assert attacker and attacker[0].disconnected.is_set(), f"never cut off ({attacker[0].sent >> 20} MiB sent)"
+        assert attacker[0].sent < 64 << 20  # cut within the plain socket's limit plus a scan's worth
+        assert GUARD.discovered >= 1
+    finally:
+        for one in attacker:
+            one.close()
+        client.close()
+        serving.cancel()
+        server.close()
+        ctx.destroy(linger=0)
