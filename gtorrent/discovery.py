@@ -228,7 +228,7 @@ class Announcer:
 
 DIRECTORY_REFRESH_S = 30.0  # a relay's periodic refresh; records live 90 s
 DIRECTORY_MISS_INTERVAL_S = 3.0  # unknown EXTEND targets are looked up at most
-DIRECTORY_MISS_QUERIES = 4  # ... this many times per interval (one tracker query each, by endpoint)
+DIRECTORY_MISS_QUERIES = 16  # ... this many times per interval (one tracker query each, by endpoint)
 
 
 class PeerDirectory:
@@ -292,15 +292,24 @@ class PeerDirectory:
         return record
 
     async def lookup(self, endpoint: str, curve_key: bytes) -> PeerRecord | None:
-        """`find`, asking the trackers for that endpoint's records on a miss (rate-limited).
+        """`find`, asking the trackers on a miss (rate-limited).
 
-        The query names the endpoint, so it finds the record however large the swarm (a general query
-        returns at most a few hundred records). At most DIRECTORY_MISS_QUERIES such queries go out per
-        miss interval, and concurrent misses of one endpoint share one: a flood of EXTENDs to unknown
-        endpoints costs a few tracker queries, not one each."""
+        A miss first refreshes the whole directory, at most once per miss interval and shared by every
+        miss meanwhile (in a swarm that just started, every relay misses the others at once). If the
+        target is still unknown, a query that names its endpoint finds it however large the swarm (a
+        general query returns at most a few hundred records); at most DIRECTORY_MISS_QUERIES of those
+        go out per miss interval, and concurrent misses of one endpoint share one, so a flood of
+        EXTENDs to unknown endpoints costs a few tracker queries, not one each."""
         found = self.find(endpoint, curve_key)
         if found is not None or not self.urls or self.ctx is None:
             return found
+        if self.monotonic() - self._refreshed_at >= self.miss_interval_s or (
+            self._inflight is not None and not self._inflight.done()
+        ):
+            await self.refresh()
+            found = self.find(endpoint, curve_key)
+            if found is not None:
+                return found
         task = self._misses.get(endpoint)
         if task is None or task.done():
             now = self.monotonic()

@@ -22,7 +22,7 @@ import pytest
 
 from gtorrent.cells import create_body, parse_created
 from gtorrent.circuit import CircuitClient, CircuitError
-from gtorrent.discovery import PeerDirectory, discover
+from gtorrent.discovery import DIRECTORY_MISS_QUERIES, PeerDirectory, discover
 from gtorrent.identity import Identity
 from gtorrent.onion import DATA, PendingHop
 from gtorrent.onionkeys import OnionKeyRing
@@ -532,16 +532,17 @@ async def test_directory_looks_up_a_miss_at_most_a_few_times_every_few_seconds()
         await node.start()
         record = node.record()
         assert directory.find(record.endpoint, record.curve_key) is None
-        found = await directory.lookup(record.endpoint, record.curve_key)  # a miss: one query finds it
+        found = await directory.lookup(record.endpoint, record.curve_key)  # a miss: a refresh finds it
         assert found is not None and found.peer_id == record.peer_id and directory.refreshes == 1
         unknown = ("tcp://127.0.0.1:1", b"k" * 32)
         results = await asyncio.gather(*(directory.lookup(*unknown) for _ in range(20)))  # a flood of misses
-        assert results == [None] * 20 and directory.refreshes == 2  # one query, shared by all 20
-        floods = [(f"tcp://127.0.0.1:{port}", b"k" * 32) for port in range(2, 40)]  # other unknown endpoints
+        assert results == [None] * 20 and directory.refreshes == 2  # refreshed < 3 s ago: one query by endpoint
+        floods = [(f"tcp://127.0.0.1:{port}", b"k" * 32) for port in range(2, 60)]  # other unknown endpoints
         assert await asyncio.gather(*(directory.lookup(*target) for target in floods)) == [None] * len(floods)
-        assert directory.refreshes == 4  # 4 queries per 3 s at most, whatever the flood
+        assert directory.refreshes == 1 + DIRECTORY_MISS_QUERIES  # a bounded number per 3 s, whatever the flood
         clock[0] += 3.0
-        assert await directory.lookup(*unknown) is None and directory.refreshes == 5  # a new interval
+        assert await directory.lookup(*unknown) is None  # a new interval: a refresh, then a query by endpoint
+        assert directory.refreshes == 3 + DIRECTORY_MISS_QUERIES
         assert await directory.lookup(record.endpoint, b"x" * 32) is None  # the endpoint with another key
     finally:
         node.close()
@@ -583,3 +584,28 @@ async def announce_all_records(ctx: Any, url: str, records: list[PeerRecord]) ->
 
     failures = await asyncio.gather(*(announce_all(ctx, [url], record) for record in records))
     return [message for errors in failures for message in errors.values()]
+
+
+async def test_a_fresh_directory_finds_every_announced_relay_at_once() -> None:
+    """In a swarm that just started, a relay misses every other relay at once: one shared refresh
+    must find them all (per-endpoint queries alone are rate-limited and would refuse most)."""
+    ctx = new_context()
+    tracker = TrackerService(Identity.generate(), None)
+    url = tracker.bind("tcp://127.0.0.1:0")
+    serving = asyncio.create_task(tracker.serve())
+    now = time.time()
+    crowd = [
+        PeerRecord.sign(Identity.generate(), endpoint=f"tcp://127.0.0.1:{21000 + i}", roles=("relay",), seq=1,
+                        expires=now + 60)
+        for i in range(3 * DIRECTORY_MISS_QUERIES)
+    ]
+    try:
+        assert not await announce_all_records(ctx, url, crowd)
+        directory = PeerDirectory(ctx, [url])
+        found = await asyncio.gather(*(directory.lookup(r.endpoint, r.curve_key) for r in crowd))
+        assert [r.peer_id if r else None for r in found] == [r.peer_id for r in crowd]
+        assert directory.refreshes == 1
+    finally:
+        serving.cancel()
+        tracker.close()
+        ctx.destroy(linger=0)
