@@ -28,6 +28,8 @@ import asyncio
 import errno
 import json
 import logging
+import random
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -58,7 +60,7 @@ QUERY_BUDGET_BYTES = 192 * 1024  # an answer stays well under the message limit
 
 
 def within_budget(records: list[dict[str, object]], budget: int = QUERY_BUDGET_BYTES) -> list[dict[str, object]]:
-    """The leading records whose encoding fits the budget (records are sorted by load, best first)."""
+    """The leading records whose encoding fits the budget (the records are a random sample: any prefix is one too)."""
     kept, used = [], 0
     for record in records:
         size = len(json.dumps(record, separators=(",", ":"))) + 1
@@ -105,8 +107,13 @@ class _Undo:
 class TrackerTable:
     """Records by peer id, with the acceptance rules above. Persistence is the caller's (see `flush`)."""
 
-    def __init__(self, clock: Callable[[], float] = time.time, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, max_entries: int = MAX_ENTRIES, rng: random.Random | None = None
+    ) -> None:
         self.clock = clock
+        # answers are uniform samples: an order by anything a peer chooses (its peer id is a hash of a
+        # key it can grind, its load is what it says) would let it crowd everyone else out
+        self.rng = rng if rng is not None else secrets.SystemRandom()
         self.max_entries = max_entries
         self.entries: dict[str, _Entry] = {}
         self.live = 0  # entries holding a record (not tombstones); expired ones count until expire()
@@ -180,8 +187,7 @@ class TrackerTable:
             if model is not None and not record.serves(model):
                 continue
             found.append(record)
-        found.sort(key=lambda r: (r.load.get("queue", 0.0), r.peer_id))
-        return found[:limit]
+        return self.rng.sample(found, min(limit, len(found)))  # fresh per query, in random order
 
     def active_count(self) -> int:
         return self.live
