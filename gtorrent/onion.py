@@ -2,9 +2,11 @@
 
 Circuits are built by telescoping, as in Tor: the asker CREATEs a circuit with the first relay, then
 sends EXTEND cells through the circuit so that its current last hop CREATEs the next one. Every cell on
-every link has the same size, so no hop learns its position; a hop learns its predecessor, its
-successor and the circuit id of each of its two links, and the asker picks every circuit id at random,
-so no identifier is the same on two links.
+every link has the same size, so nothing in the cells tells a hop its position; a hop learns its
+predecessor, its successor and the circuit id of each of its two links, and the asker picks every
+circuit id at random, so no identifier is the same on two links. A hop can still usually infer its
+position from its neighbours: the first hop's predecessor is in no peer record (a throwaway link key
+from an unlisted address), and the last relay's successor is a listed seed (THREAT_MODEL.md §3).
 
 Handshake (ntor, after Tor's spec; protocol id `gtorrent/onion/v2/ntor`): the asker sends an ephemeral
 X25519 key X and names the hop's onion key B it used (from the hop's signed record); the hop answers
