@@ -389,66 +389,54 @@ async def ask_seed(
     started: float,
 ) -> AskResult:
     """One attempt, straight to `seed` over CurveZMQ with a throwaway key. Every failure is the seed's."""
-    try:
-        return await _ask_seed(ctx, seed, model_id, request, timeouts, sink, started)
-    except TransportError as exc:
-        raise SeedFailed(exc.message, "timeout" if isinstance(exc, PeerTimeout) else "failed") from exc
-
-
-async def _ask_seed(
-    ctx: Context,
-    seed: PeerRecord,
-    model_id: str,
-    request: AskRequest,
-    timeouts: AskTimeouts,
-    sink: AnswerSink,
-    started: float,
-) -> AskResult:
     request_id = secrets.token_hex(8)
     body = generate_body(request, model_id, request_id)
     messages = 0
     ttft_s: float | None = None
     kinds = frozenset({"accepted", "token", "done", "error"})
-    async with Connection(ctx, seed.endpoint, server_key=seed.curve_key, name=f"seed {short_id(seed.peer_id)}") as conn:
-        first = await conn.request("generate", body, kinds, timeouts.accept_s)
-        if first.kind == "error":
-            if first.get("code") == "bad_request":
-                raise UsageError(f"the seed refused the request: {first['message']}")
-            raise SeedFailed(f"seed {short_id(seed.peer_id)} refused: {first['message']}")
-        if first.kind != "accepted" or first["id"] != request_id:
-            raise SeedFailed(f"seed {short_id(seed.peer_id)} answered out of order")
-        while True:
-            wait_s = timeouts.first_token_s if ttft_s is None else timeouts.between_tokens_s
-            message = await conn.recv(wait_s, kinds)
-            if message.get("id") != request_id:
-                continue
-            if message.kind == "token":
-                if message["n"] != messages:
-                    raise SeedFailed(f"seed {short_id(seed.peer_id)} skipped token {messages}")
-                messages += 1
-                if ttft_s is None:
-                    ttft_s = time.perf_counter() - started
-                sink.add(message["text"])
-            elif message.kind == "done":
-                if message["model_id"] != model_id:
-                    raise SeedFailed(f"seed {short_id(seed.peer_id)} answered with another model")
-                total_s = time.perf_counter() - started
-                return AskResult(
-                    text=sink.text,
-                    tokens=message["tokens"],
-                    seed=seed.peer_id,
-                    model_id=model_id,
-                    finish_reason=message["finish_reason"],
-                    ttft_s=ttft_s if ttft_s is not None else total_s,
-                    total_s=total_s,
-                    attempts=1,
-                )
-            elif message.kind == "error":
-                if message.get("code") == "bad_request":  # the request is at fault, not the seed
-                    raise UsageError(f"the seed refused the request: {message['message']}")
-                raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {message['message']}")
-            else:
-                raise SeedFailed(f"seed {short_id(seed.peer_id)} sent {message.kind} mid-answer")
+    try:
+        async with Connection(ctx, seed.endpoint, server_key=seed.curve_key, name=f"seed {short_id(seed.peer_id)}") as conn:
+            first = await conn.request("generate", body, kinds, timeouts.accept_s)
+            if first.kind == "error":
+                if first.get("code") == "bad_request":
+                    raise UsageError(f"the seed refused the request: {first['message']}")
+                raise SeedFailed(f"seed {short_id(seed.peer_id)} refused: {first['message']}")
+            if first.kind != "accepted" or first["id"] != request_id:
+                raise SeedFailed(f"seed {short_id(seed.peer_id)} answered out of order")
+            while True:
+                wait_s = timeouts.first_token_s if ttft_s is None else timeouts.between_tokens_s
+                message = await conn.recv(wait_s, kinds)
+                if message.get("id") != request_id:
+                    continue
+                if message.kind == "token":
+                    if message["n"] != messages:
+                        raise SeedFailed(f"seed {short_id(seed.peer_id)} skipped token {messages}")
+                    messages += 1
+                    if ttft_s is None:
+                        ttft_s = time.perf_counter() - started
+                    sink.add(message["text"])
+                elif message.kind == "done":
+                    if message["model_id"] != model_id:
+                        raise SeedFailed(f"seed {short_id(seed.peer_id)} answered with another model")
+                    total_s = time.perf_counter() - started
+                    return AskResult(
+                        text=sink.text,
+                        tokens=message["tokens"],
+                        seed=seed.peer_id,
+                        model_id=model_id,
+                        finish_reason=message["finish_reason"],
+                        ttft_s=ttft_s if ttft_s is not None else total_s,
+                        total_s=total_s,
+                        attempts=1,
+                    )
+                elif message.kind == "error":
+                    if message.get("code") == "bad_request":  # the request is at fault, not the seed
+                        raise UsageError(f"the seed refused the request: {message['message']}")
+                    raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {message['message']}")
+                else:
+                    raise SeedFailed(f"seed {short_id(seed.peer_id)} sent {message.kind} mid-answer")
+    except TransportError as exc:
+        raise SeedFailed(exc.message, "timeout" if isinstance(exc, PeerTimeout) else "failed") from exc
 
 
 async def ask_direct(

@@ -14,15 +14,13 @@ did not check; a malformed payload raises OnionError and the circuit is destroye
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
 
 from .identity import b64, unb64
 from .onion import CELL_BYTES, KEY_BYTES, OnionError
-from .protocol import Message, ProtocolError
+from .protocol import ENDPOINT_RE, Message, ProtocolError
 
-TCP_ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}")
 MAX_ENDPOINT_BYTES = 256
 MAX_CID = (1 << 63) - 1
 CIRCUIT_KINDS = frozenset({"create", "cell", "destroy"})  # what a relay serves
@@ -55,7 +53,7 @@ class Extend:
             raise OnionError("malformed EXTEND endpoint") from exc
         if not 0 < next_cid <= MAX_CID or created_ms > MAX_CID:
             raise OnionError("bad circuit id or timestamp")
-        if not TCP_ENDPOINT.fullmatch(endpoint):
+        if not ENDPOINT_RE.fullmatch(endpoint):
             raise OnionError("EXTEND to something that is not tcp://HOST:PORT")
         return cls(next_cid, asker_public, onion_public, curve_key, created_ms, endpoint)
 

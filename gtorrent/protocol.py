@@ -32,7 +32,7 @@ MAX_RECORD_BYTES = 4096  # canonical size of one signed record; keeps query answ
 MAX_PROMPT_CHARS = 64 * 1024
 
 
-_ENDPOINT_RE = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}$")
+ENDPOINT_RE = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}")  # a peer's endpoint; use fullmatch
 
 
 class ProtocolError(ValueError):
@@ -305,7 +305,7 @@ class PeerRecord:
             raise ProtocolError("record: peer id does not match its signing key")
         if not verify_signature(keys["signing_key"], keys["signature"], RECORD_LABEL + signed_bytes):
             raise ProtocolError("record: bad signature")
-        if not _ENDPOINT_RE.fullmatch(doc["endpoint"]):  # `$` in the pattern would let a final newline by
+        if not ENDPOINT_RE.fullmatch(doc["endpoint"]):  # fullmatch: `$` would let a final newline by
             raise ProtocolError("record: endpoint is not tcp://HOST:PORT")
         roles = tuple(doc["roles"])
         if not set(roles) <= ROLES:

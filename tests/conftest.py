@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,3 +44,14 @@ def cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
         return CliResult(code, captured.out, captured.err)
 
     return invoke
+
+
+@pytest.fixture
+async def swarm() -> AsyncIterator[Any]:
+    """An in-process swarm of real services on loopback (tests/test_private.py's `Swarm`), closed after
+    the test. test_swarm.py has its own `swarm` of real processes, which overrides this one there."""
+    from .test_private import Swarm
+
+    made = Swarm()
+    yield made
+    await made.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,6 @@ from gtorrent.transport import Reply, Server, new_context
 from .test_private import PROMPT, Swarm
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def swarm() -> AsyncIterator[Swarm]:
-    made = Swarm()
-    yield made
-    await made.close()
 
 
 class PlanSpy:

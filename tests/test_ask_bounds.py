@@ -3,7 +3,6 @@ seed's fault, in direct and in private asks."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,6 @@ from gtorrent.store import Store
 from .test_private import PROMPT, Swarm
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def swarm() -> AsyncIterator[Swarm]:
-    made = Swarm()
-    yield made
-    await made.close()
 
 
 def inflate(swarm: Swarm, extra_chars: int) -> None:

@@ -4,7 +4,6 @@ said `stopped`) is not asked again in the same ask, and a degraded route is told
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,6 @@ from gtorrent.store import Store
 from .test_private import PROMPT, Swarm
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def swarm() -> AsyncIterator[Swarm]:
-    made = Swarm()
-    yield made
-    await made.close()
 
 
 async def kill_seed(swarm: Swarm, index: int) -> str:

@@ -9,7 +9,6 @@ import json
 import random
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -108,13 +107,6 @@ class Swarm:
             seed.close()
         self.tracker.close()
         self.ctx.destroy(linger=0)
-
-
-@pytest.fixture
-async def swarm() -> AsyncIterator[Swarm]:
-    made = Swarm()
-    yield made
-    await made.close()
 
 
 async def test_private_answer_equals_local_run_and_relays_see_nothing(swarm: Swarm, tmp_path: Path) -> None:

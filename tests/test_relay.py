@@ -6,6 +6,7 @@ rotating under live relays, EXTENDs only to announced peers (and a dead next hop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -551,60 +552,48 @@ async def test_directory_looks_up_a_miss_at_most_a_few_times_every_few_seconds()
         ctx.destroy(linger=0)
 
 
-async def test_directory_finds_a_relay_a_general_query_leaves_out() -> None:
-    """A tracker answers a general query with at most 200 records (a random sample); a relay checking an
-    EXTEND asks for the target's endpoint, so it finds any announced peer in a large swarm."""
+@contextlib.asynccontextmanager
+async def tracker_with_relays(count: int, base_port: int) -> AsyncIterator[tuple[Any, str, list[PeerRecord]]]:
+    """A real tracker on loopback holding `count` announced relay records: (context, url, records)."""
+    from gtorrent.discovery import announce_all
+
     ctx = new_context()
     tracker = TrackerService(Identity.generate(), None)
     url = tracker.bind("tcp://127.0.0.1:0")
     serving = asyncio.create_task(tracker.serve())
     now = time.time()
     crowd = [
-        PeerRecord.sign(Identity.generate(), endpoint=f"tcp://127.0.0.1:{20000 + i}", roles=("relay",), seq=1,
-                        expires=now + 60, load={"queue": 0.0})
-        for i in range(230)
+        PeerRecord.sign(Identity.generate(), endpoint=f"tcp://127.0.0.1:{base_port + i}", roles=("relay",), seq=1,
+                        expires=now + 60)
+        for i in range(count)
     ]
     try:
-        assert not await announce_all_records(ctx, url, crowd)
+        failures = await asyncio.gather(*(announce_all(ctx, [url], record) for record in crowd))
+        assert not [message for errors in failures for message in errors.values()]
+        yield ctx, url, crowd
+    finally:
+        serving.cancel()
+        tracker.close()
+        ctx.destroy(linger=0)
+
+
+async def test_directory_finds_a_relay_a_general_query_leaves_out() -> None:
+    """A tracker answers a general query with at most 200 records (a random sample); a relay checking an
+    EXTEND asks for the target's endpoint, so it finds any announced peer in a large swarm."""
+    async with tracker_with_relays(230, 20000) as (ctx, url, crowd):
         directory = PeerDirectory(ctx, [url])
         await directory.refresh()
         assert len(directory.records) == 200
         left_out = next(r for r in crowd if directory.find(r.endpoint, r.curve_key) is None)
         found = await directory.lookup(left_out.endpoint, left_out.curve_key)
         assert found is not None and found.peer_id == left_out.peer_id
-    finally:
-        serving.cancel()
-        tracker.close()
-        ctx.destroy(linger=0)
-
-
-async def announce_all_records(ctx: Any, url: str, records: list[PeerRecord]) -> list[str]:
-    from gtorrent.discovery import announce_all
-
-    failures = await asyncio.gather(*(announce_all(ctx, [url], record) for record in records))
-    return [message for errors in failures for message in errors.values()]
 
 
 async def test_a_fresh_directory_finds_every_announced_relay_at_once() -> None:
     """In a swarm that just started, a relay misses every other relay at once: one shared refresh
     must find them all (per-endpoint queries alone are rate-limited and would refuse most)."""
-    ctx = new_context()
-    tracker = TrackerService(Identity.generate(), None)
-    url = tracker.bind("tcp://127.0.0.1:0")
-    serving = asyncio.create_task(tracker.serve())
-    now = time.time()
-    crowd = [
-        PeerRecord.sign(Identity.generate(), endpoint=f"tcp://127.0.0.1:{21000 + i}", roles=("relay",), seq=1,
-                        expires=now + 60)
-        for i in range(3 * DIRECTORY_MISS_QUERIES)
-    ]
-    try:
-        assert not await announce_all_records(ctx, url, crowd)
+    async with tracker_with_relays(3 * DIRECTORY_MISS_QUERIES, 21000) as (ctx, url, crowd):
         directory = PeerDirectory(ctx, [url])
         found = await asyncio.gather(*(directory.lookup(r.endpoint, r.curve_key) for r in crowd))
         assert [r.peer_id if r else None for r in found] == [r.peer_id for r in crowd]
         assert directory.refreshes == 1
-    finally:
-        serving.cancel()
-        tracker.close()
-        ctx.destroy(linger=0)
