@@ -55,7 +55,7 @@ from .protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
-_ENDPOINT_RE = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-*]+):(\d{1,5})$")
+_ENDPOINT_RE = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-*]+):(\d{1,5})")  # bind addresses too (`*`); fullmatch
 DRAIN_MAX = 256  # messages taken from a socket per wake-up
 
 
@@ -77,7 +77,7 @@ class PeerRefused(TransportError):
 
 def check_endpoint(url: str, what: str = "endpoint") -> str:
     """Validate a `tcp://host:port` URL (raise UsageError with a hint otherwise)."""
-    match = _ENDPOINT_RE.match(url)
+    match = _ENDPOINT_RE.fullmatch(url)  # `$` with match() would let a final newline by
     if not match or not (0 <= int(match.group(2)) <= 65535):
         raise UsageError(f"invalid {what} {url!r}", hint="use the form tcp://HOST:PORT, e.g. tcp://127.0.0.1:7700")
     return url

@@ -158,3 +158,14 @@ def test_oversized_record_is_rejected() -> None:
     doc["endpoint"] = "tcp://" + "h" * 240 + ":1"
     with pytest.raises(ProtocolError):
         PeerRecord.from_wire(doc)
+
+
+@pytest.mark.parametrize("url", ["tcp://127.0.0.1:7700\n", "tcp://127.0.0.1:7700 ", "tcp://127.0.0.1:99999"])
+def test_a_tracker_url_with_trailing_junk_is_a_usage_error(url: str) -> None:
+    """`re.match` with `$` accepted a final newline (e.g. a URL pasted with one into GTORRENT_TRACKERS)."""
+    from gtorrent.errors import UsageError
+    from gtorrent.transport import check_endpoint
+
+    with pytest.raises(UsageError, match="invalid tracker address"):
+        check_endpoint(url, "tracker address")
+    assert check_endpoint("tcp://[::1]:7700", "tracker address") == "tcp://[::1]:7700"
