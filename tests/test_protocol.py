@@ -169,3 +169,13 @@ def test_a_tracker_url_with_trailing_junk_is_a_usage_error(url: str) -> None:
     with pytest.raises(UsageError, match="invalid tracker address"):
         check_endpoint(url, "tracker address")
     assert check_endpoint("tcp://[::1]:7700", "tracker address") == "tcp://[::1]:7700"
+
+
+def test_a_query_by_endpoint_is_bounded_and_typed() -> None:
+    """The new `endpoint` filter of `query`: a string of at most 256 characters, nothing else."""
+    from gtorrent.protocol import ProtocolError, decode, encode
+
+    assert decode(encode("query", {"role": "relay", "endpoint": "tcp://127.0.0.1:7000"}))["endpoint"]
+    for bad in ("x" * 257, 7000, ["tcp://127.0.0.1:7000"], None):
+        with pytest.raises(ProtocolError):
+            decode(encode("query", {"endpoint": bad}))
