@@ -24,6 +24,7 @@ from gtorrent.errors import GtorrentError
 from . import output
 from .ask import ask_command
 from .demo import demo_command
+from .guards import guards_command
 from .identity import id_command
 from .peers import peers_command
 from .relay import relay_command
@@ -64,6 +65,7 @@ app.command("seed")(seed_command)
 app.command("relay")(relay_command)
 app.command("ask")(ask_command)
 app.command("peers")(peers_command)
+app.command("guards")(guards_command)
 app.command("demo")(demo_command)
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from gtorrent.identity import short_id
+from gtorrent.routing import DEFAULT_MIN_RELAY_AGE_S
 
 from . import output
 from .common import JsonOption, TrackerOption, VerboseOption, settings
@@ -36,6 +37,14 @@ def ask_command(
     strict: Annotated[bool, typer.Option("--strict", help="Refuse instead of using fewer paths or hops.")] = False,
     allow_one_hop: Annotated[
         bool, typer.Option("--allow-one-hop", help="Let a private ask use one-hop paths (that relay sees you and the seed).")
+    ] = False,
+    min_relay_age: Annotated[
+        float, typer.Option("--min-relay-age", min=0.0, metavar="SECONDS",
+                            help="Use only relays listed at least this long (Sybil friction; 0 turns it off).")
+    ] = DEFAULT_MIN_RELAY_AGE_S,
+    allow_same_network: Annotated[
+        bool, typer.Option("--allow-same-network",
+                           help="Let one path use relays of one /16 (IPv4) or /32 (IPv6) network, e.g. on a LAN.")
     ] = False,
     json_output: JsonOption = False,
     verbose: VerboseOption = False,
@@ -94,7 +103,8 @@ def ask_command(
 
     events = AskEvents(on_text=on_text if stream else None, on_attempt=on_attempt, on_restart=on_restart,
                        on_model=on_model, on_route=on_route)
-    privacy = PrivacyOptions(direct=direct, paths=paths, hops=hops, strict=strict, allow_one_hop=allow_one_hop)
+    privacy = PrivacyOptions(direct=direct, paths=paths, hops=hops, strict=strict, allow_one_hop=allow_one_hop,
+                             min_relay_age_s=min_relay_age, distinct_networks=not allow_same_network)
     result = ask(settings(tracker), request, events, privacy=privacy)
     if json_output:
         output.print_json(

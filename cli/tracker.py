@@ -8,6 +8,7 @@ import typer
 
 from gtorrent.discovery import DEFAULT_TRACKER
 from gtorrent.node import run_tracker
+from gtorrent.pow import MAX_POW_BITS
 
 from . import output
 from .common import AdvertiseOption, settings
@@ -16,13 +17,21 @@ from .common import AdvertiseOption, settings
 def tracker_command(
     bind: Annotated[str, typer.Option("--bind", help="Address to listen on (port 0: any free port).")] = DEFAULT_TRACKER,
     advertise: AdvertiseOption = None,
+    pow_bits: Annotated[
+        int,
+        typer.Option("--pow-bits", min=0, max=MAX_POW_BITS,
+                     help="Proof of work a new peer identity must carry, in bits (each bit doubles its cost; 0: none)."),
+    ] = 0,
 ) -> None:
     """Run a tracker: keep the signed records peers announce and answer queries by model and role."""
 
     def ready(service) -> None:  # type: ignore[no-untyped-def]
+        # set before the first message is served: run_tracker calls this before its loop goes on
+        service.table.pow_bits = pow_bits
         record = service.own_record()
         restored = f", {service.table.active_count()} records restored" if service.loaded else ""
-        output.info(f"[green]tracker[/] {service.url}  (pinned: {service.url}#{record.peer_id}){restored}")
+        work = f", new peers need {pow_bits} bits of proof of work" if pow_bits else ""
+        output.info(f"[green]tracker[/] {service.url}  (pinned: {service.url}#{record.peer_id}){restored}{work}")
         output.info("[dim]Ctrl-C to stop[/]")
 
     counters = run_tracker(settings(None, advertise), bind, ready)

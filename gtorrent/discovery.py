@@ -4,6 +4,20 @@ Trackers are untrusted for integrity: every record returned is verified on its o
 from several trackers are merged by peer id (the highest sequence wins), and expired or stopped
 records are dropped. A tracker can hide peers; it cannot forge, alter or resurrect them.
 
+Listings: a query carries a fresh random `sample` key that only this client and the tracker know; the
+tracker orders the matches by a keyed hash of their peer ids, so no peer can steer its place, and the
+client pages through that one order (same key, growing offset) until it has what it wants. A tracker
+lying about `next` can waste a bounded number of round trips, no more (`max_pages`).
+
+Proof of work (pow.py): a tracker may ask new identities for some (`pow_bits` in its `hello_ok`). The
+announcer then solves once for the identity (in a thread), keeps the nonce in the home (`pow.json`) so
+that no restart redoes it, and attaches it only to the records it sends to trackers that ask for work
+(a tracker that asks none may not know the `pow` field). It solves no more than MAX_POW_BITS.
+
+Listing ages (`listed_s`) are what the trackers say; the merged age of a peer is the smallest any
+tracker that returned it gave (a missing or malformed list counts as 0.0), so a lying tracker can make
+a relay look younger, and older only where it alone lists it.
+
 A tracker URL is `tcp://host:port`, optionally `#PEER_ID` to pin the tracker's identity. The client
 first asks the plain bootstrap port for the tracker's signed record (`hello`) and then talks CurveZMQ
 to the endpoint and key in it (see tracker.py).
@@ -13,14 +27,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .errors import GtorrentError
-from .protocol import Message, PeerRecord, ProtocolError
+from .paths import home_dir
+from .pow import PowCache, solve, work
+from .protocol import MAX_RECORD_BYTES, Message, PeerRecord, ProtocolError
+from .tracker import MAX_QUERY_LIMIT, MAX_QUERY_OFFSET, MAX_QUERY_PEERS, QUERY_BUDGET_BYTES, SAMPLE_KEY_BYTES
 from .transport import Connection, Context, TransportError, check_endpoint
 
 log = logging.getLogger(__name__)
@@ -55,12 +75,49 @@ def trackers_from(flags: list[str] | None) -> tuple[list[str], bool]:
     return list(dict.fromkeys(urls)), explicit
 
 
+def max_pages(want: int, limit: int) -> int:
+    """How many pages a listing for `want` records may take: as many as the smallest honest pages need
+    (`limit` records, or fewer when the byte budget cuts a page of the largest records), plus two."""
+    smallest_page = max(1, min(limit, QUERY_BUDGET_BYTES // (MAX_RECORD_BYTES + 1)))
+    return math.ceil(want / smallest_page) + 2
+
+
+def listing_ages(reply: Message) -> list[float]:
+    """The `listed_s` of a `peers` answer, one per record; all 0.0 unless the list is well-formed.
+
+    A malformed list is not partly believed: ages only ever let a relay be used sooner, so a doubtful
+    answer must not make any relay older than 0."""
+    records, ages = reply["records"], reply.get("listed_s")
+    if (
+        isinstance(ages, list) and len(ages) == len(records)
+        and all(type(age) in (int, float) and math.isfinite(age) and age >= 0 for age in ages)
+    ):
+        return [float(age) for age in ages]
+    return [0.0] * len(records)
+
+
+@dataclass
+class Listing:
+    """What one tracker listed: verified records by peer id (the highest sequence kept) and their ages."""
+
+    records: dict[str, PeerRecord] = field(default_factory=dict)
+    listed_s: dict[str, float] = field(default_factory=dict)
+    pages: int = 0
+
+    def add(self, record: PeerRecord, age: float) -> None:
+        known = self.records.get(record.peer_id)
+        if known is None or record.seq > known.seq:
+            self.records[record.peer_id] = record
+        self.listed_s[record.peer_id] = min(age, self.listed_s.get(record.peer_id, age))
+
+
 @dataclass
 class TrackerClient:
     ctx: Context
     url: str
     timeout_s: float = TRACKER_TIMEOUT_S
     record: PeerRecord | None = None  # the tracker's own, once known
+    pow_bits: int = 0  # the proof of work it asks of new identities, as its last `hello_ok` said
 
     @property
     def address(self) -> str:
@@ -90,6 +147,7 @@ class TrackerClient:
                 hint="check the #PEER_ID part of the tracker URL",
             )
         self.record = record
+        self.pow_bits = int(reply.get("pow_bits", 0))
         return record
 
     async def _request(self, kind: str, body: dict[str, object], expected: frozenset[str]) -> Message:
@@ -108,24 +166,62 @@ class TrackerClient:
             raise TrackerRejected(self.address, reply["code"], reply["message"])
         return reply
 
-    async def query(self, model: str | None = None, role: str | None = None, endpoint: str | None = None) -> list[PeerRecord]:
-        body: dict[str, object] = {}
+    async def listing(
+        self, model: str | None = None, role: str | None = None, endpoint: str | None = None, *,
+        peers: list[str] | None = None, want: int | None = None,
+    ) -> Listing:
+        """Page through one listing (one fresh sample key) until `want` distinct records, or the matches
+        run out, or the page bound is reached; without `want`, one page (a uniform sample of up to 200).
+        Raises TrackerUnreachable if the first page fails; a later page that fails ends the listing."""
+        body: dict[str, object] = {"sample": secrets.token_bytes(SAMPLE_KEY_BYTES).hex()}
         if model is not None:
             body["model"] = model
         if role is not None:
             body["role"] = role
         if endpoint is not None:
             body["endpoint"] = endpoint
-        reply = await self._request("query", body, frozenset({"peers"}))
-        if reply.kind == "error":
-            raise TrackerUnreachable(f"tracker {self.address} refused the query: {reply['message']}")
-        records = []
-        for doc in reply["records"]:
+        if peers is not None:
+            if len(peers) > MAX_QUERY_PEERS:
+                raise ValueError(f"at most {MAX_QUERY_PEERS} peer ids per query")
+            body["peers"] = list(peers)
+        bound = 1
+        if want is not None:
+            limit = max(1, min(want, MAX_QUERY_LIMIT))
+            body["limit"] = limit
+            bound = max_pages(want, limit)
+        found = Listing()
+        offset = 0
+        while found.pages < bound:
             try:
-                records.append(PeerRecord.from_wire(doc))
-            except ProtocolError:
-                continue  # a tracker handing out forged records gets them dropped, not believed
-        return records
+                reply = await self._request("query", {**body, "offset": offset}, frozenset({"peers"}))
+                if reply.kind == "error":
+                    raise TrackerUnreachable(f"tracker {self.address} refused the query: {reply['message']}")
+            except GtorrentError:
+                if not found.pages:
+                    raise
+                break  # a later page failed: what the earlier pages gave still stands
+            found.pages += 1
+            before = len(found.records)
+            for doc, age in zip(reply["records"], listing_ages(reply), strict=True):
+                try:
+                    found.add(PeerRecord.from_wire(doc), age)
+                except ProtocolError:
+                    continue  # a tracker handing out forged records gets them dropped, not believed
+            following = reply.get("next")
+            if want is None or len(found.records) >= want or following is None:
+                break
+            # a page that moves backwards or brings nothing new ends the listing (a tracker stalling us)
+            if not offset < following <= MAX_QUERY_OFFSET or len(found.records) == before:
+                break
+            offset = following
+        return found
+
+    async def query(
+        self, model: str | None = None, role: str | None = None, endpoint: str | None = None, *,
+        peers: list[str] | None = None, want: int | None = None,
+    ) -> list[PeerRecord]:
+        """The verified records of one listing (see `listing`)."""
+        return list((await self.listing(model, role, endpoint, peers=peers, want=want)).records.values())
 
 
 @dataclass
@@ -133,25 +229,35 @@ class Discovery:
     """The answers of several trackers, merged."""
 
     records: dict[str, PeerRecord] = field(default_factory=dict)
+    # per peer id, the smallest listing age any tracker that returned it gave (seconds)
+    listed_s: dict[str, float] = field(default_factory=dict)
     reached: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
 
-    def merge(self, records: list[PeerRecord], now: float) -> None:
+    def merge(self, records: list[PeerRecord], now: float, listed_s: dict[str, float] | None = None) -> None:
+        """Add one tracker's records; a record it sent without an age counts as listed for 0 s."""
+        ages = listed_s or {}
         for record in records:
             if record.stopped or record.expires <= now:
                 continue
             known = self.records.get(record.peer_id)
             if known is None or record.seq > known.seq:
                 self.records[record.peer_id] = record
+            age = ages.get(record.peer_id, 0.0)
+            self.listed_s[record.peer_id] = min(age, self.listed_s.get(record.peer_id, age))
 
 
 async def discover(
     ctx: Context, urls: list[str], *, model: str | None = None, role: str | None = None,
-    endpoint: str | None = None, timeout_s: float = TRACKER_TIMEOUT_S,
+    endpoint: str | None = None, peers: list[str] | None = None, want: int | None = None,
+    timeout_s: float = TRACKER_TIMEOUT_S,
 ) -> Discovery:
-    """Query every tracker at once; raise TrackerUnreachable only if none answers."""
+    """Query every tracker at once (each paged to `want` records, see TrackerClient.listing) and merge;
+    raise TrackerUnreachable only if none answers."""
     clients = [TrackerClient(ctx, url, timeout_s) for url in urls]
-    results = await asyncio.gather(*(c.query(model, role, endpoint) for c in clients), return_exceptions=True)
+    results = await asyncio.gather(
+        *(c.listing(model, role, endpoint, peers=peers, want=want) for c in clients), return_exceptions=True
+    )
     found = Discovery()
     now = time.time()
     for client, result in zip(clients, results, strict=True):
@@ -161,7 +267,7 @@ async def discover(
             found.failed[client.address] = result.message
         else:
             found.reached.append(client.address)
-            found.merge(result, now)
+            found.merge(list(result.records.values()), now, result.listed_s)
     if not found.reached:
         detail = "; ".join(found.failed.values())
         raise TrackerUnreachable(detail if len(urls) == 1 else f"no tracker answered ({detail})")
@@ -185,18 +291,57 @@ class Announcer:
     """Keeps one peer's record fresh on every tracker: announce, re-announce, say goodbye."""
 
     def __init__(self, ctx: Context, urls: list[str], make_record: Callable[[bool], PeerRecord],
-                 max_interval_s: float = 30.0) -> None:
+                 max_interval_s: float = 30.0, *, home: Path | None = None) -> None:
         self.trackers = [TrackerClient(ctx, url) for url in urls]
         self.make_record = make_record
         self.interval_s = max_interval_s
         self.max_interval_s = max_interval_s
         self.errors: dict[str, str] = {}
         self.on_announce: Callable[[dict[str, str]], None] | None = None
+        self.home = home  # where pow.json lives; None: the home directory (GTORRENT_HOME), when first needed
+        self.nonce = b""  # the proof of work attached for trackers that ask for some
+        self.solved = 0  # proofs computed here (not taken from pow.json)
+        self._solving = asyncio.Lock()
+
+    async def _proof(self, record: PeerRecord, bits: int) -> bytes:
+        """A nonce with at least `bits` of work for the record's identity: held, cached in the home, or solved
+        (one solve at a time, shared by the trackers waiting for it)."""
+        async with self._solving:
+            if work(record.signing_key, self.nonce) >= bits:
+                return self.nonce
+            cache = PowCache(self.home if self.home is not None else home_dir())
+            nonce = cache.get(record.peer_id, record.signing_key, bits)
+            if nonce is None:
+                nonce = await asyncio.to_thread(solve, record.signing_key, bits)  # ~2^bits hashes, off the loop
+                self.solved += 1
+                try:
+                    cache.put(record.peer_id, nonce)
+                except GtorrentError as exc:  # kept in memory; the next start solves again
+                    log.warning("cannot keep the proof of work: %s", exc.message)
+            self.nonce = nonce
+            return nonce
+
+    async def _announce_to(self, tracker: TrackerClient, record: PeerRecord) -> Message:
+        """Announce to one tracker, with the proof of work it asks for; if it refuses for want of work
+        (it raised its bar since its last hello), ask it again and retry once."""
+        try:
+            return await self._announce_once(tracker, record)
+        except TrackerRejected as exc:
+            if exc.code != "pow":
+                raise
+        tracker.record = None  # its hello is asked again, with the bar as it is now
+        return await self._announce_once(tracker, record)
+
+    async def _announce_once(self, tracker: TrackerClient, record: PeerRecord) -> Message:
+        await tracker._tracker_record()  # learns the work it asks (cached with its record)
+        if tracker.pow_bits:
+            record = replace(record, pow=await self._proof(record, tracker.pow_bits))
+        return await tracker.announce(record)
 
     async def announce(self, *, stopped: bool = False) -> dict[str, str]:
         """Announce to every tracker at once; return {tracker: error} for those that failed."""
         record = self.make_record(stopped)
-        results = await asyncio.gather(*(t.announce(record) for t in self.trackers), return_exceptions=True)
+        results = await asyncio.gather(*(self._announce_to(t, record) for t in self.trackers), return_exceptions=True)
         errors: dict[str, str] = {}
         for tracker, result in zip(self.trackers, results, strict=True):
             if isinstance(result, GtorrentError):

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 from .discovery import DEFAULT_TRACKER, TrackerClient, TrackerUnreachable, discover
 from .identity import load_or_create_identity
 from .paths import NODE_LOCK, TRACKER_LOCK, HomeLock, home_dir, lock_home, try_lock_home
+from .routing import DEFAULT_MIN_RELAY_AGE_S, RelayRules
 from .transport import new_context
 
 if TYPE_CHECKING:  # imported where used: a relay never loads SQLite tooling, a tracker never the asker
     from .asker import AskEvents, AskRequest, AskResult, AskTimeouts
+    from .guards import Guard
     from .store import Store
     from .tracker import TrackerService
 
@@ -205,6 +207,8 @@ class PrivacyOptions:
     hops: int = 3
     strict: bool = False  # refuse rather than degrade when relays are too few
     allow_one_hop: bool = False  # let degradation go below the 2-hop floor (one relay sees asker and seed)
+    min_relay_age_s: float = DEFAULT_MIN_RELAY_AGE_S  # relays listed for less are not used (routing.RelayRules)
+    distinct_networks: bool = True  # no two relays of a path in one /16 (/32) network
 
 
 def ask(
@@ -229,6 +233,7 @@ def ask(
             return await ask_private(
                 ctx, settings.trackers, request, store, events, timeouts,
                 paths=privacy.paths, hops=privacy.hops, strict=privacy.strict, allow_one_hop=privacy.allow_one_hop,
+                rules=RelayRules(privacy.min_relay_age_s, privacy.distinct_networks),
             )
         finally:
             ctx.destroy(linger=0)
@@ -306,5 +311,20 @@ def list_peers(settings: NodeSettings, model: str | None = None) -> tuple[list[P
 
     try:
         return asyncio.run(query())
+    finally:
+        store.close()
+
+
+def guards(home: Path, *, reset: bool = False) -> list[Guard]:
+    """The asker's guards (guards.py) held in this home, in their order of preference; with `reset`,
+    forget them (the next private ask draws a new set) and return the ones forgotten."""
+    from .store import Store
+
+    store = Store.open(home)
+    try:
+        held = store.guards()
+        if reset:
+            store.drop_guards()
+        return held
     finally:
         store.close()

@@ -59,9 +59,10 @@ from .asker import (
     run_attempts,
 )
 from .circuit import CircuitClient, CircuitError
-from .discovery import discover
+from .discovery import Discovery, discover
 from .errors import GtorrentError, UsageError
 from .garlic import ASK_ID_BYTES, REPLY_KEY_BYTES, GarlicError, ReplyAssembler, clove_payloads, transcript
+from .guards import Guard, choose_guards, expired, held_limit, rotation_time, set_size
 from .identity import b64, short_id, unb64, verify_signature
 from .onion import DATA, forward_capacity
 from .protocol import PeerRecord
@@ -70,6 +71,7 @@ from .routing import (
     ONE_HOP_HINT,
     PathPlan,
     PrivacyError,
+    RelayRules,
     host_of,
     normalise_endpoint,
     plan_paths,
@@ -85,6 +87,75 @@ MAX_PATH_HOPS = 8  # the CLI's --hops limit
 BUILD_ROUNDS = 3  # a path that fails to build is replaced at most twice within one attempt
 RESOLVE_TIMEOUT_S = 2.0  # per host name in a record, all resolved at once
 BREAK_SETTLE_S = 1.0  # after too many paths broke: how long to wait to see whether all of them do
+RELAY_SAMPLE = 1000  # relays an asker lists (a uniform sample, paged): the pool paths and guards come from
+GUARD_LOOKUP_IDS = 16  # guards looked up per tracker query (the query's `peers` limit)
+
+
+@dataclass
+class RelayView:
+    """The relays an ask may use now: trusted relays listed, their listing ages, and the asker's guards."""
+
+    relays: list[PeerRecord]
+    listed_s: dict[str, float]
+    guards: list[PeerRecord] | None
+
+
+async def _lookup(ctx: Context, trackers: list[str], peer_ids: list[str]) -> Discovery | None:
+    """These relays' current records (in batches of GUARD_LOOKUP_IDS), or None when no tracker answered."""
+    batches = [peer_ids[i : i + GUARD_LOOKUP_IDS] for i in range(0, len(peer_ids), GUARD_LOOKUP_IDS)]
+    try:
+        found = await asyncio.gather(*(discover(ctx, trackers, role="relay", peers=batch) for batch in batches))
+    except GtorrentError:
+        return None
+    merged = Discovery()
+    for one in found:
+        merged.records.update(one.records)
+        merged.listed_s.update(one.listed_s)
+    return merged
+
+
+async def relay_view(
+    ctx: Context, trackers: list[str], store: Store, rules: RelayRules, *, paths: int, use_guards: bool = True,
+    rng: random.Random | None = None,
+) -> RelayView:
+    """List relays (a uniform sample of up to RELAY_SAMPLE) and the asker's guards; keep the guard set
+    (guards.py): drop guards due for rotation or gone, note which are listed, and top the set up from
+    the relays listed now when fewer than wanted are listed."""
+    rng = rng or secrets.SystemRandom()
+    now = time.time()
+    held: list[Guard] = []
+    if use_guards:
+        held = store.guards()
+        stale = [g.peer_id for g in held if expired(g, now)]
+        if stale:
+            store.drop_guards(stale)
+            held = [g for g in held if g.peer_id not in stale]
+    relays_found, guards_found = await asyncio.gather(
+        discover(ctx, trackers, role="relay", want=RELAY_SAMPLE),
+        _lookup(ctx, trackers, [g.peer_id for g in held]) if held else asyncio.sleep(0, None),
+    )
+    store.saw_peers(relays_found.records.values())
+    listed = dict(relays_found.records)
+    listed_s = dict(relays_found.listed_s)
+    if guards_found is not None:  # a failed lookup marks nothing: a tracker outage must not cost guards
+        store.update_guards(guards_found.records.values(), [g.peer_id for g in held if g.peer_id not in guards_found.records])
+        listed.update(guards_found.records)
+        for peer_id, age in guards_found.listed_s.items():  # the smallest age any tracker gave, as in discover
+            listed_s[peer_id] = min(age, listed_s.get(peer_id, age))
+    relays = [r for r in listed.values() if store.standing(r.peer_id).trusted]
+    if not use_guards:
+        return RelayView(relays, listed_s, None)
+    size = set_size(paths)
+    on_list = [g for g in held if guards_found is None or g.peer_id in guards_found.records]
+    if len(on_list) < size:  # guards left, or are not in this swarm (first ask, other trackers): top up
+        new = choose_guards([r for r in relays if r.peer_id not in {g.peer_id for g in held}],
+                            [g.record for g in on_list], size, rng, listed_s=listed_s, rules=rules)
+        store.add_guards([Guard(r, now, rotation_time(now, rng)) for r in new], limit=held_limit(paths))
+        held = store.guards()  # asks at once on one home may each have added some: the store decides
+    # in the order chosen, the ones listed and trusted now: the planner takes first hops from the front
+    trusted = {r.peer_id: r for r in relays}
+    usable = [trusted[g.peer_id] for g in held if g.peer_id in trusted]
+    return RelayView(relays, listed_s, usable)
 
 
 @dataclass
@@ -101,6 +172,9 @@ class RouteState:
     suspects: set[str] = field(default_factory=set)
     first_seen: dict[str, float] = field(default_factory=dict)  # of conflicting records, the first seen wins
     aliases: dict[str, frozenset[str]] = field(default_factory=dict)  # host names -> the addresses they resolved to
+    guards: list[PeerRecord] | None = None  # the asker's guards listed now (first hops); None: any relay
+    listed_s: dict[str, float] = field(default_factory=dict)  # how long each relay has been listed
+    rules: RelayRules = field(default_factory=RelayRules)
 
     def seniority(self, record: PeerRecord) -> float:
         return self.first_seen.get(record.peer_id, float("inf"))
@@ -114,6 +188,7 @@ class RouteState:
             self.relays, target=seed, exclude=self.suspects | (exclude or set()), paths=paths or self.paths,
             hops=hops or self.hops, k=k or self.k, strict=self.strict if strict is None else strict, rng=self.rng,
             min_hops=min_hops or self.min_hops, seniority=self.seniority, aliases=self.aliases,
+            guards=self.guards, listed_s=self.listed_s, rules=self.rules,
         )
 
 
@@ -401,6 +476,8 @@ async def ask_private(
     strict: bool = False,
     allow_one_hop: bool = False,
     max_attempts: int = 3,
+    rules: RelayRules | None = None,
+    use_guards: bool = True,
 ) -> AskResult:
     events = events or AskEvents()
     ask_timeouts = timeouts or AskTimeouts()
@@ -411,14 +488,15 @@ async def ask_private(
     if hops < min_hops:
         raise UsageError(f"--hops {hops}: with one relay per path, that relay sees both you and the seed",
                          hint=f"use --hops {DEFAULT_MIN_HOPS} or more, or {ONE_HOP_HINT}")
+    rules = rules or RelayRules()
     started = time.perf_counter()
-    (choice, ranked), relays_found = await asyncio.gather(
-        find_seeds(ctx, trackers, request, store, events), discover(ctx, trackers, role="relay")
+    (choice, ranked), view = await asyncio.gather(
+        find_seeds(ctx, trackers, request, store, events),
+        relay_view(ctx, trackers, store, rules, paths=paths, use_guards=use_guards),
     )
-    store.saw_peers(relays_found.records.values())
-    relays = [r for r in relays_found.records.values() if store.standing(r.peer_id).trusted]
-    state = RouteState(relays, paths, hops, k, strict, min_hops, first_seen=store.first_seen())
-    state.aliases = await resolve_names([*relays, *ranked, *(s for _, seeds in choice.alternatives for s in seeds)])
+    state = RouteState(view.relays, paths, hops, k, strict, min_hops, first_seen=store.first_seen(),
+                       guards=view.guards, listed_s=view.listed_s, rules=rules)
+    state.aliases = await resolve_names([*state.relays, *ranked, *(s for _, seeds in choice.alternatives for s in seeds)])
 
     async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
         try:
@@ -439,13 +517,13 @@ async def ask_private(
         key's grace period (onionkeys.py), and a record naming a key past it only gets its CREATE
         refused. The suspects of this ask stay."""
         try:
-            seeds_now, relays_now = await asyncio.gather(
-                discover(ctx, trackers, model=model_id, role="seed"), discover(ctx, trackers, role="relay")
+            seeds_now, view_now = await asyncio.gather(
+                discover(ctx, trackers, model=model_id, role="seed"),
+                relay_view(ctx, trackers, store, rules, paths=paths, use_guards=use_guards),
             )
         except GtorrentError:
             return None
-        store.saw_peers(relays_now.records.values())
-        state.relays = [r for r in relays_now.records.values() if store.standing(r.peer_id).trusted]
+        state.relays, state.listed_s, state.guards = view_now.relays, view_now.listed_s, view_now.guards
         state.first_seen = store.first_seen()
         state.aliases = await resolve_names([*state.relays, *(s for s in seeds_now.records.values())])
         return set(seeds_now.records)
@@ -455,4 +533,4 @@ async def ask_private(
                               max_attempts=max_attempts, refresh=refresh, what="private ask")
 
 
-__all__ = ["PrivacyError", "RouteState", "ask_private", "build_paths"]
+__all__ = ["PrivacyError", "RelayView", "RouteState", "ask_private", "build_paths", "relay_view"]

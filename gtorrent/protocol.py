@@ -8,7 +8,9 @@ with `ProtocolError` (the transport counts and drops it; a node never stops on b
 A `PeerRecord` is what a peer announces to trackers. It is signed with the peer's Ed25519 key over a
 canonical encoding (sorted keys, no whitespace) prefixed with a versioned label, and carries the public
 key itself; the peer id is the fingerprint of that key. So a client can check every record it receives
-without trusting the tracker that handed it over: a tracker can hide peers but never forge them.
+without trusting the tracker that handed it over: a tracker can hide peers but never forge them. An
+optional proof-of-work nonce (`pow`, pow.py) rides next to the signature, outside the signed bytes: it
+proves work for the public key itself, which no signature would strengthen.
 """
 
 from __future__ import annotations
@@ -153,7 +155,10 @@ REQUEST_ID = Field(str, max_len=64)
 SCHEMAS: dict[str, dict[str, Field]] = {
     # tracker
     "hello": {},
-    "hello_ok": {"record": Field(dict, max_len=32)},
+    "hello_ok": {
+        "record": Field(dict, max_len=32),
+        "pow_bits": Field(int, required=False, minimum=0, maximum=64),  # work asked of new identities (pow.py)
+    },
     "announce": {"record": Field(dict, max_len=32)},
     "announce_ok": {"interval_s": Field(NUMBER, minimum=0), "peers": Field(int, minimum=0)},
     "query": {
@@ -161,8 +166,17 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "role": Field(str, required=False, max_len=16),
         "endpoint": Field(str, required=False, max_len=256),  # exactly this endpoint (a relay checking an EXTEND)
         "limit": Field(int, required=False, minimum=1, maximum=1000),
+        "peers": Field(list, required=False, max_len=16),  # only these peer ids (an asker refreshing its guards)
+        "sample": Field(str, required=False, max_len=32),  # the listing's ordering key, 16 bytes as hex
+        "offset": Field(int, required=False, minimum=0, maximum=1 << 20),  # where the page starts in the listing
     },
-    "peers": {"records": Field(list, max_len=1000)},
+    "peers": {
+        "records": Field(list, max_len=1000),
+        # sent when the query carried `sample`:
+        "listed_s": Field(list, required=False, max_len=1000),  # per record: seconds continuously listed
+        "total": Field(int, required=False, minimum=0),  # records matching in all
+        "next": Field(int, required=False, minimum=0),  # offset of the next page; absent: none left
+    },
     "error": {"code": Field(str, max_len=64), "message": Field(str, max_len=1024), "id": Field(str, required=False, max_len=64)},
     # seed
     "generate": {
@@ -235,6 +249,9 @@ class PeerRecord:
     expires: float  # unix time
     stopped: bool = False
     signature: bytes = field(default=b"", repr=False)
+    # proof of work for the signing key (pow.py): like the signature, outside the signed bytes, since it
+    # proves something about the public key itself; empty: none, and left off the wire
+    pow: bytes = field(default=b"", repr=False)
 
     def unsigned_wire(self) -> dict[str, Any]:
         return {
@@ -252,7 +269,10 @@ class PeerRecord:
         }
 
     def to_wire(self) -> dict[str, Any]:
-        return {**self.unsigned_wire(), "signature": b64(self.signature)}
+        doc = {**self.unsigned_wire(), "signature": b64(self.signature)}
+        if self.pow:  # omitted when empty, so peers that know no `pow` field still read the record
+            doc["pow"] = b64(self.pow)
+        return doc
 
     @classmethod
     def sign(
@@ -291,14 +311,17 @@ class PeerRecord:
         if not isinstance(doc, dict):
             raise ProtocolError("record is not an object")
         _check_schema_record(doc)
-        unsigned = {k: v for k, v in doc.items() if k != "signature"}
+        unsigned = {k: v for k, v in doc.items() if k not in _UNSIGNED_KEYS}
         signed_bytes = canonical(unsigned)  # encoded once: for the size limit and the signature
         if len(signed_bytes) > MAX_RECORD_BYTES:
             raise ProtocolError(f"record larger than {MAX_RECORD_BYTES} bytes")
         try:
             keys = {name: unb64(doc[name]) for name in ("signing_key", "onion_key", "curve_key", "signature")}
+            nonce = unb64(doc["pow"]) if "pow" in doc else b""
         except (ValueError, TypeError) as exc:
             raise ProtocolError("record: bad base64") from exc
+        if len(nonce) > MAX_POW_NONCE_BYTES:
+            raise ProtocolError("record: pow nonce too long")
         if any(len(keys[name]) != 32 for name in ("signing_key", "onion_key", "curve_key")) or len(keys["signature"]) != 64:
             raise ProtocolError("record: bad key or signature length")
         if peer_id_for(keys["signing_key"]) != doc["peer_id"]:
@@ -324,6 +347,7 @@ class PeerRecord:
             expires=float(doc["expires"]),
             stopped=doc["stopped"],
             signature=keys["signature"],
+            pow=nonce,
         )
 
     def serves(self, model: str) -> bool:
@@ -344,7 +368,9 @@ RECORD_SCHEMA: dict[str, Field] = {
     "expires": Field(NUMBER, minimum=0, maximum=1e11),
     "stopped": Field(bool),
     "signature": Field(str, max_len=128),
+    "pow": Field(str, required=False, max_len=24),  # b64 of a proof-of-work nonce (pow.py), outside the signature
 }
+MAX_POW_NONCE_BYTES = 16
 MODEL_SCHEMA: dict[str, Field] = {
     "model_id": Field(str, max_len=64),
     "name": Field(str, max_len=64),
@@ -369,16 +395,21 @@ def model_name_problem(name: str) -> str | None:
     return None
 
 
-_RECORD_KEYS = frozenset(RECORD_SCHEMA)
+_RECORD_KEYS = frozenset(name for name, spec in RECORD_SCHEMA.items() if spec.required)
+_OPTIONAL_RECORD_KEYS = frozenset(name for name, spec in RECORD_SCHEMA.items() if not spec.required)
+_UNSIGNED_KEYS = frozenset({"signature", "pow"})
+_POW_RE = re.compile(r"[A-Za-z0-9_-]{1,24}")  # b64url without padding (the decoder would skip other characters)
 _MODEL_KEYS = frozenset(MODEL_SCHEMA)
 _RECORD_STRINGS = ("peer_id", "signing_key", "onion_key", "curve_key", "signature", "endpoint")
 
 
 def _check_schema_record(doc: dict[str, Any]) -> None:
     """RECORD_SCHEMA, checked field by field without the generic walker: trackers check every announce."""
-    if doc.keys() != _RECORD_KEYS:
-        unknown, missing = doc.keys() - _RECORD_KEYS, _RECORD_KEYS - doc.keys()
+    if doc.keys() != _RECORD_KEYS and not (_RECORD_KEYS <= doc.keys() <= _RECORD_KEYS | _OPTIONAL_RECORD_KEYS):
+        unknown, missing = doc.keys() - _RECORD_KEYS - _OPTIONAL_RECORD_KEYS, _RECORD_KEYS - doc.keys()
         raise ProtocolError(f"record: unknown fields {sorted(unknown)}" if unknown else f"record: missing {sorted(missing)}")
+    if "pow" in doc and (type(doc["pow"]) is not str or not _POW_RE.fullmatch(doc["pow"])):
+        raise ProtocolError("record.pow: not 1 to 24 base64url characters")
     for name in _RECORD_STRINGS:
         value = doc[name]
         if type(value) is not str or len(value) > (RECORD_SCHEMA[name].max_len or 0):

@@ -33,6 +33,7 @@ from sqlite_utils.migrations import Migrations
 
 from . import reputation
 from .errors import StoreError
+from .guards import Guard
 from .paths import HOME_ENV, create_private, ensure_private_dir
 from .protocol import PeerRecord
 
@@ -78,6 +79,14 @@ def m002_verdicts(db: Database) -> None:
         pk="id",
     )
     db.table("verdicts").create_index(["peer_id", "epoch"])
+
+
+@migrations()
+def m003_guards(db: Database) -> None:
+    db.table("guards").create(
+        {"peer_id": str, "record": str, "chosen_at": float, "rotate_at": float, "unlisted_since": float},
+        pk="peer_id",
+    )
 
 
 P = ParamSpec("P")
@@ -230,6 +239,56 @@ class Store:
             )
         )
 
+    def add_guards(self, guards: Iterable[Guard], limit: int) -> None:
+        """Add these guards, keeping at most `limit`: to make room, guards no tracker lists go first
+        (the longest unlisted first); listed ones are never pushed out.
+
+        Counted inside the write transaction: asks running at once on one home may each have chosen
+        guards, and together they never take the set beyond `limit`."""
+        rows = [(g.peer_id, json.dumps(g.record.to_wire()), g.chosen_at, g.rotate_at) for g in guards]
+
+        def body() -> None:
+            conn = self.db.conn
+            rows_new = [row for row in rows if not conn.execute("select 1 from guards where peer_id = ?", row[:1]).fetchone()]
+            (held,) = conn.execute("select count(*) from guards").fetchone()
+            over = int(held) + len(rows_new) - limit
+            if over > 0:
+                conn.execute("delete from guards where peer_id in (select peer_id from guards where unlisted_since is "
+                             "not null order by unlisted_since limit ?)", (over,))
+                (held,) = conn.execute("select count(*) from guards").fetchone()
+            for row in rows_new[: max(limit - int(held), 0)]:
+                conn.execute("insert into guards (peer_id, record, chosen_at, rotate_at, unlisted_since) "
+                             "values (?, ?, ?, ?, null)", row)
+
+        if rows:
+            self._write(body)
+
+    def update_guards(self, listed: Iterable[PeerRecord], unlisted: Iterable[str], now: float | None = None) -> None:
+        """Record which guards the trackers list now (their current records) and which they do not."""
+        now = time.time() if now is None else now
+        seen = [(json.dumps(r.to_wire()), r.peer_id) for r in listed]
+        gone = [(now, peer_id) for peer_id in unlisted]
+
+        def body() -> None:
+            conn = self.db.conn
+            conn.executemany("update guards set record = ?, unlisted_since = null where peer_id = ?", seen)
+            conn.executemany("update guards set unlisted_since = coalesce(unlisted_since, ?) where peer_id = ?", gone)
+
+        if seen or gone:
+            self._write(body)
+
+    def drop_guards(self, peer_ids: Iterable[str] | None = None) -> None:
+        """Forget these guards (all of them when None: `gtorrent guards --reset`)."""
+        ids = None if peer_ids is None else [(p,) for p in peer_ids]
+
+        def body() -> None:
+            if ids is None:
+                self.db.conn.execute("delete from guards")
+            else:
+                self.db.conn.executemany("delete from guards where peer_id = ?", ids)
+
+        self._write(body)
+
     # ------------------------------------------------------------------ reads
 
     def _peer_row(self, peer_id: str) -> dict[str, Any] | None:
@@ -246,6 +305,21 @@ class Store:
             except (ValueError, KeyError):
                 continue
         return records
+
+    @_guarded
+    def guards(self) -> list[Guard]:
+        """The guards held in the order chosen (the order of preference: a batch is inserted in its random
+        draw order, never by peer id, which anyone can grind); records re-verified."""
+        held = []
+        for row in self.db.execute(
+            "select record, chosen_at, rotate_at, unlisted_since from guards order by chosen_at, rowid"
+        ).fetchall():
+            try:
+                record = PeerRecord.from_wire(json.loads(row[0]))
+            except (ValueError, KeyError):
+                continue
+            held.append(Guard(record, float(row[1]), float(row[2]), None if row[3] is None else float(row[3])))
+        return held
 
     @_guarded
     def first_seen(self) -> dict[str, float]:

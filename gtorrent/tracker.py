@@ -6,8 +6,17 @@ Rules (`TrackerTable`, pure over an injected clock):
   for that peer — so a replayed or rolled-back announce is refused, also after the peer stopped
   (its tombstone keeps the sequence until the record would have expired);
 - `stopped` removes the peer; expired records are forgotten;
+- each live entry remembers `listed_since` (tracker clock): when its current continuous listing began.
+  A refresh of a live record keeps it; a peer that was new, expired or had stopped starts again at now;
+- answers are unsteerable: `query` is a fresh uniform sample, and `page` orders the matching records by
+  blake2b(peer id, key=sample), where `sample` is a key the client chooses per listing and no peer
+  knows; so neither a ground peer id nor a claimed load buys a place, and pages of one listing (one
+  key) never repeat a record and together hold every match exactly once (while the table is unchanged);
 - the table holds at most `max_entries` peers (records and tombstones): a new peer beyond that is
   refused with `capacity`, while known peers can always refresh or withdraw;
+- with `pow_bits` > 0, a new peer (no unexpired entry) must carry that much proof of work (pow.py), else
+  `pow`; a known peer must keep the work its entry holds, up to `pow_bits` (raising the bar, or turning
+  it on, does not drop the peers already listed); each entry remembers the work it was accepted with;
 - the table is persisted in SQLite (group commit: all announces that arrive together are written in one
   transaction before any of them is acknowledged), so a restart loses nothing acknowledged;
 - memory and disk agree on announces: a burst is applied in `TrackerTable.staged()`, and if its commit
@@ -26,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
+import heapq
 import json
 import logging
 import random
@@ -36,12 +47,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from .identity import Identity
 from .paths import create_private, ensure_private_dir
+from .pow import MAX_POW_BITS, work
 from .protocol import MAX_RECORD_TTL_S, Message, PeerRecord, ProtocolError
 from .transport import Reply, Server, new_context
 
@@ -49,6 +62,10 @@ log = logging.getLogger(__name__)
 
 REANNOUNCE_INTERVAL_S = 30.0  # what the tracker asks peers to keep to
 DEFAULT_QUERY_LIMIT = 200
+MAX_QUERY_LIMIT = 1000  # records per page (the `query` schema's bound)
+MAX_QUERY_PEERS = 16  # peer ids in one query's `peers` filter
+MAX_QUERY_OFFSET = 1 << 20  # a page's start (the `query` schema's bound; the table holds far fewer)
+SAMPLE_KEY_BYTES = 16  # the client's per-listing ordering key
 TRACKER_RECORD_TTL_S = 600.0
 CLOCK_SKEW_S = 60.0  # a record may claim this much more than the TTL, for clocks that run ahead
 MAX_ENTRIES = 50_000  # peers held (records + tombstones); each record is at most 4 KiB on the wire
@@ -59,8 +76,9 @@ STORAGE_LOG_INTERVAL_S = 60.0  # at most one log line per this many seconds whil
 QUERY_BUDGET_BYTES = 192 * 1024  # an answer stays well under the message limit
 
 
-def within_budget(records: list[dict[str, object]], budget: int = QUERY_BUDGET_BYTES) -> list[dict[str, object]]:
-    """The leading records whose encoding fits the budget (the records are a random sample: any prefix is one too)."""
+def within_budget(records: list[dict[str, Any]], budget: int = QUERY_BUDGET_BYTES) -> list[dict[str, Any]]:
+    """The leading records whose encoding fits the budget (the records are in an order no peer can steer:
+    any prefix of a sample is a sample too)."""
     kept, used = [], 0
     for record in records:
         size = len(json.dumps(record, separators=(",", ":"))) + 1
@@ -77,6 +95,30 @@ class Rejected(ProtocolError):
         self.code = code
 
 
+def query_sample(message: Message) -> bytes | None:
+    """The listing key of a query (`sample`: 32 hex digits), or None when the query has none."""
+    text = message.get("sample")
+    if text is None:
+        return None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != SAMPLE_KEY_BYTES:
+        raise Rejected("invalid", f"sample must be {2 * SAMPLE_KEY_BYTES} hex digits")
+    return key
+
+
+def query_peers(message: Message) -> list[str] | None:
+    """The peer ids a query is limited to (`peers`), or None when it names none."""
+    peers = message.get("peers")
+    if peers is None:
+        return None
+    if any(type(peer) is not str or not 0 < len(peer) <= 64 for peer in peers):
+        raise Rejected("invalid", "peers must be peer ids")
+    return list(peers)
+
+
 def disk_full(exc: BaseException) -> bool:
     """True when a storage error means the disk (or the database's size limit) is full."""
     if isinstance(exc, sqlite3.Error):
@@ -91,11 +133,31 @@ def storage_problem(exc: BaseException) -> str:
     return f"the tracker's database failed ({type(exc).__name__}: {str(exc)[:200]})"
 
 
+def sample_order(peer_id: str, sample: bytes) -> bytes:
+    """A record's place in a listing keyed by `sample`: unpredictable without the key, so no peer id can
+    be ground to come first, and fixed for one key, so the pages of one listing are disjoint."""
+    return hashlib.blake2b(peer_id.encode(), key=sample, digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing: the records from `offset` on in the listing's order (within the byte budget),
+    how long each has been continuously listed (tracker clock, seconds), how many records match in all,
+    and the offset of the next page (None: the listing is exhausted)."""
+
+    records: list[PeerRecord]
+    listed_s: list[float]
+    total: int
+    next: int | None
+
+
 @dataclass
 class _Entry:
     record: PeerRecord | None  # None: a tombstone of a peer that stopped
     seq: int
     expires: float
+    listed_since: float = 0.0  # tracker clock: when the current continuous listing began (records only)
+    work: int = 0  # proof-of-work bits of the record it was accepted with (pow.py)
 
 
 @dataclass
@@ -108,9 +170,13 @@ class TrackerTable:
     """Records by peer id, with the acceptance rules above. Persistence is the caller's (see `flush`)."""
 
     def __init__(
-        self, clock: Callable[[], float] = time.time, max_entries: int = MAX_ENTRIES, rng: random.Random | None = None
+        self, clock: Callable[[], float] = time.time, max_entries: int = MAX_ENTRIES, rng: random.Random | None = None,
+        pow_bits: int = 0,
     ) -> None:
+        if not 0 <= pow_bits <= MAX_POW_BITS:
+            raise ValueError(f"pow_bits must be 0 to {MAX_POW_BITS}")
         self.clock = clock
+        self.pow_bits = pow_bits  # proof of work asked of a new identity (0: none)
         # answers are uniform samples: an order by anything a peer chooses (its peer id is a hash of a
         # key it can grind, its load is what it says) would let it crowd everyone else out
         self.rng = rng if rng is not None else secrets.SystemRandom()
@@ -152,10 +218,24 @@ class TrackerTable:
             raise Rejected("replay", f"sequence {record.seq} of {record.peer_id} is not above {known.seq}")
         if known is None and len(self.entries) >= self.max_entries:  # known peers may always refresh
             raise Rejected("capacity", f"the tracker holds its maximum of {self.max_entries} peers")
+        proven = work(record.signing_key, record.pow)
+        current = known is not None and known.expires > now
+        # a new identity pays in full; a listed one keeps what it paid (up to today's bar), so raising the
+        # bar does not drop it, and it cannot shed its proof either
+        required = min(self.pow_bits, known.work) if current and known is not None else self.pow_bits
+        if proven < required:
+            raise Rejected(
+                "pow", f"this tracker asks {required} bits of proof of work of a new identity; the record of "
+                f"{record.peer_id} carries {proven}",
+            )
         # keep the latest expiry seen, so an older record cannot be replayed once a shorter-lived newer
         # one has expired
         expires = max(record.expires, known.expires) if known is not None else record.expires
-        self._set(record.peer_id, _Entry(None if record.stopped else record, record.seq, expires))
+        # a listing is continuous only while a live record is refreshed: a new peer, one whose record
+        # expired and one that had stopped (a tombstone) all start again now
+        listed = known is not None and known.record is not None and known.expires > now
+        since = known.listed_since if listed and known is not None else now
+        self._set(record.peer_id, _Entry(None if record.stopped else record, record.seq, expires, since, proven))
 
     def _set(self, peer_id: str, entry: _Entry | None) -> None:
         """Replace or remove an entry, keeping the live-record count in step."""
@@ -170,13 +250,16 @@ class TrackerTable:
                 self.live += 1
         self.dirty.add(peer_id)
 
-    def query(
-        self, model: str | None = None, role: str | None = None, limit: int = DEFAULT_QUERY_LIMIT,
-        endpoint: str | None = None,
-    ) -> list[PeerRecord]:
-        now = self.clock()
+    def _matching(
+        self, now: float, model: str | None, role: str | None, endpoint: str | None, peers: list[str] | None,
+    ) -> list[tuple[PeerRecord, _Entry]]:
+        """The live records that pass every filter, with their entries."""
+        if peers is not None:  # a handful of exact ids: look them up instead of scanning the table
+            candidates = [e for e in (self.entries.get(p) for p in dict.fromkeys(peers)) if e is not None]
+        else:
+            candidates = list(self.entries.values())
         found = []
-        for entry in self.entries.values():
+        for entry in candidates:
             record = entry.record
             if record is None or entry.expires <= now:
                 continue
@@ -186,8 +269,60 @@ class TrackerTable:
                 continue
             if model is not None and not record.serves(model):
                 continue
-            found.append(record)
+            found.append((record, entry))
+        return found
+
+    def query(
+        self, model: str | None = None, role: str | None = None, limit: int = DEFAULT_QUERY_LIMIT,
+        endpoint: str | None = None,
+    ) -> list[PeerRecord]:
+        found = [record for record, _ in self._matching(self.clock(), model, role, endpoint, None)]
         return self.rng.sample(found, min(limit, len(found)))  # fresh per query, in random order
+
+    def page(
+        self, model: str | None = None, role: str | None = None, *, limit: int = DEFAULT_QUERY_LIMIT,
+        endpoint: str | None = None, peers: list[str] | None = None, sample: bytes | None = None, offset: int = 0,
+    ) -> Page:
+        """The records at `offset`, `offset + 1`, ... of the listing ordered by blake2b(peer id, key=sample).
+
+        At most `limit` (≤ MAX_QUERY_LIMIT) records, and only as many as fit QUERY_BUDGET_BYTES; `next` is
+        the offset of the first matching record left out, None when none is. Without `sample` the key is
+        fresh and secret, so the page is a uniform random sample in random order (drawn directly).
+        """
+        now = self.clock()
+        found = self._matching(now, model, role, endpoint, peers)
+        limit = max(1, min(limit, MAX_QUERY_LIMIT))
+        offset = max(0, offset)
+        if sample is None:
+            # a fresh secret key nobody learns: any stretch of its order is a uniform sample, which the
+            # CSPRNG draws directly (a fifth of the hashing's cost; old clients' queries all come here)
+            chosen = self.rng.sample(found, max(0, min(limit, len(found) - offset)))
+        else:
+            keyed = hashlib.blake2b(key=sample, digest_size=16)  # copied per record: cheaper than a new keyed hash
+
+            def place(item: tuple[PeerRecord, _Entry]) -> bytes:  # == sample_order(peer_id, sample)
+                hasher = keyed.copy()
+                hasher.update(item[0].peer_id.encode())
+                return hasher.digest()
+
+            # the smallest offset + limit places: O(n log(offset + limit)), not a sort of the whole table
+            chosen = heapq.nsmallest(offset + limit, found, key=place)[offset:]
+        kept = within_budget([record.to_wire() for record, _ in chosen])
+        chosen = chosen[: len(kept)]
+        end = offset + len(chosen)
+        return Page(
+            records=[record for record, _ in chosen],
+            listed_s=[max(0.0, now - entry.listed_since) for _, entry in chosen],
+            total=len(found),
+            next=end if end < len(found) else None,
+        )
+
+    def listed_since(self, peer_id: str) -> float | None:
+        """When the peer's current continuous listing began (tracker clock), or None if it is not listed."""
+        entry = self.entries.get(peer_id)
+        if entry is None or entry.record is None or entry.expires <= self.clock():
+            return None
+        return entry.listed_since
 
     def active_count(self) -> int:
         return self.live
@@ -210,6 +345,19 @@ def t001_records(db: Database) -> None:
     )
 
 
+@tracker_migrations()
+def t002_listed_since(db: Database) -> None:
+    # rows written before this column existed read as NULL: they are listed from the load on, so a
+    # restart can only make a relay younger, never older than it is
+    db.table("tracker_records").add_column("listed_since", float)
+
+
+@tracker_migrations()
+def t003_work(db: Database) -> None:
+    # older rows read as NULL: their records' work is recomputed on load, tombstones count as 0 bits
+    db.table("tracker_records").add_column("work", int)
+
+
 class TrackerDatabase:
     """SQLite persistence of a TrackerTable (WAL, one transaction per flush)."""
 
@@ -223,6 +371,7 @@ class TrackerDatabase:
 
     def load_into(self, table: TrackerTable) -> int:
         loaded, changed = 0, set()
+        now = table.clock()
         for row in self.db.table("tracker_records").rows:
             record = None
             if row["record"]:
@@ -232,7 +381,11 @@ class TrackerDatabase:
                     # never serve a record that no longer verifies, but keep its sequence as a
                     # tombstone so that an older record of the peer cannot be replayed in its place
                     changed.add(row["peer_id"])
-            table._set(row["peer_id"], _Entry(record, row["seq"], row["expires"]))
+            since = row["listed_since"]
+            # a listing cannot have begun in the future: a clock that jumped back restarts it
+            since = now if since is None or since > now else float(since)
+            proven = work(record.signing_key, record.pow) if record is not None else int(row["work"] or 0)
+            table._set(row["peer_id"], _Entry(record, row["seq"], row["expires"], since, proven))
             loaded += 1
         table.dirty = changed  # what was loaded is on disk already
         table.expire()
@@ -259,10 +412,11 @@ class TrackerDatabase:
                 entry = table.entries.get(peer)
                 if entry is not None:
                     record = json.dumps(entry.record.to_wire()) if entry.record is not None else ""
-                    rows.append((peer, entry.seq, entry.expires, record))
+                    rows.append((peer, entry.seq, entry.expires, record, entry.listed_since, entry.work))
             if rows:  # one prepared statement for the whole batch (upsert_all introspects per call)
                 self.db.conn.executemany(
-                    "insert or replace into tracker_records (peer_id, seq, expires, record) values (?, ?, ?, ?)", rows
+                    "insert or replace into tracker_records (peer_id, seq, expires, record, listed_since, work)"
+                    " values (?, ?, ?, ?, ?, ?)", rows
                 )
         table.dirty -= dirty  # flush is synchronous: nothing was marked in between
 
@@ -281,9 +435,10 @@ class TrackerService:
         *,
         max_entries: int = MAX_ENTRIES,
         expire_interval_s: float = EXPIRE_INTERVAL_S,
+        pow_bits: int = 0,
     ) -> None:
         self.identity = identity
-        self.table = TrackerTable(clock, max_entries)
+        self.table = TrackerTable(clock, max_entries, pow_bits=pow_bits)
         self.expire_interval_s = expire_interval_s
         self.storage_errors = 0  # failed commits and flushes since start
         self._storage_logged_at = -STORAGE_LOG_INTERVAL_S
@@ -336,17 +491,37 @@ class TrackerService:
             )
         return self._record
 
+    def hello(self) -> dict[str, object]:
+        """The `hello_ok` body: the tracker's record, and the work it asks of new identities if any
+        (left out when none, so clients that know no `pow_bits` still read it)."""
+        body: dict[str, object] = {"record": self.own_record().to_wire()}
+        if self.table.pow_bits:
+            body["pow_bits"] = self.table.pow_bits
+        return body
+
     async def _on_bootstrap(self, reply: Reply, message: Message) -> None:
-        await reply.send("hello_ok", {"record": self.own_record().to_wire()})
+        await reply.send("hello_ok", self.hello())
 
     async def _on_message(self, reply: Reply, message: Message) -> None:
         if message.kind == "hello":
-            await reply.send("hello_ok", {"record": self.own_record().to_wire()})
+            await reply.send("hello_ok", self.hello())
         elif message.kind == "query":
-            records = self.table.query(
-                message.get("model"), message.get("role"), message.get("limit", DEFAULT_QUERY_LIMIT), message.get("endpoint")
+            try:
+                sample, peers = query_sample(message), query_peers(message)
+            except Rejected as exc:
+                await reply.send("error", {"code": exc.code, "message": str(exc)})
+                return
+            page = self.table.page(
+                message.get("model"), message.get("role"), limit=message.get("limit", DEFAULT_QUERY_LIMIT),
+                endpoint=message.get("endpoint"), peers=peers, sample=sample, offset=message.get("offset", 0),
             )
-            await reply.send("peers", {"records": within_budget([r.to_wire() for r in records])})
+            body: dict[str, object] = {"records": [r.to_wire() for r in page.records]}
+            if sample is not None:  # a client that pages knows the paging fields; older ones refuse unknown fields
+                body["listed_s"] = [round(age, 3) for age in page.listed_s]
+                body["total"] = page.total
+                if page.next is not None:
+                    body["next"] = page.next
+            await reply.send("peers", body)
         elif message.kind == "ping":
             await reply.send("pong", {})
 

@@ -208,8 +208,10 @@ async def test_a_first_relay_reporting_a_break_mid_answer_is_a_suspect_itself(
             framers.update({route[0][0], route[1][0]})
 
     store = Store.open(tmp_path)
+    # use_guards=False: two of 12 relays' paths are blamed whole, and with guards the retry would need
+    # a spare guard outside them (tests/test_guards.py covers guards under failures)
     result = await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=8), store,
-                               AskEvents(on_route=on_route))
+                               AskEvents(on_route=on_route), use_guards=False)
     assert sorted(fired) == sorted(framers) and result.attempts == 2
     assert result.text == swarm.local(8)
     retry_plan = spy.attempt_plans()[1]

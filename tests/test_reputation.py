@@ -62,7 +62,7 @@ def test_store_migrates_once_wal_and_survives_reopen(tmp_path: Path) -> None:
     again = Store.open(tmp_path)
     assert again.db.execute("pragma journal_mode").fetchone()[0] == "wal"
     applied = again.db.execute("select count(*) from _sqlite_migrations").fetchone()[0]
-    assert applied == 2
+    assert applied == 3  # m001_peers_and_observations, m002_verdicts, m003_guards
     assert [r.peer_id for r in again.known_records()] == [peer.peer_id]
     assert again.standing(peer.peer_id).asks_ok == 1
     again.saw_peers([signed(peer)], now=20.0)

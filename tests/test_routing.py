@@ -12,7 +12,9 @@ import pytest
 
 from gtorrent.identity import Identity
 from gtorrent.protocol import RECORD_LABEL, PeerRecord, canonical
-from gtorrent.routing import PrivacyError, candidate_records, normalise_endpoint, plan_paths
+from gtorrent.routing import PrivacyError, RelayRules, candidate_records, normalise_endpoint, plan_paths
+
+NO_FRICTION = RelayRules(min_age_s=0, distinct_networks=False)  # loopback relays with a remote seed
 
 
 def relay(port: int, roles: tuple[str, ...] = ("relay",)) -> PeerRecord:
@@ -242,7 +244,7 @@ def test_a_copy_under_a_name_that_resolves_to_the_seed_is_barred() -> None:
     aliases = {normalise_endpoint(r.endpoint): frozenset({"10.1.2.3:9000"}) for r in named}
     for draw in range(100):
         plan = plan_paths([*named, *honest], exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True,
-                          rng=random.Random(draw), aliases=aliases)
+                          rng=random.Random(draw), aliases=aliases, rules=NO_FRICTION)
         assert not {r.peer_id for path in plan.paths for r in path} & {r.peer_id for r in named}
 
 
@@ -262,5 +264,134 @@ def test_resolve_names_ties_a_host_name_to_the_address_it_names() -> None:
     assert normalise_endpoint(seed.endpoint) in aliases[normalise_endpoint(named.endpoint)]
     assert len(aliases) == 1  # the IP literal needs no resolving; the unknown name resolves to nothing
     plan = plan_paths([named, *(relay(10000 + i) for i in range(12))], exclude=set(), target=seed, paths=4,
-                      hops=3, k=3, strict=True, rng=random.Random(0), aliases=aliases)
+                      hops=3, k=3, strict=True, rng=random.Random(0), aliases=aliases, rules=NO_FRICTION)
     assert named.peer_id not in {r.peer_id for path in plan.paths for r in path}
+
+
+# --------------------------------------------------------------------------- Sybil friction (issue 11)
+
+OLD = 7200.0  # seconds listed: past the default minimum age
+
+
+def remote(address: str, port: int = 7000) -> PeerRecord:
+    host = f"[{address}]" if ":" in address else address
+    return PeerRecord.sign(Identity.generate(), endpoint=f"tcp://{host}:{port}", roles=("relay",), seq=1,
+                           expires=time.time() + 60)
+
+
+def aged(records: list[PeerRecord], age: float = OLD) -> dict[str, float]:
+    return {r.peer_id: age for r in records}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "network"),
+    [
+        ("tcp://203.0.113.7:9000", "203.0.0.0/16"),
+        ("tcp://[::ffff:203.0.113.7]:9000", "203.0.0.0/16"),
+        ("tcp://[2001:db8:aa:1::5]:9000", "2001:db8::/32"),
+        ("tcp://127.0.0.2:9000", "loopback"),
+        ("tcp://[::1]:9000", "loopback"),
+        ("tcp://localhost:9000", "loopback"),
+        ("tcp://relay.example.org:9000", "names"),  # not resolved: with every other such name
+    ],
+)
+def test_network_of(endpoint: str, network: str) -> None:
+    from gtorrent.routing import network_of
+
+    record = replace(relay(9000), endpoint=endpoint)
+    assert network_of(record) == network
+
+
+def test_a_host_name_is_in_the_network_it_resolved_to() -> None:
+    from gtorrent.routing import network_of
+
+    record = replace(relay(9000), endpoint="tcp://relay.example.org:9000")
+    assert network_of(record, {"relay.example.org:9000": frozenset({"198.51.100.9:9000"})}) == "198.51.0.0/16"
+    # addresses in two networks: the asker cannot tell which one a connection uses, nor trust the
+    # name's owner to have chosen them honestly; such names share one network among them
+    two = frozenset({"198.51.100.9:9000", "203.0.113.9:9000"})
+    assert network_of(record, {"relay.example.org:9000": two}) == "names"
+
+
+def test_no_two_relays_of_a_path_nor_a_relay_and_the_seed_share_a_network() -> None:
+    from gtorrent.routing import network_of
+
+    seed = remote("198.51.7.7")
+    # 12 networks of 5 relays, 10 relays beside the seed, and an IPv6 /32 holding 5 more
+    pool = [remote(f"203.{n}.{i}.1") for n in range(12) for i in range(5)]
+    pool += [remote(f"198.51.{i}.2") for i in range(10)]
+    pool += [remote(f"2001:db8:{i}::1") for i in range(5)]
+    ages = aged(pool)
+    for draw in range(200):
+        plan = plan_paths(pool, exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True,
+                          rng=random.Random(draw), listed_s=ages)
+        for path in plan.paths:
+            networks = [network_of(r) for r in path]
+            assert len(set(networks)) == len(networks), networks
+            assert "198.51.0.0/16" not in networks
+
+
+def test_relays_of_one_network_cannot_fill_a_path_unless_allowed() -> None:
+    seed = remote("198.51.7.7")
+    pool = [remote(f"10.1.{i}.1") for i in range(12)]  # one LAN
+    with pytest.raises(PrivacyError) as refused:
+        plan_paths(pool, exclude=set(), target=seed, paths=4, hops=3, k=3, strict=False, rng=random.Random(0),
+                   listed_s=aged(pool))
+    assert "share a network" in refused.value.message and "--allow-same-network" in str(refused.value.hint)
+    plan = plan_paths(pool, exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True, rng=random.Random(0),
+                      listed_s=aged(pool), rules=RelayRules(distinct_networks=False))
+    assert (len(plan.paths), plan.hops) == (4, 3)
+
+
+def test_a_swarm_on_one_host_is_exempt_from_the_network_and_age_rules() -> None:
+    pool = [relay(10000 + i) for i in range(13)]  # loopback, no listing age known
+    plan = plan_paths(pool[:12], exclude=set(), target=pool[12], paths=4, hops=3, k=3, strict=True,
+                      rng=random.Random(0))
+    assert (len(plan.paths), plan.hops) == (4, 3)
+    # one relay elsewhere and the swarm is no longer on one host: the rules hold again
+    with pytest.raises(PrivacyError, match="listed for less than"):
+        plan_paths([*pool[:12], remote("203.0.113.1")], exclude=set(), target=pool[12], paths=4, hops=3, k=3,
+                   strict=True, rng=random.Random(0))
+
+
+def test_relays_listed_for_less_than_the_minimum_age_are_never_drawn() -> None:
+    seed = remote("198.51.7.7")
+    old = [remote(f"203.{n}.0.1") for n in range(14)]
+    young = [remote(f"192.{n}.0.1") for n in range(30)]
+    ages = {**aged(old), **aged(young, 60.0)}  # listed for a minute
+    for draw in range(100):
+        plan = plan_paths([*old, *young], exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True,
+                          rng=random.Random(draw), listed_s=ages)
+        assert not {r.peer_id for path in plan.paths for r in path} & {r.peer_id for r in young}
+    # an age nobody reported counts as none
+    with pytest.raises(PrivacyError) as refused:
+        plan_paths(young, exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True, rng=random.Random(0))
+    assert "--min-relay-age" in str(refused.value.hint)
+    lowered = plan_paths(young, exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True, rng=random.Random(0),
+                         listed_s=ages, rules=RelayRules(min_age_s=30.0))
+    assert len(lowered.paths) == 4
+
+
+def test_first_hops_are_the_guards_in_their_order() -> None:
+    seed = remote("198.51.7.7")
+    pool = [remote(f"203.{n}.0.1") for n in range(40)]
+    guards = pool[:8]
+    beside_seed = remote("198.51.0.9")  # a guard in the seed's network is skipped for this seed only
+    ages = aged([*pool, beside_seed])
+    for draw in range(50):
+        plan = plan_paths([*pool, beside_seed], exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True,
+                          rng=random.Random(draw), listed_s=ages, guards=[beside_seed, *guards])
+        assert {path[0].peer_id for path in plan.paths} == {g.peer_id for g in guards[:4]}
+        # the spare guards may be middle hops; the guard in the seed's network is nowhere
+        assert beside_seed.peer_id not in {r.peer_id for path in plan.paths for r in path}
+    # guards excluded in this ask (suspects): the spares take their places
+    plan = plan_paths(pool, exclude={guards[0].peer_id, guards[2].peer_id}, target=seed, paths=4, hops=3, k=3,
+                      strict=True, rng=random.Random(1), listed_s=ages, guards=guards)
+    assert {path[0].peer_id for path in plan.paths} == {g.peer_id for g in (guards[1], *guards[3:6])}
+    # fewer usable guards than paths: fewer paths (at least k), never a first hop that is not a guard
+    plan = plan_paths(pool, exclude=set(), target=seed, paths=4, hops=3, k=3, strict=False, rng=random.Random(1),
+                      listed_s=ages, guards=guards[:3])
+    assert len(plan.paths) == 3 and {path[0].peer_id for path in plan.paths} == {g.peer_id for g in guards[:3]}
+    with pytest.raises(PrivacyError, match="usable guards"):
+        plan_paths(pool, exclude=set(), target=seed, paths=4, hops=3, k=3, strict=False, rng=random.Random(1),
+                   listed_s=ages, guards=guards[:2])
