@@ -11,10 +11,9 @@ from rich.table import Table
 
 from gtorrent.identity import short_id
 from gtorrent.node import guards
-from gtorrent.paths import home_dir
 
 from . import output
-from .common import JsonOption
+from .common import JsonOption, TrackerOption, settings
 
 
 def _date(when: float) -> str:
@@ -22,19 +21,20 @@ def _date(when: float) -> str:
 
 
 def guards_command(
+    tracker: TrackerOption = None,
     reset: Annotated[bool, typer.Option("--reset", help="Forget the guards; the next private ask draws new ones.")] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """List the guard relays: the first hops of your private asks, kept for weeks so that repeated asks
-    do not keep exposing you to new first relays."""
-    held = guards(home_dir(), reset=reset)
+    """List the guard relays of the trackers' swarm: the first hops of your private asks, kept for weeks
+    so that repeated asks do not keep exposing you to new first relays."""
+    held = guards(settings(tracker), reset=reset)
     now = time.time()
     if json_output:
         output.print_json({
             "reset": reset,
             "guards": [
                 {"peer_id": g.peer_id, "endpoint": g.record.endpoint, "chosen_at": g.chosen_at, "rotate_at": g.rotate_at,
-                 "unlisted_since": g.unlisted_since}
+                 "unreachable_since": g.unreachable_since}
                 for g in held
             ],
         })
@@ -49,7 +49,8 @@ def guards_command(
     for column in ("PEER", "ENDPOINT", "CHOSEN", "ROTATES", "STATUS"):
         table.add_column(column)
     for guard in held:
-        status = "listed" if guard.unlisted_since is None else f"unlisted for {output.human_seconds(now - guard.unlisted_since)}"
+        silent = guard.unreachable_since
+        status = "answering" if silent is None else f"silent for {output.human_seconds(now - silent)}"
         # the endpoint came from a peer's record: data, never markup
         table.add_row(output.remote(short_id(guard.peer_id)), output.remote(guard.record.endpoint),
                       _date(guard.chosen_at), _date(guard.rotate_at), status)

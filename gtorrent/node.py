@@ -315,16 +315,18 @@ def list_peers(settings: NodeSettings, model: str | None = None) -> tuple[list[P
         store.close()
 
 
-def guards(home: Path, *, reset: bool = False) -> list[Guard]:
-    """The asker's guards (guards.py) held in this home, in their order of preference; with `reset`,
-    forget them (the next private ask draws a new set) and return the ones forgotten."""
+def guards(settings: NodeSettings, *, reset: bool = False) -> list[Guard]:
+    """The asker's guards (guards.py) for the swarm of these trackers, held in this home, in their order
+    of preference; with `reset`, forget them (the next private ask draws a new set) and return them."""
+    from .guards import swarm_key
     from .store import Store
 
-    store = Store.open(home)
+    swarm = swarm_key(settings.trackers)
+    store = Store.open(settings.home)
     try:
-        held = store.guards()
+        held = store.guards(swarm)
         if reset:
-            store.drop_guards()
+            store.drop_guards(swarm)
         return held
     finally:
         store.close()

@@ -6,7 +6,8 @@ every link has the same size, so nothing in the cells tells a hop its position; 
 predecessor, its successor and the circuit id of each of its two links, and the asker picks every
 circuit id at random, so no identifier is the same on two links. A hop can still usually infer its
 position from its neighbours: the first hop's predecessor is in no peer record (a throwaway link key
-from an unlisted address), and the last relay's successor is a listed seed (THREAT_MODEL.md §3).
+made for that one circuit, from an unlisted address), the last relay's successor is a listed seed, and
+a middle relay's neighbours are both listed relays (THREAT_MODEL.md §3.1).
 
 Handshake (ntor, after Tor's spec; protocol id `gtorrent/onion/v2/ntor`): the asker sends an ephemeral
 X25519 key X and names the hop's onion key B it used (from the hop's signed record); the hop answers

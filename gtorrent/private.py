@@ -59,13 +59,13 @@ from .asker import (
     run_attempts,
 )
 from .circuit import CircuitClient, CircuitError
-from .discovery import Discovery, discover
+from .discovery import discover
 from .errors import GtorrentError, UsageError
 from .garlic import ASK_ID_BYTES, REPLY_KEY_BYTES, GarlicError, ReplyAssembler, clove_payloads, transcript
-from .guards import Guard, choose_guards, expired, held_limit, rotation_time, set_size
+from .guards import Guard, choose_guards, expired, rotation_time, set_size, swarm_key
 from .identity import b64, short_id, unb64, verify_signature
 from .onion import DATA, forward_capacity
-from .protocol import PeerRecord
+from .protocol import PeerRecord, ProtocolError
 from .routing import (
     DEFAULT_MIN_HOPS,
     ONE_HOP_HINT,
@@ -78,7 +78,7 @@ from .routing import (
 )
 from .sida import split
 from .store import Store
-from .transport import Context, TransportError
+from .transport import Connection, Context, TransportError
 
 DEFAULT_PATHS = 4
 DEFAULT_HOPS = 3
@@ -88,74 +88,99 @@ BUILD_ROUNDS = 3  # a path that fails to build is replaced at most twice within 
 RESOLVE_TIMEOUT_S = 2.0  # per host name in a record, all resolved at once
 BREAK_SETTLE_S = 1.0  # after too many paths broke: how long to wait to see whether all of them do
 RELAY_SAMPLE = 1000  # relays an asker lists (a uniform sample, paged): the pool paths and guards come from
-GUARD_LOOKUP_IDS = 16  # guards looked up per tracker query (the query's `peers` limit)
+GUARD_HELLO_TIMEOUT_S = 2.0  # a guard that does not answer `hello` in this long is silent for this ask
+GUARD_CANDIDATES = 2  # candidates confirmed per guard wanted (copies and dead relays fail the hello) ...
+GUARD_ROUNDS = 6  # ... in at most this many rounds
 
 
 @dataclass
 class RelayView:
-    """The relays an ask may use now: trusted relays listed, their listing ages, and the asker's guards."""
+    """The relays an ask may use now: trusted relays listed, their listing ages, and the asker's guards
+    that answered (their fresh records), in order of preference (None: no guards, any first hop)."""
 
     relays: list[PeerRecord]
     listed_s: dict[str, float]
     guards: list[PeerRecord] | None
 
 
-async def _lookup(ctx: Context, trackers: list[str], peer_ids: list[str]) -> Discovery | None:
-    """These relays' current records (in batches of GUARD_LOOKUP_IDS), or None when no tracker answered."""
-    batches = [peer_ids[i : i + GUARD_LOOKUP_IDS] for i in range(0, len(peer_ids), GUARD_LOOKUP_IDS)]
+async def _hello(ctx: Context, record: PeerRecord, timeout_s: float) -> PeerRecord | None:
+    """The record a relay answers about itself over CurveZMQ under the key `record` names, if it is the
+    same peer with the same keys and not stopped; else None (silent, a copy, or a liar)."""
     try:
-        found = await asyncio.gather(*(discover(ctx, trackers, role="relay", peers=batch) for batch in batches))
-    except GtorrentError:
+        async with Connection(ctx, record.endpoint, server_key=record.curve_key, name=f"guard {record.endpoint}") as conn:
+            reply = await conn.request("hello", {}, frozenset({"hello_ok"}), timeout_s)
+        answered = PeerRecord.from_wire(reply["record"])
+    except (GtorrentError, ProtocolError, KeyError, TypeError, ValueError):
         return None
-    merged = Discovery()
-    for one in found:
-        merged.records.update(one.records)
-        merged.listed_s.update(one.listed_s)
-    return merged
+    same = answered.peer_id == record.peer_id and answered.curve_key == record.curve_key
+    if not same or answered.stopped or answered.expires <= time.time() or "relay" not in answered.roles:
+        return None
+    return answered
+
+
+async def confirm(ctx: Context, records: list[PeerRecord], timeout_s: float = GUARD_HELLO_TIMEOUT_S) -> dict[str, PeerRecord]:
+    """The records of these relays that answered `hello` as themselves, by peer id (all asked at once)."""
+    answers = await asyncio.gather(*(_hello(ctx, r, timeout_s) for r in records))
+    return {r.peer_id: a for r, a in zip(records, answers, strict=True) if a is not None}
 
 
 async def relay_view(
     ctx: Context, trackers: list[str], store: Store, rules: RelayRules, *, paths: int, use_guards: bool = True,
     rng: random.Random | None = None,
 ) -> RelayView:
-    """List relays (a uniform sample of up to RELAY_SAMPLE) and the asker's guards; keep the guard set
-    (guards.py): drop guards due for rotation or gone, note which are listed, and top the set up from
-    the relays listed now when fewer than wanted are listed."""
+    """List relays (a uniform sample of up to RELAY_SAMPLE, with their listing ages) and keep the
+    asker's guard set of this swarm (guards.py): confirm the guards held by asking each of them, drop
+    those due for rotation or gone, and draw new ones when the set is short, each confirmed the same
+    way before it is added."""
     rng = rng or secrets.SystemRandom()
     now = time.time()
-    held: list[Guard] = []
-    if use_guards:
-        held = store.guards()
-        stale = [g.peer_id for g in held if expired(g, now)]
-        if stale:
-            store.drop_guards(stale)
-            held = [g for g in held if g.peer_id not in stale]
-    relays_found, guards_found = await asyncio.gather(
-        discover(ctx, trackers, role="relay", want=RELAY_SAMPLE),
-        _lookup(ctx, trackers, [g.peer_id for g in held]) if held else asyncio.sleep(0, None),
+    swarm = swarm_key(trackers)
+    held = store.guards(swarm) if use_guards else []
+    found, answered = await asyncio.gather(
+        discover(ctx, trackers, role="relay", want=RELAY_SAMPLE), confirm(ctx, [g.record for g in held])
     )
-    store.saw_peers(relays_found.records.values())
-    listed = dict(relays_found.records)
-    listed_s = dict(relays_found.listed_s)
-    if guards_found is not None:  # a failed lookup marks nothing: a tracker outage must not cost guards
-        store.update_guards(guards_found.records.values(), [g.peer_id for g in held if g.peer_id not in guards_found.records])
-        listed.update(guards_found.records)
-        for peer_id, age in guards_found.listed_s.items():  # the smallest age any tracker gave, as in discover
-            listed_s[peer_id] = min(age, listed_s.get(peer_id, age))
-    relays = [r for r in listed.values() if store.standing(r.peer_id).trusted]
+    store.saw_peers(found.records.values())
+    relays = [r for r in found.records.values() if store.standing(r.peer_id).trusted]
     if not use_guards:
-        return RelayView(relays, listed_s, None)
+        return RelayView(relays, dict(found.listed_s), None)
+    if held:
+        store.update_guards(swarm, answered.values(), [g.peer_id for g in held if g.peer_id not in answered], now)
+        # after the hellos: a guard that answered now is not gone, however long it was silent before
+        stale = [g.peer_id for g in store.guards(swarm) if expired(g, now)]
+        if stale:
+            store.drop_guards(swarm, stale)
+        held = store.guards(swarm)
     size = set_size(paths)
-    on_list = [g for g in held if guards_found is None or g.peer_id in guards_found.records]
-    if len(on_list) < size:  # guards left, or are not in this swarm (first ask, other trackers): top up
-        new = choose_guards([r for r in relays if r.peer_id not in {g.peer_id for g in held}],
-                            [g.record for g in on_list], size, rng, listed_s=listed_s, rules=rules)
-        store.add_guards([Guard(r, now, rotation_time(now, rng)) for r in new], limit=held_limit(paths))
-        held = store.guards()  # asks at once on one home may each have added some: the store decides
-    # in the order chosen, the ones listed and trusted now: the planner takes first hops from the front
-    trusted = {r.peer_id: r for r in relays}
-    usable = [trusted[g.peer_id] for g in held if g.peer_id in trusted]
-    return RelayView(relays, listed_s, usable)
+    if len(held) < size:  # the first private ask in this swarm, or guards left: draw, confirm, add
+        first_seen = store.first_seen()
+
+        def seniority(record: PeerRecord) -> float:  # of conflicting records, the one seen first
+            return first_seen.get(record.peer_id, float("inf"))
+
+        chosen: list[PeerRecord] = []
+        refused: set[str] = {g.peer_id for g in held}
+        for _ in range(GUARD_ROUNDS):  # a candidate that does not answer as itself (dead, or a copy) is
+            need = size - len(held) - len(chosen)  # passed over, and the next round may keep the real one
+            if need <= 0:
+                break
+            candidates = choose_guards(
+                [r for r in relays if r.peer_id not in refused], [*(g.record for g in held), *chosen],
+                len(held) + len(chosen) + GUARD_CANDIDATES * need, rng, listed_s=found.listed_s, rules=rules,
+                seniority=seniority,
+            )
+            if not candidates:
+                break
+            fresh = await confirm(ctx, candidates)
+            answered.update(fresh)
+            refused |= {r.peer_id for r in candidates}
+            chosen += [fresh[r.peer_id] for r in candidates if r.peer_id in fresh][:need]
+        store.add_guards(swarm, [Guard(r, now, rotation_time(now, rng)) for r in chosen], limit=size)
+        held = store.guards(swarm)  # asks at once on one home may each have added some: the store decides
+    # in the order chosen, those that answered now and are trusted: the planner takes first hops from the front
+    usable = [answered[g.peer_id] for g in held if g.peer_id in answered and store.standing(g.peer_id).trusted]
+    # a guard that did not answer just now is left out of this ask altogether, middle hops included
+    left_out = {r.peer_id for r in usable} | {g.peer_id for g in held if g.peer_id not in answered}
+    return RelayView([*(r for r in relays if r.peer_id not in left_out), *usable], dict(found.listed_s), usable)
 
 
 @dataclass

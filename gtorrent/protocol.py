@@ -116,6 +116,7 @@ class Field:
     max_len: int | None = None  # for str, list and dict
     minimum: float | None = None
     maximum: float | None = None
+    items: Field | None = None  # for lists: what every element must be
 
 
 def _check_schema(kind: str, body: dict[str, Any]) -> None:
@@ -146,6 +147,9 @@ def _check_value(where: str, value: Any, spec: Field) -> None:
             raise ProtocolError(f"{where}: below {spec.minimum}")
         if spec.maximum is not None and value > spec.maximum:
             raise ProtocolError(f"{where}: above {spec.maximum}")
+    if spec.items is not None and isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_value(f"{where}[{index}]", item, spec.items)
 
 
 NUMBER = (int, float)
@@ -160,7 +164,8 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "pow_bits": Field(int, required=False, minimum=0, maximum=64),  # work asked of new identities (pow.py)
     },
     "announce": {"record": Field(dict, max_len=32)},
-    "announce_ok": {"interval_s": Field(NUMBER, minimum=0), "peers": Field(int, minimum=0)},
+    # every number a tracker sends is bounded: a client must never meet one it cannot turn into a float
+    "announce_ok": {"interval_s": Field(NUMBER, minimum=0, maximum=86_400), "peers": Field(int, minimum=0, maximum=1 << 32)},
     "query": {
         "model": Field(str, required=False, max_len=128),
         "role": Field(str, required=False, max_len=16),
@@ -173,9 +178,10 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "peers": {
         "records": Field(list, max_len=1000),
         # sent when the query carried `sample`:
-        "listed_s": Field(list, required=False, max_len=1000),  # per record: seconds continuously listed
-        "total": Field(int, required=False, minimum=0),  # records matching in all
-        "next": Field(int, required=False, minimum=0),  # offset of the next page; absent: none left
+        # per record: seconds continuously listed (at most ~317 years)
+        "listed_s": Field(list, required=False, max_len=1000, items=Field(NUMBER, minimum=0, maximum=1e10)),
+        "total": Field(int, required=False, minimum=0, maximum=1 << 32),  # records matching in all
+        "next": Field(int, required=False, minimum=0, maximum=1 << 32),  # offset of the next page; absent: none left
     },
     "error": {"code": Field(str, max_len=64), "message": Field(str, max_len=1024), "id": Field(str, required=False, max_len=64)},
     # seed

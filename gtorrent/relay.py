@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ from .onion import (
     unpack_payload,
 )
 from .onionkeys import OnionKeyRing
-from .protocol import Message, ProtocolError
+from .protocol import Message, PeerRecord, ProtocolError
+from .routing import public_host
 from .transport import Connection, Context, Reply, Server, TransportError, throwaway_curve_keys
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ MAINTAIN_INTERVAL_S = 10.0  # idle expiry, onion key rotation, directory refresh
 LINK_RECONNECT_S = (0.5, 2.0)
 LINK_BURST = 32  # new next-hop links a relay may open at once ...
 LINK_RATE_PER_S = 4.0  # ... and per second after that (links are shared by circuits and kept while used)
+RESOLVE_TIMEOUT_S = 2.0  # a host name in an EXTEND
+RECORD_CACHE_S = 10.0  # a `hello` answer is re-signed at most this often (floods cost no signatures)
 
 
 class TokenBucket:
@@ -191,6 +195,13 @@ class RelayService:
         self.link_bucket = link_bucket if link_bucket is not None else TokenBucket(LINK_RATE_PER_S, LINK_BURST)
         self.on_rotate: Callable[[], Awaitable[object]] | None = None  # re-announce the new onion key
         self.on_close: Callable[[Circuit], None] | None = None  # the terminal frees what it held for a circuit
+        # this relay's own endpoint, set by the node: a relay at a global address extends only to global
+        # addresses (unset, or at a loopback/private address: a test or LAN swarm, where any address goes)
+        self.own_endpoint: Callable[[], str] | None = None
+        # this relay's current signed record, set by the node: answered to `hello` (an asker confirming its
+        # guard directly, so that no tracker learns which relays are its guards)
+        self.own_record: Callable[[], PeerRecord] | None = None
+        self._record_cache: tuple[float, dict[str, Any]] | None = None
         self.circuits: dict[tuple[bytes, int], Circuit] = {}
         self.links: dict[tuple[str, bytes], _Link] = {}
         self.replays = ReplayCache(ttl_s=CREATE_WINDOW_S + 2 * CLOCK_SKEW_S)
@@ -293,12 +304,54 @@ class RelayService:
         if not self.link_bucket.take():
             self.counters["links_rate_limited"] += 1
             raise OnionError("too many new next-hop links; try again later")
+        address = await self._checked_address(extend.endpoint)
+        link = self.links.get(target)  # another circuit may have opened it while we resolved
+        if link is not None:
+            return link
         try:
-            link = _Link(self, *target)
+            link = _Link(self, address, extend.curve_key)
         except Exception as exc:  # noqa: BLE001 - a bad endpoint from an asker must not hurt the relay
             raise OnionError(f"cannot reach next hop {extend.endpoint}") from exc
         self.links[target] = link
         return link
+
+    async def _checked_address(self, endpoint: str) -> str:
+        """Where to connect for an EXTEND to `endpoint`. A relay at a global address extends only to global
+        addresses, like Tor's ExtendAllowPrivateAddresses 0: a record at a loopback or private address
+        would otherwise make this relay connect to itself or its LAN (one machine standing for many hops,
+        or a scan of the relay's network). A host name is resolved here, checked, and its address used
+        for the connection, so DNS cannot answer one address to the check and another to the connect."""
+        own = self.own_endpoint() if self.own_endpoint is not None else None
+        if own is None or public_host(own.split("://", 1)[-1].rpartition(":")[0]) is not True:
+            return endpoint
+        host, _, port = endpoint.split("://", 1)[-1].rpartition(":")
+        public = public_host(host)
+        if public is True:
+            return endpoint
+        if public is False:
+            self.counters["extend_refused"] += 1
+            raise OnionError(f"EXTEND to {endpoint}: not a global address")
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_S
+            )
+        except (OSError, TimeoutError, UnicodeError) as exc:
+            raise OnionError(f"EXTEND to {endpoint}: the name does not resolve") from exc
+        addresses = [str(info[4][0]) for info in infos]
+        if not addresses or not all(public_host(a) is True for a in addresses):
+            self.counters["extend_refused"] += 1
+            raise OnionError(f"EXTEND to {endpoint}: the name leads to an address that is not global")
+        first = addresses[0]
+        return f"tcp://[{first}]:{port}" if ":" in first else f"tcp://{first}:{port}"
+
+    def hello_record(self) -> dict[str, Any] | None:
+        """This relay's current record for `hello` (re-signed at most every RECORD_CACHE_S)."""
+        if self.own_record is None:
+            return None
+        now = time.monotonic()
+        if self._record_cache is None or now - self._record_cache[0] > RECORD_CACHE_S:
+            self._record_cache = (now, self.own_record().to_wire())
+        return self._record_cache[1]
 
     async def _extend(self, circuit: Circuit, data: bytes) -> None:
         extend = Extend.unpack(data)
@@ -419,7 +472,11 @@ async def serve_relay(
     async def dispatch(reply: Reply, message: Message) -> None:
         if message.kind in CIRCUIT_KINDS:
             await service.handle(reply, message)
+        elif message.kind == "hello":
+            record = service.hello_record()
+            if record is not None:
+                await reply.send("hello_ok", {"record": record})
         elif other is not None:
             await other(reply, message)
 
-    await server.serve(dispatch, CIRCUIT_KINDS | other_kinds)
+    await server.serve(dispatch, CIRCUIT_KINDS | other_kinds | {"hello"})

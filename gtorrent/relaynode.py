@@ -43,6 +43,8 @@ class RelayNode:
         )
         self.announcer = Announcer(ctx, trackers, self.record, RECORD_TTL_S / 3)
         self.relay.on_rotate = self.announcer.announce  # the new key is announced at once
+        self.relay.own_endpoint = lambda: self.server.endpoint
+        self.relay.own_record = self.record
         self.tasks: list[asyncio.Task[None]] = []
 
     @property

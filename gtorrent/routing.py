@@ -31,8 +31,12 @@ Sybil friction (`RelayRules`, in the manner of Tor's relay flags; what each buys
   discovery.Discovery.listed_s); an age nobody reported counts as 0;
 - no two relays of one path, nor a relay and the seed, share a network (an IPv4 /16 or an IPv6 /32;
   `network_of`), so one address block buys at most one hop of a path;
-- both are lifted when the whole swarm is on one host (every relay and the seed on loopback): loopback
-  endpoints reach only processes of the asker's own machine, and there every address is one network.
+- and, with that rule, only relays at global addresses: a loopback, private or link-local address
+  leads to a different machine from every hop (often the hop's own), so one machine could announce
+  itself under several such addresses and fill a path; relays refuse such EXTENDs too (relay.py);
+- all of these are lifted when the whole swarm is on one host (every relay and the seed on loopback):
+  loopback endpoints reach only processes of the asker's own machine, where every address is one
+  network; `--allow-same-network` lifts the network rules for a swarm on one LAN.
 
 Guards: given `guards` (guards.py), every path's first hop is one of them, so repeated asks do not keep
 redrawing the relay that sees the asker. They are taken in the order given (the asker's preference);
@@ -56,7 +60,7 @@ DEFAULT_MIN_HOPS = 2  # below this one relay sees both the asker and the seed
 ONE_HOP_HINT = "pass --allow-one-hop to accept one-hop paths (one relay then sees both you and the seed)"
 DEFAULT_MIN_RELAY_AGE_S = 1800.0  # a new identity waits this long before it carries private asks
 LOOPBACK = "loopback"
-NAMED = "names"  # host names not tied to one network (network_of)
+NAMED = "names"  # every host name: one network among them (network_of)
 
 
 @dataclass(frozen=True)
@@ -128,14 +132,33 @@ def host_of(endpoint: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _network_of_host(host: str) -> str | None:
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: an IPv4 address in the last 32 bits
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address a host literal names, with an IPv4 address carried inside an IPv6 one unwrapped
+    (IPv4-mapped, 6to4, Teredo, NAT64): the same machine must not pass for two networks."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.sixtofour is not None:
+            return address.sixtofour
+        if address.teredo is not None:
+            return address.teredo[1]  # the client's address
+        if address in NAT64_PREFIX:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _network_of_host(host: str) -> str | None:
+    address = _address(host)
+    if address is None:
+        return None
     if address.is_loopback or address.is_unspecified:
         return LOOPBACK
     prefix = 16 if address.version == 4 else 32
@@ -143,20 +166,37 @@ def _network_of_host(host: str) -> str | None:
 
 
 def network_of(record: PeerRecord, aliases: Aliases | None = None) -> str:
-    """The network a record's endpoint is in: its IPv4 /16 or IPv6 /32, or `loopback`. A host name is
-    in the one network all its resolved addresses are in; a name that resolved to several networks, or
-    to none, is in NAMED: the asker cannot tell which address a connection will use, and a name whose
-    addresses it chose must not let one machine pass for many networks (so such relays, one per path)."""
-    endpoint = normalise_endpoint(record.endpoint)
-    host = endpoint.rpartition(":")[0]
+    """The network a record's endpoint is in: its IPv4 /16 or IPv6 /32, or `loopback`. Every host name is
+    in NAMED: which address a name leads to is decided by whoever resolves it when connecting (the
+    previous hop, at EXTEND time), not by the asker's own lookup, so a name's owner could show the asker
+    one network and the hop another (split-horizon DNS, rebinding). Named relays: one per path."""
+    host = normalise_endpoint(record.endpoint).rpartition(":")[0]
     if host == LOOPBACK:
         return LOOPBACK
     network = _network_of_host(host)
-    if network is not None:
-        return network
-    resolved = {n for alias in (aliases or {}).get(endpoint, frozenset())
-                if (n := _network_of_host(alias.rpartition(":")[0])) is not None}
-    return resolved.pop() if len(resolved) == 1 else NAMED
+    return network if network is not None else NAMED
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def public_host(host: str) -> bool | None:
+    """Whether an IP literal is a global address (an IPv4 one inside IPv6 unwrapped); None for a name."""
+    address = _address(host.strip("[]"))
+    return None if address is None else address.is_global
+
+
+def is_public(record: PeerRecord, aliases: Aliases | None = None) -> bool:
+    """True when the record's endpoint is a global address (or a host name whose every resolved address
+    is): loopback, private, link-local, shared and reserved addresses lead somewhere else on every
+    machine, so outside a swarm on one host or one LAN they may be any machine's own (or its LAN's)."""
+    endpoint = normalise_endpoint(record.endpoint)
+    host = endpoint.rpartition(":")[0]
+    if host == LOOPBACK:
+        return False
+    public = public_host(host)
+    if public is not None:
+        return public
+    resolved = (aliases or {}).get(endpoint, frozenset())
+    return all(public_host(alias.rpartition(":")[0]) for alias in resolved)
 
 
 def one_host(records: list[PeerRecord], aliases: Aliases | None = None) -> bool:
@@ -275,18 +315,35 @@ def plan_paths(
         raise PrivacyError(f"--paths {paths} / --hops {hops} with k={k}: need 1 <= k <= paths and hops >= 1")
     if hops < min_hops:
         raise PrivacyError(f"paths of {hops} hop(s) are below the floor of {min_hops}", hint=ONE_HOP_HINT)
+    if guards is not None:  # confirmed by the guards themselves: they win every conflict with a copy
+        confirmed, before = {g.peer_id for g in guards}, seniority
+
+        def seniority(record: PeerRecord) -> float:
+            if record.peer_id in confirmed:
+                return float("-inf")
+            return before(record) if before is not None else 0.0
+
     nodes = candidate_records(relays, target=target, exclude=exclude, rng=rng, seniority=seniority, aliases=aliases)
     local = one_host([*nodes, *([target] if target is not None else [])], aliases)
     why: list[str] = []  # what, besides their number, limits the relays (for the error)
     hints: list[str] = []
+    distinct = rules.distinct_networks and not local
+    if distinct:  # a swarm spread over networks: an address that is not global may be anyone's own
+        hidden = [r for r in nodes if not is_public(r, aliases)]
+        if hidden:
+            nodes = [r for r in nodes if is_public(r, aliases)]
+            why.append(f"{len(hidden)} more at loopback or private addresses")
+    guard_ids = {g.peer_id for g in guards or []}
     if not local and rules.min_age_s > 0:
+        # guards passed the age rule when they were chosen (guards.py); they are confirmed by the
+        # guards themselves, not listed, so they have no listing age here
         ages = listed_s or {}
-        young = [r for r in nodes if ages.get(r.peer_id, 0.0) < rules.min_age_s]
+        young = [r for r in nodes if r.peer_id not in guard_ids and ages.get(r.peer_id, 0.0) < rules.min_age_s]
         if young:
-            nodes = [r for r in nodes if ages.get(r.peer_id, 0.0) >= rules.min_age_s]
+            held = {r.peer_id for r in young}
+            nodes = [r for r in nodes if r.peer_id not in held]
             why.append(f"{len(young)} more listed for less than {rules.min_age_s:g} s")
             hints.append("new relays are used once listed for a while; --min-relay-age SECONDS lowers the wait")
-    distinct = rules.distinct_networks and not local
 
     networks: dict[str, str] = {}
 

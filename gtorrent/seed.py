@@ -195,6 +195,8 @@ class SeedService:
         self.relay = RelayService(identity, self.ctx, terminal=self.terminal, directory=PeerDirectory(self.ctx, trackers))
         self.relay.on_rotate = self.announcer.announce
         self.relay.on_close = self._circuit_closed
+        self.relay.own_endpoint = lambda: self.server.endpoint
+        self.relay.own_record = lambda: self.record()
         # circuits whose clove is still arriving, oldest first, with the bytes their pieces hold: bounded
         # in all (MAX_PARTIAL_CLOVE_BYTES), the oldest cut first, so circuits that never finish a clove
         # push out each other, not the honest ones whose cloves complete within a moment

@@ -83,9 +83,12 @@ def m002_verdicts(db: Database) -> None:
 
 @migrations()
 def m003_guards(db: Database) -> None:
+    # one guard set per swarm (the trackers an ask uses, guards.swarm_key): guards of one swarm mean
+    # nothing in another, and moving between swarms must not push guards out
     db.table("guards").create(
-        {"peer_id": str, "record": str, "chosen_at": float, "rotate_at": float, "unlisted_since": float},
-        pk="peer_id",
+        {"swarm": str, "peer_id": str, "record": str, "chosen_at": float, "rotate_at": float,
+         "unreachable_since": float},
+        pk=("swarm", "peer_id"),
     )
 
 
@@ -239,53 +242,52 @@ class Store:
             )
         )
 
-    def add_guards(self, guards: Iterable[Guard], limit: int) -> None:
-        """Add these guards, keeping at most `limit`: to make room, guards no tracker lists go first
-        (the longest unlisted first); listed ones are never pushed out.
+    def add_guards(self, swarm: str, guards: Iterable[Guard], limit: int) -> None:
+        """Add these guards to the swarm's set while it holds fewer than `limit`.
 
         Counted inside the write transaction: asks running at once on one home may each have chosen
         guards, and together they never take the set beyond `limit`."""
-        rows = [(g.peer_id, json.dumps(g.record.to_wire()), g.chosen_at, g.rotate_at) for g in guards]
+        rows = [(swarm, g.peer_id, json.dumps(g.record.to_wire()), g.chosen_at, g.rotate_at) for g in guards]
 
         def body() -> None:
             conn = self.db.conn
-            rows_new = [row for row in rows if not conn.execute("select 1 from guards where peer_id = ?", row[:1]).fetchone()]
-            (held,) = conn.execute("select count(*) from guards").fetchone()
-            over = int(held) + len(rows_new) - limit
-            if over > 0:
-                conn.execute("delete from guards where peer_id in (select peer_id from guards where unlisted_since is "
-                             "not null order by unlisted_since limit ?)", (over,))
-                (held,) = conn.execute("select count(*) from guards").fetchone()
-            for row in rows_new[: max(limit - int(held), 0)]:
-                conn.execute("insert into guards (peer_id, record, chosen_at, rotate_at, unlisted_since) "
-                             "values (?, ?, ?, ?, null)", row)
+            (held,) = conn.execute("select count(*) from guards where swarm = ?", (swarm,)).fetchone()
+            room = limit - int(held)
+            for row in rows:
+                if room <= 0:
+                    break
+                added = conn.execute("insert or ignore into guards (swarm, peer_id, record, chosen_at, rotate_at, "
+                                     "unreachable_since) values (?, ?, ?, ?, ?, null)", row).rowcount
+                room -= added
 
         if rows:
             self._write(body)
 
-    def update_guards(self, listed: Iterable[PeerRecord], unlisted: Iterable[str], now: float | None = None) -> None:
-        """Record which guards the trackers list now (their current records) and which they do not."""
+    def update_guards(self, swarm: str, answered: Iterable[PeerRecord], silent: Iterable[str],
+                      now: float | None = None) -> None:
+        """Record which guards answered just now (with the record each sent) and which did not."""
         now = time.time() if now is None else now
-        seen = [(json.dumps(r.to_wire()), r.peer_id) for r in listed]
-        gone = [(now, peer_id) for peer_id in unlisted]
+        seen = [(json.dumps(r.to_wire()), swarm, r.peer_id) for r in answered]
+        gone = [(now, swarm, peer_id) for peer_id in silent]
 
         def body() -> None:
             conn = self.db.conn
-            conn.executemany("update guards set record = ?, unlisted_since = null where peer_id = ?", seen)
-            conn.executemany("update guards set unlisted_since = coalesce(unlisted_since, ?) where peer_id = ?", gone)
+            conn.executemany("update guards set record = ?, unreachable_since = null where swarm = ? and peer_id = ?", seen)
+            conn.executemany("update guards set unreachable_since = coalesce(unreachable_since, ?) "
+                             "where swarm = ? and peer_id = ?", gone)
 
         if seen or gone:
             self._write(body)
 
-    def drop_guards(self, peer_ids: Iterable[str] | None = None) -> None:
-        """Forget these guards (all of them when None: `gtorrent guards --reset`)."""
-        ids = None if peer_ids is None else [(p,) for p in peer_ids]
+    def drop_guards(self, swarm: str, peer_ids: Iterable[str] | None = None) -> None:
+        """Forget these guards of the swarm (all of them when None: `gtorrent guards --reset`)."""
+        ids = None if peer_ids is None else [(swarm, p) for p in peer_ids]
 
         def body() -> None:
             if ids is None:
-                self.db.conn.execute("delete from guards")
+                self.db.conn.execute("delete from guards where swarm = ?", (swarm,))
             else:
-                self.db.conn.executemany("delete from guards where peer_id = ?", ids)
+                self.db.conn.executemany("delete from guards where swarm = ? and peer_id = ?", ids)
 
         self._write(body)
 
@@ -307,12 +309,13 @@ class Store:
         return records
 
     @_guarded
-    def guards(self) -> list[Guard]:
-        """The guards held in the order chosen (the order of preference: a batch is inserted in its random
-        draw order, never by peer id, which anyone can grind); records re-verified."""
+    def guards(self, swarm: str) -> list[Guard]:
+        """The swarm's guards in the order chosen (the order of preference: a batch is inserted in its
+        random draw order, never by peer id, which anyone can grind); records re-verified."""
         held = []
         for row in self.db.execute(
-            "select record, chosen_at, rotate_at, unlisted_since from guards order by chosen_at, rowid"
+            "select record, chosen_at, rotate_at, unreachable_since from guards where swarm = ? order by chosen_at, rowid",
+            (swarm,),
         ).fetchall():
             try:
                 record = PeerRecord.from_wire(json.loads(row[0]))

@@ -7,7 +7,8 @@ Rules (`TrackerTable`, pure over an injected clock):
   (its tombstone keeps the sequence until the record would have expired);
 - `stopped` removes the peer; expired records are forgotten;
 - each live entry remembers `listed_since` (tracker clock): when its current continuous listing began.
-  A refresh of a live record keeps it; a peer that was new, expired or had stopped starts again at now;
+  A refresh of a live record keeps it, unless it announces another endpoint or CurveZMQ key (the onion
+  key may rotate); a peer that was new, expired, had stopped, or moved starts again at now;
 - answers are unsteerable: `query` is a fresh uniform sample, and `page` orders the matching records by
   blake2b(peer id, key=sample), where `sample` is a key the client chooses per listing and no peer
   knows; so neither a ground peer id nor a claimed load buys a place, and pages of one listing (one
@@ -234,6 +235,11 @@ class TrackerTable:
         # a listing is continuous only while a live record is refreshed: a new peer, one whose record
         # expired and one that had stopped (a tombstone) all start again now
         listed = known is not None and known.record is not None and known.expires > now
+        # ... and so does one that moved (another endpoint) or changed its link key: the age vouches for
+        # a relay at an address, not for an identity whatever it points at. The onion key is not
+        # compared: it rotates every hour by design.
+        if listed and known is not None and known.record is not None and not record.stopped:
+            listed = (known.record.endpoint, known.record.curve_key) == (record.endpoint, record.curve_key)
         since = known.listed_since if listed and known is not None else now
         self._set(record.peer_id, _Entry(None if record.stopped else record, record.seq, expires, since, proven))
 

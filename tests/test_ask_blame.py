@@ -174,8 +174,10 @@ async def test_paths_that_fall_silent_while_others_answer_blame_their_relays_not
 
     store = Store.open(tmp_path)
     timeouts = AskTimeouts(accept_s=3.0, first_token_s=5.0, between_tokens_s=5.0)
+    # use_guards=False: the relays of two of four paths become suspects, and with guards the retry would
+    # need spare guards outside them (tests/test_guards.py covers guards under failures)
     result = await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=8), store,
-                               AskEvents(on_route=on_route), timeouts)
+                               AskEvents(on_route=on_route), timeouts, use_guards=False)
     assert dropped and result.attempts == 2 and result.seed == seed_id
     assert "went silent" in result.failures[0]["reason"]
     assert result.text == swarm.local(8)
@@ -307,7 +309,10 @@ async def test_a_retry_plans_with_the_relays_fresh_records(
 
     monkeypatch.setattr(private, "build_paths", rotate_then_build)
     store = Store.open(tmp_path)
-    result = await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=8), store)
+    # use_guards=False: every first hop's CREATE is refused here, which makes suspects of all the guards
+    # a first attempt can use (guards are confirmed afresh before each ask, so this takes a rotation with
+    # no grace between that and the CREATE)
+    result = await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=8), store, use_guards=False)
     # the first attempt held the old records (every CREATE refused); the retry took the new ones
     assert result.attempts == 2 and result.text == swarm.local(8)
     first, retry = spy.attempt_plans()[:2]

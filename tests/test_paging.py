@@ -9,6 +9,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 
 from gtorrent.discovery import Discovery, TrackerClient, discover, listing_ages, max_pages
 from gtorrent.identity import Identity
-from gtorrent.protocol import Message, ModelInfo, PeerRecord
+from gtorrent.protocol import RECORD_LABEL, Message, ModelInfo, PeerRecord, canonical
 from gtorrent.tracker import (
     MAX_QUERY_LIMIT,
     TrackerDatabase,
@@ -167,6 +168,36 @@ def test_listing_age_continues_through_refreshes_and_restarts_after_stop_and_exp
     table.accept(relay(peer, seq=11, expires=now[0] + 90))
     assert table.listed_since(peer.peer_id) == now[0]
     assert table.listed_since(other.peer_id) == NOW  # the other peer was never interrupted
+
+
+def resigned(identity: Identity, record: PeerRecord, **changes: Any) -> PeerRecord:
+    """The record with these fields changed, signed again by its identity."""
+    changed = replace(record, **changes)
+    return replace(changed, signature=identity.sign(RECORD_LABEL + canonical(changed.unsigned_wire())))
+
+
+def test_listing_age_restarts_when_the_endpoint_or_link_key_changes_but_not_the_onion_key() -> None:
+    """The age vouches for a relay at an address with a link key: one that moves (or swaps its CurveZMQ
+    key) is listed anew; the onion key rotates every hour and keeps the age."""
+    now = [NOW]
+    table = TrackerTable(clock=lambda: now[0])
+    peer = Identity.generate()
+    table.accept(relay(peer, seq=1, expires=now[0] + 90))
+    now[0] += 30
+    table.accept(resigned(peer, relay(peer, seq=2, expires=now[0] + 90), onion_key=Identity.generate().onion_public))
+    assert table.listed_since(peer.peer_id) == NOW  # a rotated onion key: the same listing
+    now[0] += 30
+    table.accept(relay(peer, seq=3, expires=now[0] + 90, endpoint="tcp://10.9.9.9:7000"))
+    assert table.listed_since(peer.peer_id) == now[0]  # moved: listed from now
+    moved_at = now[0]
+    now[0] += 30
+    table.accept(relay(peer, seq=4, expires=now[0] + 90, endpoint="tcp://10.9.9.9:7000"))
+    assert table.listed_since(peer.peer_id) == moved_at  # refreshed where it now is: continuous
+    now[0] += 30
+    other_key = Identity.generate().curve_public
+    table.accept(resigned(peer, relay(peer, seq=5, expires=now[0] + 90, endpoint="tcp://10.9.9.9:7000"),
+                          curve_key=other_key))
+    assert table.listed_since(peer.peer_id) == now[0]  # another link key: listed from now
 
 
 def test_a_refused_announce_does_not_touch_the_listing_age() -> None:
@@ -349,7 +380,7 @@ class LyingTracker(TrackerService):
         elif self.mode == "fails":
             body = {"records": [r.to_wire() for r in self.lies[:2]], "next": 2, "listed_s": [5.0, 6.0]}
         else:  # the same records again at every next offset
-            body = {"records": [r.to_wire() for r in self.lies[:2]], "next": offset + 2, "listed_s": [-1, 5.0]}
+            body = {"records": [r.to_wire() for r in self.lies[:2]], "next": offset + 2, "listed_s": [5.0]}
         await reply.send("peers", body)
 
 
@@ -369,7 +400,7 @@ async def test_a_lying_tracker_cannot_keep_the_client_paging(ctx: Any, mode: str
             assert len(listing.records) == bound and set(listing.listed_s.values()) == {10**9}
         elif mode == "fails":  # the first page stands
             assert listing.listed_s == {lies[0].peer_id: 5.0, lies[1].peer_id: 6.0}
-        else:  # a list of the wrong length, or a negative age: every age of the page is 0
+        else:  # a list of the wrong length: every age of the page is 0 (a negative age breaks the schema)
             assert set(listing.listed_s.values()) == {0.0}
     finally:
         await running.stop()

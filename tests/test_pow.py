@@ -3,8 +3,11 @@ tracker table, the record field, and a real tracker and announcer over 127.0.0.1
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -194,11 +197,13 @@ async def test_the_announcer_solves_once_and_keeps_the_nonce_in_the_home(
 ) -> None:
     solves: list[int] = []
 
-    def counted(key: bytes, bits: int) -> bytes:
-        solves.append(bits)
-        return pow.solve(key, bits)
+    plain_solve = discovery.solve_until
 
-    monkeypatch.setattr(discovery, "solve", counted)
+    def counted(key: bytes, bits: int, cancel: Any) -> bytes | None:
+        solves.append(bits)
+        return plain_solve(key, bits, cancel)
+
+    monkeypatch.setattr(discovery, "solve_until", counted)
     plain = await start(None)
     strict = await start(None, pow_bits=BITS)
     trackers += [plain, strict]
@@ -277,3 +282,88 @@ async def test_a_tracker_process_with_pow_bits_refuses_bare_new_identities(ctx: 
         assert [r.peer_id for r in await client.query()] == [identity.peer_id]
     finally:
         assert proc.terminate() == 0
+
+
+def slow_solver(monkeypatch: pytest.MonkeyPatch, chunks: int | None) -> dict[str, Any]:
+    """Make every chunk of the announcer's solve take 50 ms (a solve of `chunks` chunks then the real
+    answer, or None: one that never ends), and note when the worker thread returns."""
+    state: dict[str, Any] = {"chunks": 0, "returned": threading.Event()}
+    plain_some, plain_until = discovery.solve_some, discovery.solve_until
+
+    def slow_some(key: bytes, bits: int, start: int, tries: int) -> bytes | None:
+        time.sleep(0.05)
+        state["chunks"] += 1
+        if chunks is None or state["chunks"] < chunks:
+            return None
+        return plain_some(key, bits, start, 1 << 24)
+
+    def until(key: bytes, bits: int, cancel: threading.Event) -> bytes | None:
+        try:
+            return plain_until(key, bits, cancel)
+        finally:
+            state["returned"].set()
+
+    monkeypatch.setattr(discovery, "solve_some", slow_some)
+    monkeypatch.setattr(discovery, "solve_until", until)
+    return state
+
+
+async def test_a_slow_proof_of_work_does_not_hold_back_other_trackers(
+    ctx: Any, trackers: list[Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the work one tracker asks takes 2 s, the other hears its re-announces every second; the
+    demanding tracker is announced to once the work is done, without waiting for the next round."""
+    slow_solver(monkeypatch, chunks=40)
+    plain, strict = await start(None), await start(None, pow_bits=BITS)
+    trackers += [plain, strict]
+    heard: list[float] = []
+    accept = plain.service.table.accept
+
+    def spy(record: PeerRecord) -> None:
+        accept(record)
+        heard.append(time.monotonic())
+
+    plain.service.table.accept = spy  # type: ignore[method-assign]
+    identity = Identity.generate()
+    announcer = Announcer(ctx, [plain.url, strict.url], lambda stopped: live(identity, stopped),
+                          max_interval_s=1.0, home=tmp_path / "home")
+    started = time.monotonic()
+    errors = await announcer.announce()
+    assert time.monotonic() - started < 1.5 and heard  # the plain tracker heard it at once
+    assert list(errors) == [strict.url] and "background" in errors[strict.url]
+    loop = asyncio.create_task(announcer.loop())
+    try:
+        strict_client = TrackerClient(ctx, strict.url)
+        deadline = time.monotonic() + 15
+        while not await strict_client.query():  # announced to right after the solve
+            assert time.monotonic() < deadline, "the demanding tracker never heard the announce"
+            await asyncio.sleep(0.05)
+        assert announcer.solved == 1 and strict.url not in announcer.errors
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    gaps = [b - a for a, b in itertools.pairwise(heard)]
+    assert len(heard) >= 2 and max(gaps) < 1.8, f"the plain tracker heard nothing for {max(gaps):.1f} s"
+    assert (await announcer.stop()) == {}
+
+
+async def test_stop_cancels_a_proof_of_work_under_way(
+    ctx: Any, trackers: list[Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = slow_solver(monkeypatch, chunks=None)  # a solve that would never end
+    plain, strict = await start(None), await start(None, pow_bits=BITS)
+    trackers += [plain, strict]
+    identity = Identity.generate()
+    announcer = Announcer(ctx, [plain.url, strict.url], lambda stopped: live(identity, stopped),
+                          home=tmp_path / "home")
+    assert list(await announcer.announce()) == [strict.url]
+    assert state["chunks"] > 0 and not state["returned"].is_set()  # solving in the background
+    started = time.monotonic()
+    errors = await announcer.stop()
+    assert time.monotonic() - started < 1.5
+    assert list(errors) == [strict.url] and "not listed" in errors[strict.url]  # nothing to withdraw there
+    assert not await TrackerClient(ctx, plain.url).query()  # the plain tracker heard the goodbye
+    deadline = time.monotonic() + 2
+    while not state["returned"].is_set():  # the worker thread gives up within a chunk
+        assert time.monotonic() < deadline, "the proof-of-work thread kept running after stop"
+        await asyncio.sleep(0.02)

@@ -90,6 +90,7 @@ class Swarm:
                                    onion_key=service.onion_public,
                                    expires=time.time() + 60, stopped=stopped)
 
+        service.own_record = lambda: record(False)  # answers an asker confirming it as a guard (`hello`)
         self.announcers[identity.peer_id] = Announcer(self.ctx, [self.url], record)
         await self.announcers[identity.peer_id].announce()
 

@@ -302,15 +302,54 @@ def test_network_of(endpoint: str, network: str) -> None:
     assert network_of(record) == network
 
 
-def test_a_host_name_is_in_the_network_it_resolved_to() -> None:
+def test_every_host_name_is_in_one_network() -> None:
+    """The hop that connects resolves a name itself, so the asker's own lookup cannot place it: names
+    that resolve (for the asker) to many networks still count as one, whatever they resolve to."""
     from gtorrent.routing import network_of
 
     record = replace(relay(9000), endpoint="tcp://relay.example.org:9000")
-    assert network_of(record, {"relay.example.org:9000": frozenset({"198.51.100.9:9000"})}) == "198.51.0.0/16"
-    # addresses in two networks: the asker cannot tell which one a connection uses, nor trust the
-    # name's owner to have chosen them honestly; such names share one network among them
-    two = frozenset({"198.51.100.9:9000", "203.0.113.9:9000"})
-    assert network_of(record, {"relay.example.org:9000": two}) == "names"
+    assert network_of(record, {"relay.example.org:9000": frozenset({"198.51.100.9:9000"})}) == "names"
+    seed = remote("198.51.7.7")
+    named = [replace(relay(9000), endpoint=f"tcp://r{i}.example.org:9000") for i in range(8)]
+    pool = [*named, *(remote(f"203.{n}.0.1") for n in range(12))]
+    aliases = {f"r{i}.example.org:9000": frozenset({f"{10 + i}.1.0.1:9000"}) for i in range(8)}
+    for draw in range(50):
+        plan = plan_paths(pool, exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True,
+                          rng=random.Random(draw), listed_s=aged(pool), aliases=aliases)
+        assert all(sum(r in named for r in path) <= 1 for path in plan.paths)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "network"),
+    [
+        ("tcp://[2002:cb00:7107::1]:9000", "203.0.0.0/16"),  # 6to4 carrying 203.0.113.7
+        ("tcp://[64:ff9b::cb00:7107]:9000", "203.0.0.0/16"),  # NAT64
+        ("tcp://[2001:0:4136:e378:8000:63bf:34ff:fffe]:9000", "203.0.0.0/16"),  # Teredo client 203.0.0.1
+    ],
+)
+def test_an_ipv4_address_inside_an_ipv6_one_is_its_ipv4_network(endpoint: str, network: str) -> None:
+    from gtorrent.routing import network_of
+
+    assert network_of(replace(relay(9000), endpoint=endpoint)) == network
+
+
+def test_one_machine_cannot_fill_a_path_with_loopback_and_private_addresses() -> None:
+    """A remote swarm: records at loopback, private, link-local or shared addresses lead, from each hop,
+    to that hop's own machine or LAN, so one machine could stand for several networks. Never drawn
+    (unless the whole swarm is on one host, or --allow-same-network for a LAN)."""
+    seed = remote("198.51.7.7")
+    public = [remote(f"203.{n}.0.1") for n in range(12)]
+    hidden = [remote(a) for a in ("127.0.0.1", "10.1.0.1", "192.168.3.4", "169.254.0.1", "100.64.0.1", "172.16.0.9",
+                                  "0.0.0.0", "::1", "fe80::1", "fd00::5", "::ffff:10.0.0.1")]
+    ages = aged([*public, *hidden])
+    for draw in range(100):
+        plan = plan_paths([*public, *hidden], exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True,
+                          rng=random.Random(draw), listed_s=ages)
+        assert not {r.peer_id for path in plan.paths for r in path} & {r.peer_id for r in hidden}
+    lan = [remote(f"10.1.0.{i}") for i in range(1, 13)]
+    plan = plan_paths(lan, exclude=set(), target=remote("10.2.0.1"), paths=4, hops=3, k=3, strict=True,
+                      rng=random.Random(0), listed_s=aged(lan), rules=RelayRules(distinct_networks=False))
+    assert len(plan.paths) == 4
 
 
 def test_no_two_relays_of_a_path_nor_a_relay_and_the_seed_share_a_network() -> None:
@@ -320,7 +359,7 @@ def test_no_two_relays_of_a_path_nor_a_relay_and_the_seed_share_a_network() -> N
     # 12 networks of 5 relays, 10 relays beside the seed, and an IPv6 /32 holding 5 more
     pool = [remote(f"203.{n}.{i}.1") for n in range(12) for i in range(5)]
     pool += [remote(f"198.51.{i}.2") for i in range(10)]
-    pool += [remote(f"2001:db8:{i}::1") for i in range(5)]
+    pool += [remote(f"2a01:4f8:{i}::1") for i in range(5)]
     ages = aged(pool)
     for draw in range(200):
         plan = plan_paths(pool, exclude=set(), target=seed, paths=4, hops=3, k=3, strict=True,
@@ -350,7 +389,7 @@ def test_a_swarm_on_one_host_is_exempt_from_the_network_and_age_rules() -> None:
     assert (len(plan.paths), plan.hops) == (4, 3)
     # one relay elsewhere and the swarm is no longer on one host: the rules hold again
     with pytest.raises(PrivacyError, match="listed for less than"):
-        plan_paths([*pool[:12], remote("203.0.113.1")], exclude=set(), target=pool[12], paths=4, hops=3, k=3,
+        plan_paths([*pool[:12], remote("93.184.216.34")], exclude=set(), target=pool[12], paths=4, hops=3, k=3,
                    strict=True, rng=random.Random(0))
 
 

@@ -32,7 +32,7 @@ def identity() -> Identity:
 
 def record(who: Identity, n: int, now: float) -> PeerRecord:
     # every relay in a /16 of its own: the attacker's best case (the network rule costs it nothing)
-    return PeerRecord.sign(who, endpoint=f"tcp://{1 + n // 250}.{n % 250}.0.1:7000", roles=("relay",), seq=1,
+    return PeerRecord.sign(who, endpoint=f"tcp://{11 + n // 250}.{n % 250}.0.1:7000", roles=("relay",), seq=1,
                            expires=now + 3000)
 
 
