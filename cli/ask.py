@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from gtorrent.identity import short_id
+from gtorrent.identity import b64, short_id
 from gtorrent.routing import DEFAULT_MIN_RELAY_AGE_S
 
 from . import output
@@ -120,6 +120,8 @@ def ask_command(
                 "attempts": result.attempts,
                 "failures": result.failures,
                 "mode": result.mode,
+                "token_ids": result.token_ids,
+                "signature": b64(result.signature),  # the seed's, over the transcript (docs/PROTOCOL.md §10)
                 **({"privacy": result.privacy, "path_setup_s": round(result.path_setup_s or 0.0, 6)} if result.privacy else {}),
             }
         )

@@ -1,4 +1,5 @@
-"""`gtorrent peers`: peers known to the trackers and to this peer's store, with their reputation."""
+"""`gtorrent peers [PEER_ID]`: peers known to the trackers and to this peer's store, with their verification
+reputation and trust state; with a peer id, that peer's verdict history from the local store."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import typer
 from rich.table import Table
 
 from gtorrent.identity import short_id
-from gtorrent.node import PeerRow, list_peers
+from gtorrent.node import PeerHistory, PeerRow, list_peers, peer_history
+from gtorrent.reputation import state_of
 
 from . import output
 from .common import JsonOption, TrackerOption, settings
+
+# colour is decoration only: the word itself says the state (pipes, colour-blind readers, --json)
+_STATE_STYLE = {"trusted": "green", "untrusted": "bold red", "unverified": "yellow"}
 
 
 def _ago(when: float | None, now: float) -> str:
@@ -28,12 +33,30 @@ def _ago(when: float | None, now: float) -> str:
     return f"{seconds / 86400:.0f} days ago"
 
 
+def state_text(state: str) -> str:
+    """The trust state as a plain word, coloured when the console has colour."""
+    style = _STATE_STYLE.get(state)
+    return f"[{style}]{output.remote(state)}[/]" if style else output.remote(state)
+
+
 def peers_command(
+    peer: Annotated[
+        str | None,
+        typer.Argument(metavar="PEER_ID", help="Show this peer's verdict history (its id, or its first characters)."),
+    ] = None,
     tracker: TrackerOption = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Only peers serving this model (name or id).")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """List peers: roles, models, reputation and what this peer observed of them."""
+    """List peers: roles, models, verification reputation and trust state, and what this peer observed of them."""
+    if peer is not None:
+        history = peer_history(settings(tracker), peer)
+        if json_output:
+            output.print_json(history.as_json())
+        else:
+            output.out.print(history_header(history))
+            output.out.print(history_table(history))
+        return
     rows, failed = list_peers(settings(tracker), model)
     for url, message in failed.items():
         output.warning(f"tracker {url} did not answer: {message}")
@@ -47,17 +70,22 @@ def peers_table(rows: list[PeerRow]) -> Table:
     """The `ollama ps`-style table of peers, with a total row."""
     now = time.time()
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("PEER", "ROLES", "MODELS", "ENDPOINT", "REPUTATION", "OK", "FAILED", "TTFT", "TOK/S", "QUEUE", "LAST SEEN"):
-        table.add_column(column, justify="right" if column in ("REPUTATION", "OK", "FAILED", "TTFT", "TOK/S", "QUEUE") else "left")
+    numeric = ("REPUTATION", "LAST C", "AGREED", "OK", "FAILED", "TTFT", "TOK/S", "QUEUE")
+    columns = ("PEER", "ROLES", "MODELS", "ENDPOINT", "REPUTATION", "STATE", "LAST C", "AGREED", "OK", "FAILED",
+               "TTFT", "TOK/S", "QUEUE", "LAST SEEN")
+    for column in columns:
+        table.add_column(column, justify="right" if column in numeric else "left")
     for row in rows:
         # every string in a row came from a peer's record: data, never markup (output.remote)
-        rep = f"{row.reputation:.2f}" + ("" if row.trusted else " [red]untrusted[/]")
         table.add_row(
             output.remote(short_id(row.peer_id)) + ("" if row.online else " [dim](offline)[/]"),
             output.remote(",".join(row.roles)),
             output.remote(", ".join(m["name"] for m in row.models)) or "-",
             output.remote(row.endpoint),
-            rep,
+            f"{row.reputation:.2f}" if row.reputation is not None else "-",
+            state_text(row.state),
+            f"{row.last_consensus:.2f}" if row.last_consensus is not None else "-",
+            f"{row.verifiers_agreed}/{row.verifiers}" if row.verifiers else "-",
             str(row.asks_ok),
             str(row.asks_failed),
             output.human_seconds(row.median_ttft_s) if row.median_ttft_s is not None else "-",
@@ -66,9 +94,39 @@ def peers_table(rows: list[PeerRow]) -> Table:
             _ago(row.last_seen, now),
         )
     online = sum(1 for r in rows if r.online)
+    untrusted = sum(1 for r in rows if r.state == "untrusted")
     table.add_section()
     table.add_row(
-        f"[bold]{len(rows)} peers[/]", f"{online} online", "", "", "",
+        f"[bold]{len(rows)} peers[/]", f"{online} online", "", "", "", f"{untrusted} untrusted", "", "",
         str(sum(r.asks_ok for r in rows)), str(sum(r.asks_failed for r in rows)), "", "", "", "",
     )
+    return table
+
+
+def history_header(history: PeerHistory) -> str:
+    reputation = "no verdict yet" if history.reputation is None else f"R {history.reputation:.2f} after {len(history.epochs)} epochs"
+    line = f"[bold]{output.remote(history.peer_id)}[/]: {state_text(history.state)} ({reputation})"
+    if history.untrusted_verifiers:
+        line += f"; verdicts of {len(history.untrusted_verifiers)} verifiers not trusted here are left out"
+    return line
+
+
+def history_table(history: PeerHistory) -> Table:
+    """One row per epoch: each trusted verifier's C, the consensus (median), how many agreed, R after."""
+    verifiers = sorted({v for epoch in history.epochs for v in epoch.credibilities})
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("EPOCH", justify="right")
+    for verifier in verifiers:
+        table.add_column(f"C {output.remote(short_id(verifier))}", justify="right")
+    for column in ("CONSENSUS", "AGREED", "R AFTER", "STATE"):
+        table.add_column(column, justify="left" if column == "STATE" else "right")
+    for epoch in history.epochs:
+        table.add_row(
+            str(epoch.epoch),
+            *(f"{epoch.credibilities[v]:.3f}" if v in epoch.credibilities else "-" for v in verifiers),
+            f"{epoch.consensus:.3f}",
+            f"{epoch.agreed}/{epoch.verifiers}",
+            f"{epoch.reputation:.3f}",
+            state_text(state_of(epoch.reputation)),
+        )
     return table

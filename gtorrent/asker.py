@@ -10,7 +10,14 @@ dies mid-answer, the ask restarts from the beginning, on another seed when that 
 caller is told (`on_restart`) before any text of the new attempt, so two partial answers are never
 mixed silently. Every seed's outcome is written to the local store; a seed that failed is not asked
 again in the same ask. Answer text is bounded (`answer_budget`): more than --max-tokens can explain is
-the seed's fault.
+the seed's fault, and so are more token ids than --max-tokens.
+
+Every answer, direct or private, is signed (`check_answer`): the seed's signature over the transcript
+v2 (garlic.transcript) of the request bytes, the model id, the text and token ids as received, their
+count and the finish reason must verify under the signing key of the seed's record, and the `done`
+count must be the number of ids received; otherwise the seed is at fault (SeedFailed) and the ask is
+retried elsewhere. An answer is never accepted without a valid signature; the result keeps what a
+verifier needs to re-check it (`AskResult.request_bytes`, `.token_ids`, `.signature`, `.signing_key`).
 
 This module's own mode is direct (CurveZMQ straight to the seed, with a throwaway client key so the
 seed cannot link a peer's asks by key); private.py supplies the private attempt.
@@ -26,7 +33,8 @@ from dataclasses import dataclass, field, replace
 
 from .discovery import discover
 from .errors import GtorrentError, UsageError
-from .identity import short_id
+from .garlic import direct_request_bytes, transcript
+from .identity import short_id, unb64, verify_signature
 from .protocol import PeerRecord, ProtocolError, decode, encode
 from .reputation import PeerStanding, choice_key
 from .routing import candidate_records
@@ -73,6 +81,12 @@ class AskResult:
     privacy: dict[str, object] | None = None  # private asks: {paths, hops, k, degraded}
     path_setup_s: float | None = None
     route: list[list[str]] = field(default_factory=list)  # private asks: relay peer ids per path
+    # the signed transcript, for anyone to re-check (garlic.transcript over request_bytes, model_id, text,
+    # token_ids, finish_reason; Ed25519 under signing_key, whose fingerprint is `seed`)
+    token_ids: list[int] = field(default_factory=list)
+    signature: bytes = field(default=b"", repr=False)
+    request_bytes: bytes = field(default=b"", repr=False)
+    signing_key: bytes = field(default=b"", repr=False)
 
     @property
     def tokens_per_s(self) -> float:
@@ -165,7 +179,7 @@ def _support(seeds: list[PeerRecord], standing: Callable[[str], PeerStanding]) -
     Counted per machine, not per record: records that share an endpoint or keys conflict
     (routing.candidate_records) and only the best-standing one counts, so copies of one machine under
     fresh peer ids add nothing."""
-    standings = {r.peer_id: s for r in seeds if (s := standing(r.peer_id)).trusted}
+    standings = {r.peer_id: s for r in seeds if (s := standing(r.peer_id)).eligible}
     kept = candidate_records(
         [r for r in seeds if r.peer_id in standings], target=None, exclude=set(), rng=secrets.SystemRandom(),
         # of conflicting records the one with more answers seen counts, then the better reputation (< 1)
@@ -220,7 +234,7 @@ def resolve_model(seeds: list[PeerRecord], wanted: str | None, standing: Callabl
 
 def trusted_seeds(seeds: list[PeerRecord], store: Store, model_id: str) -> list[PeerRecord]:
     """The seeds that may be asked: untrusted ones (reputation below 0.3) get no asks."""
-    usable = [s for s in seeds if store.standing(s.peer_id).trusted]
+    usable = [s for s in seeds if store.standing(s.peer_id).eligible]
     if not usable:
         raise NoSeedError(
             f"every seed of model {model_id[:12]} is untrusted ({len(seeds)} seen)",
@@ -246,7 +260,7 @@ async def find_seeds(
     choice = resolve_model(list(found.records.values()), request.model, store.standing)
     now = time.time()
     alternatives = [
-        (mid, rank_seeds([s for s in seeds if store.standing(s.peer_id).trusted], store, now))
+        (mid, rank_seeds([s for s in seeds if store.standing(s.peer_id).eligible], store, now))
         for mid, seeds in choice.alternatives
     ]
     choice = replace(choice, alternatives=[(mid, seeds) for mid, seeds in alternatives if seeds])
@@ -283,18 +297,33 @@ class RouteFailed(GtorrentError):
 
 
 class AnswerSink:
-    """One attempt's answer text: bounded, kept, and forwarded to the caller as it arrives."""
+    """One attempt's answer text and token ids: bounded, kept, and the text forwarded to the caller as
+    it arrives."""
 
-    def __init__(self, seed: PeerRecord, max_chars: int, on_text: Callable[[str], None] | None) -> None:
-        self.seed, self.max_chars, self.on_text = seed, max_chars, on_text
+    def __init__(
+        self,
+        seed: PeerRecord,
+        max_chars: int,
+        on_text: Callable[[str], None] | None,
+        max_ids: int | None = None,  # token ids the answer may have (--max-tokens)
+    ) -> None:
+        self.seed, self.max_chars, self.on_text, self.max_ids = seed, max_chars, on_text, max_ids
         self.pieces: list[str] = []
+        self.token_ids: list[int] = []
         self.used = 0
 
-    def add(self, piece: str) -> None:
+    def add(self, piece: str, ids: list[int] | None = None) -> None:
         self.used += len(piece) + 1  # +1: a flood of empty pieces costs too
         if self.used > self.max_chars:
             raise SeedFailed(f"seed {short_id(self.seed.peer_id)} sent more answer than --max-tokens allows "
                              f"({self.max_chars} characters)")
+        if ids:
+            self.token_ids.extend(ids)
+            if self.max_ids is not None and len(self.token_ids) > self.max_ids:
+                raise SeedFailed(
+                    f"seed {short_id(self.seed.peer_id)} sent more tokens than --max-tokens allows "
+                    f"({self.max_ids})"
+                )
         self.pieces.append(piece)
         if self.on_text is not None:
             self.on_text(piece)
@@ -302,6 +331,36 @@ class AnswerSink:
     @property
     def text(self) -> str:
         return "".join(self.pieces)
+
+
+def check_answer(
+    seed: PeerRecord,
+    request_bytes: bytes,
+    model_id: str,
+    sink: AnswerSink,
+    done: dict[str, object],
+    signature: object,
+) -> tuple[int, str, bytes]:
+    """Check a finished answer as received (`sink`) against the seed's `done` and signature; return
+    (tokens, finish reason, signature bytes). Raises SeedFailed when the seed is at fault: another model
+    id, a count other than the ids received, a missing, malformed or wrong signature (transcript v2:
+    a v1 signature, or one over other text, ids, count or finish reason, does not verify)."""
+    who = f"seed {short_id(seed.peer_id)}"
+    tokens, finish_reason = done.get("tokens"), done.get("finish_reason")
+    if type(tokens) is not int or not isinstance(finish_reason, str) or not isinstance(signature, str):
+        raise SeedFailed(f"{who} sent a malformed or unsigned end of answer")
+    if done.get("model_id") != model_id:
+        raise SeedFailed(f"{who} answered with another model")
+    if tokens != len(sink.token_ids):
+        raise SeedFailed(f"{who} claims {tokens} tokens but sent {len(sink.token_ids)} token ids")
+    try:
+        signature_bytes = unb64(signature)
+        signed = transcript(request_bytes, model_id, sink.text, sink.token_ids, finish_reason)
+    except ValueError as exc:  # bad base64, or a field the transcript cannot hold
+        raise SeedFailed(f"{who}'s answer cannot be checked ({exc})") from exc
+    if not verify_signature(seed.signing_key, signature_bytes, signed):
+        raise SeedFailed(f"{who}'s transcript signature does not verify")
+    return tokens, finish_reason, signature_bytes
 
 
 Attempt = Callable[[PeerRecord, str, AnswerSink], Awaitable[AskResult]]  # (seed, model id, sink)
@@ -351,7 +410,7 @@ async def run_attempts(
                 events.on_restart(*restart)
             if events.on_attempt is not None:
                 events.on_attempt(seed, number)
-            sink = AnswerSink(seed, answer_budget(request.max_tokens), events.on_text)
+            sink = AnswerSink(seed, answer_budget(request.max_tokens), events.on_text, request.max_tokens)
             try:
                 result = await attempt(seed, current_id, sink)
             except SeedFailed as exc:
@@ -391,6 +450,8 @@ async def ask_seed(
     """One attempt, straight to `seed` over CurveZMQ with a throwaway key. Every failure is the seed's."""
     request_id = secrets.token_hex(8)
     body = generate_body(request, model_id, request_id)
+    # the transcript's request bytes: what the seed will decode from the frames sent, canonically encoded
+    request_bytes = direct_request_bytes(decode(encode("generate", body)).body)
     messages = 0
     ttft_s: float | None = None
     kinds = frozenset({"accepted", "token", "done", "error"})
@@ -414,20 +475,25 @@ async def ask_seed(
                     messages += 1
                     if ttft_s is None:
                         ttft_s = time.perf_counter() - started
-                    sink.add(message["text"])
+                    sink.add(message["text"], message["ids"])
                 elif message.kind == "done":
-                    if message["model_id"] != model_id:
-                        raise SeedFailed(f"seed {short_id(seed.peer_id)} answered with another model")
+                    tokens, finish_reason, signature = check_answer(
+                        seed, request_bytes, model_id, sink, message.body, message.get("signature")
+                    )
                     total_s = time.perf_counter() - started
                     return AskResult(
                         text=sink.text,
-                        tokens=message["tokens"],
+                        tokens=tokens,
                         seed=seed.peer_id,
                         model_id=model_id,
-                        finish_reason=message["finish_reason"],
+                        finish_reason=finish_reason,
                         ttft_s=ttft_s if ttft_s is not None else total_s,
                         total_s=total_s,
                         attempts=1,
+                        token_ids=list(sink.token_ids),
+                        signature=signature,
+                        request_bytes=request_bytes,
+                        signing_key=seed.signing_key,
                     )
                 elif message.kind == "error":
                     if message.get("code") == "bad_request":  # the request is at fault, not the seed

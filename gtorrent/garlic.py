@@ -9,8 +9,10 @@ k complete cloves.
 Back: the answer streams as chunks; each chunk is sealed end to end with the reply key
 (ChaCha20-Poly1305, nonce = chunk index) and erasure-coded (IDA) into n fragments, fragment j on
 path j: `chunk index (u32) | fragment index (u8) | n | k | sealed length (u32) | fragment`, so any k
-paths deliver every chunk. The last chunk carries the seed's signature over the transcript (request
-digest, model id, answer text), which the asker checks against the seed's signed record.
+paths deliver every chunk. Text chunks carry the answer's token ids with the text; the last chunk
+carries the seed's signature over the transcript (`transcript`: request digest, model id, answer text,
+token ids, token count, finish reason), which the asker checks against the seed's signed record.
+Direct answers are signed over the same transcript (seed.py, asker.py).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from .protocol import MAX_TOKEN_IDS_PER_MESSAGE, canonical
 from .sida import SidaError, disperse, recover
 
 ASK_ID_BYTES = 16
@@ -31,7 +35,8 @@ REPLY_KEY_BYTES = 32
 CLOVE_HEAD = struct.Struct(">16sIB")
 REPLY_HEAD = struct.Struct(">IBBBI")
 REPLY_AAD = b"gtorrent/reply/v1"
-TRANSCRIPT_LABEL = b"gtorrent/transcript/v1\n"
+TRANSCRIPT_LABEL = b"gtorrent/transcript/v2\n"  # v1 (text only, no ids/count/finish reason) is refused
+MAX_TOKEN_ID = (1 << 32) - 1  # token ids travel and are hashed as u32
 MAX_CLOVE_BYTES = 64 << 10  # a clove of the largest request (256 KiB / k) fits; more is abuse
 MAX_CHUNKS = 1 << 20
 REPLY_WINDOW_CHUNKS = 256  # chunks buffered ahead of the next one due: ~25 s of answer at one per 0.1 s
@@ -106,14 +111,26 @@ def chunk_fits(chunk: dict[str, Any], k: int, capacity: int) -> bool:
     return plain + 16 <= reply_fragment_room(0, k, capacity)
 
 
-def split_to_fit(text: str, k: int, capacity: int) -> list[str]:
-    """Cut `text` into pieces whose {"text": piece} chunks fit one cell per fragment."""
-    if chunk_fits({"text": text}, k, capacity):
-        return [text]
-    if len(text) <= 1:
-        return [text]  # one character always fits (at most a 6-byte JSON escape)
-    middle = len(text) // 2
-    return split_to_fit(text[:middle], k, capacity) + split_to_fit(text[middle:], k, capacity)
+def split_to_fit(text: str, ids: list[int], k: int, capacity: int) -> list[tuple[str, list[int]]]:
+    """Cut a piece of answer (its text and token ids) into parts whose {"text", "ids"} chunks fit one
+    cell per fragment. Concatenating the parts' texts (and ids) gives back `text` (and `ids`)."""
+    if chunk_fits({"text": text, "ids": ids}, k, capacity) or (len(text) <= 1 and len(ids) <= 1):
+        return [(text, ids)]  # one character and one id always fit (a 6-byte escape, 10 digits)
+    text_middle, ids_middle = len(text) // 2, len(ids) // 2
+    return split_to_fit(text[:text_middle], ids[:ids_middle], k, capacity) + split_to_fit(
+        text[text_middle:], ids[ids_middle:], k, capacity
+    )
+
+
+def text_chunk(chunk: dict[str, Any]) -> tuple[str, list[int]]:
+    """The piece of text and its token ids in a {"text", "ids"} reply chunk, checked: a string, and at
+    most MAX_TOKEN_IDS_PER_MESSAGE ids, each an integer in u32 (GarlicError otherwise)."""
+    text, ids = chunk.get("text"), chunk.get("ids")
+    if not isinstance(text, str) or not isinstance(ids, list) or len(ids) > MAX_TOKEN_IDS_PER_MESSAGE:
+        raise GarlicError("a text chunk needs a string and a bounded list of token ids")
+    if not all(type(token) is int and 0 <= token <= MAX_TOKEN_ID for token in ids):
+        raise GarlicError("a token id is not an integer in 0..2**32-1")
+    return text, ids
 
 
 @dataclass
@@ -226,11 +243,57 @@ def request_digest(request: bytes) -> bytes:
     return hashlib.sha256(request).digest()
 
 
-def transcript(request: bytes, model_id: str, text: str) -> bytes:
-    """The bytes the seed signs: label, request digest, model id and answer digest."""
-    return (
-        TRANSCRIPT_LABEL
-        + request_digest(request)
-        + model_id.encode("ascii")
-        + hashlib.sha256(text.encode("utf-8")).digest()
+def direct_request_bytes(body: dict[str, Any]) -> bytes:
+    """The request bytes of a direct ask's transcript: the canonical JSON (protocol.canonical) of the
+    `generate` body as the seed decoded it (without `v` and `t`, with `id`). The asker computes it from
+    the decoding of the frames it sends, so both sides hash the same bytes."""
+    return canonical(body)
+
+
+def _text_bytes(text: str) -> bytes:
+    # surrogatepass: a lying seed may send lone surrogates (JSON \ud800); they must hash, not crash, and
+    # the encoding stays injective (a lone surrogate's 3 bytes never spell a 4-byte UTF-8 sequence)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def token_ids_digest(token_ids: Sequence[int]) -> bytes:
+    """SHA-256 of the token ids as consecutive little-endian u32 (4 bytes each, no separator)."""
+    if any(not 0 <= token <= MAX_TOKEN_ID for token in token_ids):
+        raise ValueError("a token id is outside 0..2**32-1")
+    return hashlib.sha256(struct.pack(f"<{len(token_ids)}I", *token_ids)).digest()
+
+
+def transcript(
+    request: bytes, model_id: str, text: str, token_ids: Sequence[int], finish_reason: str
+) -> bytes:
+    """The bytes a seed signs for an answer, direct or private (v2):
+
+        label "gtorrent/transcript/v2\n" (23 bytes)
+        | sha256(request bytes) (32) | len(model id) (u16 BE) | model id (UTF-8)
+        | sha256(answer text, UTF-8) (32) | sha256(token ids, each u32 LE) (32)
+        | token count (u32 BE) | len(finish reason) (u8) | finish reason (UTF-8)
+
+    Unambiguous: every field is either fixed-width or preceded by its length, so reading left to right
+    recovers each field and its end exactly; no choice of model id, text or finish reason can shift
+    bytes from one field into the next (a model id cannot swallow the text digest, "len"+"gth" is not
+    "length"), and the last field ends where the bytes end. The count is len(token_ids): the asker
+    refuses a `done` whose `tokens` differs. The label is versioned, so a v1 signature (label v1,
+    request digest, bare model id, text digest) never verifies as a v2 transcript, nor the reverse.
+    Raises ValueError for fields that cannot be encoded (an over-long model id or finish reason, an id
+    outside u32): a seed sending such a thing is at fault."""
+    model = _text_bytes(model_id)
+    reason = _text_bytes(finish_reason)
+    if len(model) > 0xFFFF or len(reason) > 0xFF or len(token_ids) > MAX_TOKEN_ID:
+        raise ValueError("a transcript field is too long")
+    return b"".join(
+        (
+            TRANSCRIPT_LABEL,
+            request_digest(request),
+            struct.pack(">H", len(model)),
+            model,
+            hashlib.sha256(_text_bytes(text)).digest(),
+            token_ids_digest(token_ids),
+            struct.pack(">IB", len(token_ids), len(reason)),
+            reason,
+        )
     )

@@ -24,6 +24,8 @@ from .transport import new_context
 if TYPE_CHECKING:  # imported where used: a relay never loads SQLite tooling, a tracker never the asker
     from .asker import AskEvents, AskRequest, AskResult, AskTimeouts
     from .guards import Guard
+    from .protocol import Verdict
+    from .reputation import EpochConsensus
     from .store import Store
     from .tracker import TrackerService
 
@@ -251,14 +253,20 @@ class PeerRow:
     models: list[dict[str, Any]]
     endpoint: str
     online: bool  # listed by a tracker now
-    reputation: float
-    trusted: bool
+    reputation: float | None  # verification reputation R; None: never verified
+    state: str  # trusted | untrusted | unverified (reputation.State)
+    reliability: float  # EWMA of this peer's ask outcomes (orders eligible seeds, never lifts an untrusted one)
     asks_ok: int
     asks_failed: int
     median_ttft_s: float | None
     median_tokens_per_s: float | None
     queue: float | None
     last_seen: float | None
+    last_epoch: int | None = None  # the latest epoch with verdicts from trusted verifiers
+    last_consensus: float | None = None  # its consensus C (median of the verifiers' C)
+    verifiers: int = 0  # trusted verifiers with a verdict for that epoch
+    verifiers_agreed: int = 0  # of them, on the consensus's side of tau
+    verdicts: list[dict[str, Any]] = field(default_factory=list)  # that epoch's signed verdicts, wire form
 
     def as_json(self) -> dict[str, Any]:
         return {**self.__dict__}
@@ -276,6 +284,10 @@ async def peer_rows(ctx: Any, trackers: list[str], store: Store, model: str | No
         if model is not None and not record.serves(model):
             continue
         standing = store.standing(peer_id)
+        last = standing.last_epoch
+        verdicts = [] if last is None else [
+            v.to_wire() for v in store.verdicts(peer_id, last.epoch) if v.verifier in last.credibilities
+        ]
         rows.append(
             PeerRow(
                 peer_id=peer_id,
@@ -283,17 +295,25 @@ async def peer_rows(ctx: Any, trackers: list[str], store: Store, model: str | No
                 models=[m.to_wire() for m in record.models],
                 endpoint=record.endpoint,
                 online=peer_id in online,
-                reputation=round(standing.reputation, 4),
-                trusted=standing.trusted,
+                reputation=round(standing.reputation, 4) if standing.verified else None,
+                state=standing.state,
+                reliability=round(standing.reliability, 4),
                 asks_ok=standing.asks_ok,
                 asks_failed=standing.asks_failed,
                 median_ttft_s=standing.median_ttft_s,
                 median_tokens_per_s=standing.median_tokens_per_s,
                 queue=record.load.get("queue") if peer_id in online else None,
                 last_seen=store.last_seen(peer_id),
+                last_epoch=None if last is None else last.epoch,
+                last_consensus=None if last is None else last.consensus,
+                verifiers=0 if last is None else last.verifiers,
+                verifiers_agreed=0 if last is None else last.agreed,
+                verdicts=verdicts,
             )
         )
-    rows.sort(key=lambda r: (not r.online, -r.reputation, r.peer_id))
+    # online first, then trusted, unverified, untrusted, each by reputation
+    order = {"trusted": 0, "unverified": 1, "untrusted": 2}
+    rows.sort(key=lambda r: (not r.online, order.get(r.state, 3), -(r.reputation or 0.0), r.peer_id))
     return rows, found.failed
 
 
@@ -313,6 +333,59 @@ def list_peers(settings: NodeSettings, model: str | None = None) -> tuple[list[P
         return asyncio.run(query())
     finally:
         store.close()
+
+
+@dataclass(frozen=True)
+class PeerHistory:
+    """One peer's verdict history from the local store (`gtorrent peers PEER_ID`)."""
+
+    peer_id: str
+    state: str  # trusted | untrusted | unverified
+    reputation: float | None  # R after the last epoch; None: never verified
+    epochs: list[EpochConsensus]  # oldest first: C per verifier, consensus, R after
+    verdicts: list[Verdict]  # every verdict held, trusted verifiers' or not, with signatures
+    untrusted_verifiers: list[str]  # verifiers whose verdicts are held but do not count
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "state": self.state,
+            "reputation": self.reputation,
+            "epochs": [
+                {"epoch": e.epoch, "credibilities": e.credibilities, "consensus": e.consensus, "agreed": e.agreed,
+                 "verifiers": e.verifiers, "reputation": e.reputation}
+                for e in self.epochs
+            ],
+            "verdicts": [v.to_wire() for v in self.verdicts],
+            "untrusted_verifiers": self.untrusted_verifiers,
+        }
+
+
+def peer_history(settings: NodeSettings, peer: str, trusted_verifiers: set[str] | None = None) -> PeerHistory:
+    """The verdict history of the peer whose id is or starts with `peer` (the table's short id will do),
+    from the local store only: no tracker is asked."""
+    from .errors import UsageError
+    from .reputation import consensus_history, state_of
+    from .store import Store
+
+    store = Store.open(settings.home, trusted_verifiers)
+    try:
+        ids = {r.peer_id for r in store.known_records()} | set(store.verdict_seeds())
+        matches = sorted(i for i in ids if i == peer) or sorted(i for i in ids if i.startswith(peer))
+        if not matches:
+            raise UsageError(f"no peer {peer!r} is known here",
+                             hint="list the peers with `gtorrent peers`, then give one's id (or its first characters)")
+        if len(matches) > 1:
+            raise UsageError(f"{peer!r} starts {len(matches)} peer ids ({', '.join(m[:12] for m in matches[:4])}…)",
+                             hint="give more characters of the peer id")
+        (peer_id,) = matches
+        verdicts = store.verdicts(peer_id)
+    finally:
+        store.close()
+    epochs = consensus_history(verdicts, trusted_verifiers)
+    reputation = epochs[-1].reputation if epochs else None
+    untrusted = sorted({v.verifier for v in verdicts if trusted_verifiers is not None and v.verifier not in trusted_verifiers})
+    return PeerHistory(peer_id, state_of(reputation), reputation, epochs, verdicts, untrusted)
 
 
 def guards(settings: NodeSettings, *, reset: bool = False) -> list[Guard]:

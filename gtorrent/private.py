@@ -53,6 +53,7 @@ from .asker import (
     AskTimeouts,
     RouteFailed,
     SeedFailed,
+    check_answer,
     check_request,
     find_seeds,
     generate_body,
@@ -61,9 +62,9 @@ from .asker import (
 from .circuit import CircuitClient, CircuitError
 from .discovery import discover
 from .errors import GtorrentError, UsageError
-from .garlic import ASK_ID_BYTES, REPLY_KEY_BYTES, GarlicError, ReplyAssembler, clove_payloads, transcript
+from .garlic import ASK_ID_BYTES, REPLY_KEY_BYTES, GarlicError, ReplyAssembler, clove_payloads, text_chunk
 from .guards import Guard, choose_guards, expired, rotation_time, set_size, swarm_key
-from .identity import b64, short_id, unb64, verify_signature
+from .identity import b64, short_id
 from .onion import DATA, forward_capacity
 from .protocol import PeerRecord, ProtocolError
 from .routing import (
@@ -140,7 +141,7 @@ async def relay_view(
         discover(ctx, trackers, role="relay", want=RELAY_SAMPLE), confirm(ctx, [g.record for g in held])
     )
     store.saw_peers(found.records.values())
-    relays = [r for r in found.records.values() if store.standing(r.peer_id).trusted]
+    relays = [r for r in found.records.values() if store.standing(r.peer_id).eligible]
     if not use_guards:
         return RelayView(relays, dict(found.listed_s), None)
     if held:
@@ -177,7 +178,7 @@ async def relay_view(
         store.add_guards(swarm, [Guard(r, now, rotation_time(now, rng)) for r in chosen], limit=size)
         held = store.guards(swarm)  # asks at once on one home may each have added some: the store decides
     # in the order chosen, those that answered now and are trusted: the planner takes first hops from the front
-    usable = [answered[g.peer_id] for g in held if g.peer_id in answered and store.standing(g.peer_id).trusted]
+    usable = [answered[g.peer_id] for g in held if g.peer_id in answered and store.standing(g.peer_id).eligible]
     # a guard that did not answer just now is left out of this ask altogether, middle hops included
     left_out = {r.peer_id for r in usable} | {g.peer_id for g in held if g.peer_id not in answered}
     return RelayView([*(r for r in relays if r.peer_id not in left_out), *usable], dict(found.listed_s), usable)
@@ -449,27 +450,25 @@ async def _receive(
                 if "text" in chunk:
                     if ttft_s is None:
                         ttft_s = time.perf_counter() - started
-                    sink.add(str(chunk["text"]))
+                    try:
+                        piece, ids = text_chunk(chunk)
+                    except GarlicError as exc:  # the seed sealed it: the seed's fault
+                        raise SeedFailed(f"seed {short_id(seed.peer_id)} sent a bad chunk: {exc}") from exc
+                    sink.add(piece, ids)
                 elif "error" in chunk:
                     if chunk["error"] == "bad_request":
                         raise UsageError(f"the seed refused the request: {chunk.get('message', '')}")
                     raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {chunk.get('message', chunk['error'])}")
                 elif "done" in chunk:
-                    text = sink.text
-                    try:
-                        info = dict(chunk["done"])
-                        signature = unb64(str(chunk.get("signature", "")))
-                        tokens = int(info["tokens"])
-                        finish_reason = str(info["finish_reason"])
-                    except (KeyError, TypeError, ValueError) as exc:
-                        raise SeedFailed(f"seed {short_id(seed.peer_id)} sent a malformed final chunk") from exc
-                    if info.get("model_id") != model_id or not verify_signature(
-                        seed.signing_key, signature, transcript(request_bytes, model_id, text)
-                    ):
-                        raise SeedFailed(f"seed {short_id(seed.peer_id)}'s transcript signature does not verify")
+                    info = chunk["done"]
+                    if not isinstance(info, dict):
+                        raise SeedFailed(f"seed {short_id(seed.peer_id)} sent a malformed final chunk")
+                    tokens, finish_reason, signature = check_answer(
+                        seed, request_bytes, model_id, sink, info, chunk.get("signature")
+                    )
                     total_s = time.perf_counter() - started
                     return AskResult(
-                        text=text,
+                        text=sink.text,
                         tokens=tokens,
                         seed=seed.peer_id,
                         model_id=model_id,
@@ -481,6 +480,10 @@ async def _receive(
                         privacy=plan.describe(),
                         path_setup_s=path_setup_s,
                         route=[circuit.route[:-1] for circuit in built],
+                        token_ids=list(sink.token_ids),
+                        signature=signature,
+                        request_bytes=request_bytes,
+                        signing_key=seed.signing_key,
                     )
     finally:
         for reader in readers:

@@ -23,7 +23,9 @@ from typing import Any
 
 from .identity import Identity, PeerId, b64, peer_id_for, unb64, verify_signature
 
-PROTOCOL_VERSION = 2  # 2: ntor handshake with rotating onion keys (create/created/EXTEND changed)
+# 2: ntor handshake with rotating onion keys (create/created/EXTEND changed)
+# 3: signed answers: `token` carries the piece's token ids, `done` the seed's transcript v2 signature
+PROTOCOL_VERSION = 3
 MAX_MESSAGE_BYTES = 256 * 1024  # one JSON frame
 MAX_FRAMES = 8
 MAX_RECORD_TTL_S = 3600.0  # a record may not claim to stay valid longer than this
@@ -32,6 +34,7 @@ ROLES = frozenset({"seed", "relay", "verifier", "tracker"})
 MAX_MODELS_PER_RECORD = 8
 MAX_RECORD_BYTES = 4096  # canonical size of one signed record; keeps query answers bounded
 MAX_PROMPT_CHARS = 64 * 1024
+MAX_TOKEN_IDS_PER_MESSAGE = 4096  # ids in one `token` message (~40 KiB of JSON at most)
 
 
 ENDPOINT_RE = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}")  # a peer's endpoint; use fullmatch
@@ -197,14 +200,21 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "chat": Field(bool, required=False),
     },
     "accepted": {"id": REQUEST_ID, "queue": Field(int, minimum=0)},
-    "token": {"id": REQUEST_ID, "n": Field(int, minimum=0), "text": Field(str, max_len=4096)},
+    "token": {
+        "id": REQUEST_ID,
+        "n": Field(int, minimum=0),
+        "text": Field(str, max_len=4096),
+        # the token ids of this piece (u32); the seed splits a piece whose ids are more than this
+        "ids": Field(list, max_len=MAX_TOKEN_IDS_PER_MESSAGE, items=Field(int, minimum=0, maximum=(1 << 32) - 1)),
+    },
     "done": {
         "id": REQUEST_ID,
-        "tokens": Field(int, minimum=0),
+        "tokens": Field(int, minimum=0, maximum=1 << 16),  # at most max_tokens, itself at most 2**16
         "finish_reason": Field(str, max_len=16),
         "ttft_s": Field(NUMBER, minimum=0),
         "total_s": Field(NUMBER, minimum=0),
         "model_id": ID,
+        "signature": Field(str, max_len=128),  # b64 Ed25519 signature over the transcript (garlic.transcript)
     },
     "ping": {},
     "pong": {},
@@ -448,3 +458,106 @@ def _check_schema_record(doc: dict[str, Any]) -> None:
             raise ProtocolError("record.load: bad key")
         if type(value) not in (int, float) or not 0 <= value <= 1e9:
             raise ProtocolError(f"record.load.{key}: out of range")
+
+
+# --------------------------------------------------------------------------- verdicts
+
+VERDICT_LABEL = b"gtorrent/verdict/v1\n"
+MAX_VERDICT_EPOCH = (1 << 53) - 1  # an exact integer in every JSON reader
+MAX_VERDICT_CHALLENGES = 1000
+VERDICT_KEYS = frozenset(
+    {"verifier", "verifier_key", "seed", "model_id", "epoch", "credibility", "challenges", "evidence", "signature"}
+)
+_PEER_ID_RE = re.compile(r"[a-z2-7]{26}")  # identity.peer_id_for: 26 lower-case base32 characters
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_B64_KEY_RE = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 bytes, base64url without padding
+_B64_SIGNATURE_RE = re.compile(r"[A-Za-z0-9_-]{86}")  # 64 bytes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A verifier's signed finding about one seed for one epoch (issue 8; docs/PROTOCOL.md "Verdicts").
+
+    Signed with the verifier's Ed25519 key over VERDICT_LABEL + the canonical JSON of every field but
+    the signature; it carries the verifier's public key, and the verifier's peer id must be that key's
+    fingerprint, so anyone can check a verdict without trusting whoever handed it over (a tracker, a
+    store). Build with `Verdict.sign`; parse with `from_wire`, which verifies. `credibility` is always a
+    float in the signed bytes (1 and 1.0 would encode differently)."""
+
+    verifier: PeerId
+    verifier_key: bytes = field(repr=False)
+    seed: PeerId
+    model_id: str  # hex SHA-256 of the model, as seeds announce it
+    epoch: int  # the verifier's epoch number; several verifiers' verdicts are combined per epoch
+    credibility: float  # C(T) of the epoch, in [0, 1]
+    challenges: int  # challenges scored for it
+    evidence: str  # hex SHA-256 of the evidence kept (signed transcripts of low-scoring challenges)
+    signature: bytes = field(default=b"", repr=False)
+
+    def unsigned_wire(self) -> dict[str, Any]:
+        return {
+            "verifier": self.verifier,
+            "verifier_key": b64(self.verifier_key),
+            "seed": self.seed,
+            "model_id": self.model_id,
+            "epoch": self.epoch,
+            "credibility": float(self.credibility),
+            "challenges": self.challenges,
+            "evidence": self.evidence,
+        }
+
+    def signed_bytes(self) -> bytes:
+        return VERDICT_LABEL + canonical(self.unsigned_wire())
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.unsigned_wire(), "signature": b64(self.signature)}
+
+    @classmethod
+    def sign(
+        cls, identity: Identity, *, seed: PeerId, model_id: str, epoch: int, credibility: float, challenges: int,
+        evidence: str,
+    ) -> Verdict:
+        """A verdict signed by `identity`; the same checks as `from_wire` apply (a verifier never signs
+        what clients would refuse)."""
+        verdict = cls(identity.peer_id, identity.signing_public, seed, model_id, epoch, float(credibility), challenges,
+                      evidence)
+        signed = replace(verdict, signature=identity.sign(verdict.signed_bytes()))
+        return cls.from_wire(signed.to_wire())
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Verdict:
+        """Parse and verify a verdict; raise ProtocolError unless it is well-formed, in bounds and signed
+        by the key it carries, whose fingerprint is the verifier's peer id."""
+        if type(doc) is not dict:
+            raise ProtocolError("verdict is not an object")
+        if doc.keys() != VERDICT_KEYS:
+            unknown, missing = doc.keys() - VERDICT_KEYS, VERDICT_KEYS - doc.keys()
+            raise ProtocolError(f"verdict: unknown fields {sorted(unknown)}" if unknown else f"verdict: missing {sorted(missing)}")
+        for name in ("verifier", "seed"):
+            if type(doc[name]) is not str or not _PEER_ID_RE.fullmatch(doc[name]):
+                raise ProtocolError(f"verdict.{name}: not a peer id")
+        for name in ("model_id", "evidence"):
+            if type(doc[name]) is not str or not _HEX64_RE.fullmatch(doc[name]):
+                raise ProtocolError(f"verdict.{name}: not 64 lower-case hex digits")
+        epoch, challenges, credibility = doc["epoch"], doc["challenges"], doc["credibility"]
+        if type(epoch) is not int or not 0 <= epoch <= MAX_VERDICT_EPOCH:
+            raise ProtocolError("verdict.epoch: out of range")
+        if type(challenges) is not int or not 1 <= challenges <= MAX_VERDICT_CHALLENGES:
+            raise ProtocolError(f"verdict.challenges: not 1 to {MAX_VERDICT_CHALLENGES}")
+        if type(credibility) not in (int, float) or not 0.0 <= credibility <= 1.0:  # NaN fails the comparison
+            raise ProtocolError("verdict.credibility: not in [0, 1]")
+        key_text, signature_text = doc["verifier_key"], doc["signature"]
+        if type(key_text) is not str or not _B64_KEY_RE.fullmatch(key_text):
+            raise ProtocolError("verdict.verifier_key: not a base64url Ed25519 key")
+        if type(signature_text) is not str or not _B64_SIGNATURE_RE.fullmatch(signature_text):
+            raise ProtocolError("verdict.signature: not a base64url Ed25519 signature")
+        key, signature = unb64(key_text), unb64(signature_text)
+        if b64(key) != key_text or b64(signature) != signature_text:  # one encoding per value (spare bits zero)
+            raise ProtocolError("verdict: non-canonical base64")
+        if peer_id_for(key) != doc["verifier"]:
+            raise ProtocolError("verdict: verifier id does not match its signing key")
+        verdict = cls(doc["verifier"], key, doc["seed"], doc["model_id"], epoch, float(credibility), challenges,
+                      doc["evidence"], signature)
+        if not verify_signature(key, signature, verdict.signed_bytes()):
+            raise ProtocolError("verdict: bad signature")
+        return verdict

@@ -1,25 +1,34 @@
-"""Reputation rules (pure): how observations and verdicts become a score, and when to avoid a peer.
+"""Reputation rules (pure): how verdicts become a verification reputation, and which seeds get asks.
 
-Two signals, each starting at the paper's initial reputation 0.5:
+Two signals, kept apart so that neither can stand in for the other (issue 8 item 4):
 
-- quality, from verification verdicts (credibility C per epoch), by the paper's rule:
-  R <- 0.4 R + 0.6 C, with the sliding-window punishment when more than 1 in 5 of the recent epochs
-  scored below 0.4 (shared/research/paper-notes.md §4.2);
-- reliability, from this client's own ask outcomes: an EWMA of success (1) and failure (0), gentler
-  than the verdict rule because a single timeout says little about a seed.
+- verification reputation R, from verifiers' signed verdicts only. Per epoch, the consensus C is the
+  median of the credibilities the trusted verifiers gave the seed for that epoch, so one lying verifier
+  of three can neither frame an honest seed nor clear a cheater. Over the consensus C's in epoch order
+  the paper's rule applies (shared/research/paper-notes.md §4.2): R starts at 0.5, R <- 0.4 R + 0.6 C,
+  with the window punishment (W = 5, tau = 0.4, gamma = 0.2) and a clamp to [0, 1]. The paper's 0.3
+  threshold applies to this R alone: a seed is `trusted` (R >= 0.3), `untrusted`, or `unverified`
+  (no verdict from a trusted verifier yet).
+- reliability, from this client's own ask outcomes: an EWMA of success (1) and failure (0). With the
+  back-off after failures, it orders the eligible seeds; it never makes an untrusted seed eligible
+  (the mean of the two once kept a C = 0 seed at 0.497, above the threshold) and never makes a
+  trusted or unverified one ineligible (a timeout says nothing about the weights a seed serves).
 
-reputation = mean of the two; a peer below 0.3 is untrusted and gets no asks. A peer that just failed
-is also avoided for a while (exponential back-off by consecutive failures) and forgiven by a success.
-All functions take their clock (`now`) as an argument.
+Eligible (gets asks) = trusted or unverified. Among eligible seeds an unverified one ranks below a
+trusted one of the same reliability and load. There is a way back: R follows the recent C's, so an
+untrusted seed that serves honestly again is trusted after a few epochs (the paper's code has none).
+All functions take their inputs (verdicts, clock `now`) as arguments.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 ALPHA = 0.4  # weight of the previous reputation (paper)
-BETA = 0.6  # weight of the epoch's credibility (paper)
+BETA = 0.6  # weight of the epoch's consensus credibility (paper)
 WINDOW = 5  # epochs remembered for punishment (paper)
 TAU = 0.4  # an epoch below this is abnormal (paper)
 GAMMA = 0.2  # punish when more than this fraction is abnormal (paper)
@@ -29,24 +38,92 @@ RELIABILITY_WEIGHT = 0.2  # EWMA weight of one ask outcome
 BACKOFF_BASE_S = 15.0  # avoid for 15 s after one failure, doubling per further failure
 BACKOFF_MAX_S = 600.0
 
+State = Literal["trusted", "untrusted", "unverified"]
+
+
+class Scored(Protocol):
+    """What the rules read of a verdict (protocol.Verdict has it; tests may pass plain tuples' kin)."""
+
+    @property
+    def verifier(self) -> str: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def credibility(self) -> float: ...
+
 
 def clamp(value: float) -> float:
     return min(1.0, max(0.0, value))
 
 
-def quality_from_verdicts(credibilities: Sequence[float]) -> float:
-    """The paper's reputation after epochs with these mean credibilities (oldest first)."""
+def punishment_weight(abnormal: int) -> float:
+    """The weight of C in an epoch whose window holds `abnormal` epochs below tau: (W+1)/(W + c/gamma + 2)."""
+    return (WINDOW + 1) / (WINDOW + abnormal / GAMMA + 2)
+
+
+def next_reputation(reputation: float, window: Sequence[float], credibility: float) -> tuple[float, list[float]]:
+    """One epoch of the paper's rule: (R after, the window after) from R before, the last <= W consensus
+    C's before this one, and this epoch's C."""
+    abnormal = sum(1 for score in window if score < TAU) + (1 if credibility < TAU else 0)
+    kept = [*window, credibility][-WINDOW:]
+    weight = punishment_weight(abnormal) if abnormal / len(kept) > GAMMA else BETA
+    return clamp(ALPHA * reputation + weight * credibility), kept
+
+
+def verification_reputation(consensus: Sequence[float]) -> float:
+    """The paper's reputation after epochs of these consensus credibilities (oldest first)."""
     reputation = INITIAL_REPUTATION
     window: list[float] = []
-    for credibility in credibilities:
-        abnormal = sum(1 for score in window if score < TAU) + (1 if credibility < TAU else 0)
-        window = (window + [credibility])[-WINDOW:]
-        if abnormal / len(window) > GAMMA:
-            weight = (WINDOW + 1) / (WINDOW + abnormal / GAMMA + 2)
-        else:
-            weight = BETA
-        reputation = clamp(ALPHA * reputation + weight * credibility)
+    for credibility in consensus:
+        reputation, window = next_reputation(reputation, window, credibility)
     return reputation
+
+
+def state_of(reputation: float | None) -> State:
+    """The trust state of a verification reputation (None: never verified)."""
+    if reputation is None:
+        return "unverified"
+    return "trusted" if reputation >= UNTRUSTED_BELOW else "untrusted"
+
+
+@dataclass(frozen=True)
+class EpochConsensus:
+    """One epoch of a seed's verdicts, as trusted verifiers gave them, and what they did to R."""
+
+    epoch: int
+    credibilities: dict[str, float]  # verifier peer id -> its C for this epoch
+    consensus: float  # the median of `credibilities`
+    agreed: int  # verifiers on the consensus's side of tau (they agree the epoch was normal, or abnormal)
+    reputation: float  # R after this epoch
+
+    @property
+    def verifiers(self) -> int:
+        return len(self.credibilities)
+
+
+def consensus_history(verdicts: Iterable[Scored], trusted_verifiers: set[str] | None = None) -> list[EpochConsensus]:
+    """Per epoch (oldest first) the median of the trusted verifiers' C and R after it.
+
+    `trusted_verifiers`: the verifiers' peer ids this client trusts; None trusts any verifier (whoever
+    can make identities can then outvote the honest ones: fine for a private swarm, not an open one).
+    One verdict per verifier and epoch counts (the store keeps the first; here too the first wins)."""
+    by_epoch: dict[int, dict[str, float]] = {}
+    for verdict in verdicts:
+        if trusted_verifiers is not None and verdict.verifier not in trusted_verifiers:
+            continue
+        by_epoch.setdefault(verdict.epoch, {}).setdefault(verdict.verifier, verdict.credibility)
+    history = []
+    reputation = INITIAL_REPUTATION
+    window: list[float] = []
+    for epoch in sorted(by_epoch):
+        scores = by_epoch[epoch]
+        consensus = float(statistics.median(scores.values()))
+        reputation, window = next_reputation(reputation, window, consensus)
+        agreed = sum(1 for score in scores.values() if (score < TAU) == (consensus < TAU))
+        history.append(EpochConsensus(epoch, dict(scores), consensus, agreed, reputation))
+    return history
 
 
 def reliability_from_outcomes(successes: Iterable[bool]) -> float:
@@ -55,14 +132,6 @@ def reliability_from_outcomes(successes: Iterable[bool]) -> float:
     for ok in successes:
         value = (1 - RELIABILITY_WEIGHT) * value + RELIABILITY_WEIGHT * (1.0 if ok else 0.0)
     return value
-
-
-def combined(quality: float, reliability: float) -> float:
-    return clamp((quality + reliability) / 2)
-
-
-def trusted(reputation: float) -> bool:
-    return reputation >= UNTRUSTED_BELOW
 
 
 def avoid_until(consecutive_failures: int, last_failure_at: float | None) -> float:
@@ -75,7 +144,11 @@ def avoid_until(consecutive_failures: int, last_failure_at: float | None) -> flo
 
 @dataclass(frozen=True)
 class PeerStanding:
-    """What the local store knows of one peer, as used to choose seeds and to show `gtorrent peers`."""
+    """What the local store knows of one peer, as used to choose seeds and to show `gtorrent peers`.
+
+    `reputation` is the verification reputation R (the initial 0.5 while `verified` is False). Built by
+    the store with every field; the defaults keep positional construction (tests) meaning "verified,
+    with this R"."""
 
     peer_id: str
     reputation: float
@@ -85,18 +158,38 @@ class PeerStanding:
     avoid_until: float
     median_ttft_s: float | None
     median_tokens_per_s: float | None
+    verified: bool = True  # some trusted verifier has given a verdict on it
+    reliability: float = INITIAL_REPUTATION  # EWMA of this client's ask outcomes
+    last_epoch: EpochConsensus | None = None  # the latest epoch with verdicts
 
     def avoided(self, now: float) -> bool:
         return now < self.avoid_until
 
     @property
-    def trusted(self) -> bool:
-        return trusted(self.reputation)
+    def state(self) -> State:
+        return state_of(self.reputation if self.verified else None)
+
+    @property
+    def eligible(self) -> bool:
+        """May get asks (and, later, forward them): trusted or not yet verified, never untrusted."""
+        return self.state != "untrusted"
 
 
-def choice_key(standing: PeerStanding | None, queue: float, now: float) -> tuple[int, float]:
-    """Sort key for seed choice (smaller is better): usable first, then reputation discounted by load."""
+def rank_score(standing: PeerStanding) -> float:
+    """How much an eligible seed is preferred, before load: verification and reliability together.
+
+    An unverified seed counts as R at the threshold, the lowest a trusted seed can have, so with equal
+    reliability it never ranks above a trusted one (`choice_key` breaks the tie at exactly 0.3)."""
+    state = standing.state
+    verification = standing.reputation if state == "trusted" else UNTRUSTED_BELOW if state == "unverified" else 0.0
+    return (verification + standing.reliability) / 2
+
+
+def choice_key(standing: PeerStanding | None, queue: float, now: float) -> tuple[int, float, int]:
+    """Sort key for seed choice (smaller is better): eligible and not backing off first, then eligible
+    ones backing off, untrusted last; within a tier the rank score discounted by load, then trusted
+    before unverified."""
     if standing is None:
-        return (0, -INITIAL_REPUTATION / (1.0 + queue))
-    tier = 0 if standing.trusted and not standing.avoided(now) else (1 if standing.trusted else 2)
-    return (tier, -standing.reputation / (1.0 + queue))
+        standing = PeerStanding("", INITIAL_REPUTATION, 0, 0, 0, 0.0, None, None, verified=False)
+    tier = 0 if standing.eligible and not standing.avoided(now) else (1 if standing.eligible else 2)
+    return (tier, -rank_score(standing) / (1.0 + queue), 0 if standing.state == "trusted" else 1)

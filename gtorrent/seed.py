@@ -1,9 +1,13 @@
 """The seed: serves one loaded model to the swarm and keeps its record fresh on the trackers.
 
 Requests (`generate`) are answered with `accepted`, a stream of `token` messages and a final `done`
-(or `error`). Generation runs in worker threads (ONNX Runtime releases the GIL), at most
-`max_concurrency` at once; further requests wait in FIFO order, so the event loop stays free to keep
-serving other messages while a model generates. The load reported in announces is the number of
+(or `error`). Every piece of text goes out with the token ids it came from, and every answer, direct or
+private, ends with the seed's signature over the transcript v2 (garlic.transcript) of exactly what was
+sent: the request bytes, the model id, the text, the ids, their count and the finish reason.
+
+Generation runs in worker threads (ONNX Runtime releases the GIL), at most `max_concurrency` at once;
+further requests wait in FIFO order, so the event loop stays free to keep serving other messages while
+a model generates. The load reported in announces is the number of
 requests waiting or running and an EWMA of recent request latency.
 
 Sequence numbers are milliseconds since the epoch, so they keep increasing across restarts without any
@@ -29,13 +33,23 @@ from .garlic import (
     CloveAssembler,
     GarlicError,
     chunk_fits,
+    direct_request_bytes,
     reply_payloads,
     split_to_fit,
     transcript,
 )
 from .identity import Identity, b64, unb64
 from .onion import BODY_BYTES, DATA, PAYLOAD_HEADER, OnionError, ReplayCache
-from .protocol import Message, ModelInfo, PeerRecord, ProtocolError, decode, encode, unique_keys
+from .protocol import (
+    MAX_TOKEN_IDS_PER_MESSAGE,
+    Message,
+    ModelInfo,
+    PeerRecord,
+    ProtocolError,
+    decode,
+    encode,
+    unique_keys,
+)
 from .relay import Circuit, RelayService, serve_relay
 from .runtime import GenerationParams, GenerationResult, LanguageModel, SamplingParams
 from .sida import Clove, SidaError, combine
@@ -73,26 +87,46 @@ class SeedLoad:
 
 
 class Responder:
-    """Where one request's answer goes: straight back over CurveZMQ, or back over circuits."""
+    """Where one request's answer goes: straight back over CurveZMQ, or back over circuits.
+
+    `text` is given each piece with its token ids and records both (`sent_text`, `sent_ids`): the
+    transcript the seed signs is built from what was handed to the asker, nothing else."""
 
     max_chunk_chars = MAX_CHUNK_CHARS
+    max_chunk_ids = MAX_TOKEN_IDS_PER_MESSAGE
     gone = False  # the asker can no longer be reached: stop generating for it
 
+    def __init__(self, request: bytes) -> None:
+        self.request = request  # the request bytes the transcript hashes (garlic.transcript)
+        self.sent_text: list[str] = []
+        self.sent_ids: list[int] = []
+
+    def signed(self, identity: Identity, model_id: str, finish_reason: str) -> str:
+        """b64 of this seed's signature over the transcript of the answer sent so far."""
+        signed = transcript(self.request, model_id, "".join(self.sent_text), self.sent_ids, finish_reason)
+        return b64(identity.sign(signed))
+
     async def accepted(self, queue: int) -> None: ...
-    async def text(self, piece: str) -> None: ...
+    async def text(self, piece: str, ids: list[int]) -> None:
+        self.sent_text.append(piece)
+        self.sent_ids.extend(ids)
+
     async def done(self, info: dict[str, Any]) -> None: ...
     async def error(self, code: str, message: str) -> None: ...
 
 
 class DirectResponder(Responder):
-    def __init__(self, reply: Reply, request_id: str) -> None:
-        self.reply, self.request_id, self.count = reply, request_id, 0
+    def __init__(self, reply: Reply, message: Message) -> None:
+        super().__init__(direct_request_bytes(message.body))
+        self.reply, self.request_id, self.count = reply, message["id"], 0
 
     async def accepted(self, queue: int) -> None:
         await self.reply.send("accepted", {"id": self.request_id, "queue": queue})
 
-    async def text(self, piece: str) -> None:
-        if not await self.reply.send("token", {"id": self.request_id, "n": self.count, "text": piece}):
+    async def text(self, piece: str, ids: list[int]) -> None:
+        await super().text(piece, ids)
+        body = {"id": self.request_id, "n": self.count, "text": piece, "ids": ids}
+        if not await self.reply.send("token", body):
             self.gone = True
         self.count += 1
 
@@ -121,10 +155,11 @@ class PrivateResponder(Responder):
     max_chunk_chars = MAX_PRIVATE_CHUNK_CHARS
 
     def __init__(self, seed: SeedService, ask: PrivateAsk, reply_key: bytes, request: bytes, n: int, k: int) -> None:
-        self.seed, self.ask, self.reply_key, self.request, self.n, self.k = seed, ask, reply_key, request, n, k
+        super().__init__(request)
+        self.seed, self.ask, self.reply_key, self.n, self.k = seed, ask, reply_key, n, k
         self.index = 0
-        self.answer: list[str] = []
         self.pending: list[str] = []
+        self.pending_ids: list[int] = []
         self.last_flush = 0.0
 
     async def _chunk(self, chunk: dict[str, Any]) -> None:
@@ -146,26 +181,30 @@ class PrivateResponder(Responder):
     async def accepted(self, queue: int) -> None:
         pass  # the first chunk says it all; an extra round on every path buys nothing
 
-    async def text(self, piece: str) -> None:
+    async def text(self, piece: str, ids: list[int]) -> None:
         # The first piece goes at once (time to first token); later ones are batched for up to
         # PRIVATE_BATCH_S: each chunk costs n cells through n x L relays, so fewer, fuller chunks.
-        self.answer.append(piece)
+        await super().text(piece, ids)
         self.pending.append(piece)
+        self.pending_ids.extend(ids)
         now = time.monotonic()
-        if self.index == 0 or now - self.last_flush >= PRIVATE_BATCH_S or sum(map(len, self.pending)) >= self.max_chunk_chars:
+        full = max(sum(map(len, self.pending)), len(self.pending_ids)) >= self.max_chunk_chars
+        if self.index == 0 or now - self.last_flush >= PRIVATE_BATCH_S or full:
             await self._flush(now)
 
     async def _flush(self, now: float) -> None:
         text, self.pending = "".join(self.pending), []
+        ids, self.pending_ids = self.pending_ids, []
         self.last_flush = now
-        for piece in split_to_fit(text, self.k, REPLY_CAPACITY):  # by bytes: each fragment one cell
-            await self._chunk({"text": piece})
+        # by bytes: each fragment one cell
+        for piece, piece_ids in split_to_fit(text, ids, self.k, REPLY_CAPACITY):
+            await self._chunk({"text": piece, "ids": piece_ids})
 
     async def done(self, info: dict[str, Any]) -> None:
-        if self.pending:
+        if self.pending or self.pending_ids:
             await self._flush(time.monotonic())
-        signed = transcript(self.request, info["model_id"], "".join(self.answer))
-        await self._chunk({"done": info, "signature": b64(self.seed.identity.sign(signed))})
+        signature = info.pop("signature")  # the chunk keeps it beside the statistics, as in v1
+        await self._chunk({"done": info, "signature": signature})
 
     async def error(self, code: str, message: str) -> None:
         while len(message) > 8 and not chunk_fits({"error": code, "message": message}, self.k, REPLY_CAPACITY):
@@ -249,7 +288,7 @@ class SeedService:
         if message.kind == "ping":
             await reply.send("pong", {})
             return
-        await self.serve_request(message.body, DirectResponder(reply, message["id"]))
+        await self.serve_request(message.body, DirectResponder(reply, message))
 
     async def serve_request(self, request: dict[str, Any], responder: Responder) -> None:
         """Validate, queue, generate and stream one request, whichever way it came in."""
@@ -286,19 +325,29 @@ class SeedService:
 
     async def _generate(self, request: dict[str, Any], params: GenerationParams, responder: Responder) -> None:
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        pieces: asyncio.Queue[tuple[str, list[int]] | None] = asyncio.Queue()
+        held_ids: list[int] = []  # ids generated since the last piece (worker thread only)
+
+        def on_token(token: int) -> None:
+            held_ids.append(token)
 
         def on_text(piece: str) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+            # the ids since the last piece are this piece's (runtime: on_token comes before its text)
+            ids = held_ids.copy()
+            held_ids.clear()
+            loop.call_soon_threadsafe(pieces.put_nowait, (piece, ids))
 
         stop = threading.Event()
 
         def work() -> GenerationResult:
             try:
                 return self.model.generate(
-                    request["prompt"], params, chat=bool(request.get("chat", False)), on_text=on_text, should_stop=stop.is_set
+                    request["prompt"], params, chat=bool(request.get("chat", False)), on_text=on_text,
+                    should_stop=stop.is_set, on_token=on_token,
                 )
             finally:
+                if held_ids:  # tokens that released no text (e.g. skipped special tokens) still count
+                    loop.call_soon_threadsafe(pieces.put_nowait, ("", held_ids.copy()))
                 loop.call_soon_threadsafe(pieces.put_nowait, None)
 
         started = time.perf_counter()
@@ -307,16 +356,18 @@ class SeedService:
         while not finished:
             # Coalesce what the generator produced while the last send was in flight: fewer, larger
             # messages when the link or the event loop is slower than the model.
-            text = [await pieces.get()]
+            got = [await pieces.get()]
             while not pieces.empty():
-                text.append(pieces.get_nowait())
-            finished = text[-1] is None
-            joined = "".join(t for t in text if t is not None)
-            for start in range(0, len(joined), responder.max_chunk_chars):
+                got.append(pieces.get_nowait())
+            finished = got[-1] is None
+            joined = "".join(item[0] for item in got if item is not None)
+            ids = [token for item in got if item is not None for token in item[1]]
+            chars, per = responder.max_chunk_chars, responder.max_chunk_ids
+            for part in range(max(-(-len(joined) // chars), -(-len(ids) // per))):
                 if responder.gone:
                     stop.set()  # nobody is listening: free the worker for the next request
                     break
-                await responder.text(joined[start : start + responder.max_chunk_chars])
+                await responder.text(joined[part * chars :][:chars], ids[part * per :][:per])
         try:
             result = await future
         except UsageError as exc:  # the request itself is wrong (e.g. longer than the context)
@@ -330,13 +381,15 @@ class SeedService:
         if result.finish_reason == "cancelled":
             self.cancelled += 1
             return
+        model_id = self.model.model_id
         await responder.done(
             {
-                "tokens": result.tokens,
+                "tokens": result.tokens,  # = len(responder.sent_ids), which the signature covers
                 "finish_reason": result.finish_reason,
                 "ttft_s": round(result.ttft_s, 6),
                 "total_s": round(result.total_s, 6),
-                "model_id": self.model.model_id,
+                "model_id": model_id,
+                "signature": responder.signed(self.identity, model_id, result.finish_reason),
             }
         )
 

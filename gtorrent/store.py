@@ -1,9 +1,12 @@
-"""The local SQLite store of one peer (through sqlite-utils): peers seen, observations, reputation.
+"""The local SQLite store of one peer (through sqlite-utils): peers seen, observations, signed verdicts,
+guards; reputation derived from them.
 
 One database per home, `gtorrent.db`. Migrations are a list of functions applied once and recorded
 (sqlite-utils `Migrations`); the database runs in WAL mode and every write is a transaction, so a
-crash never loses a committed row. Reputation is derived from the observations on read
+crash never loses a committed row. Reputation is derived from the verdicts and observations on read
 (`reputation.py` holds the rules), never stored as a number that could drift from its evidence.
+Verdicts are stored only once verified, with their signatures, one per (verifier, seed, epoch) (the
+first stays), and at most the newest VERDICT_EPOCHS_KEPT epochs per (verifier, seed).
 
 Many processes may use one store at once (several asks sharing a home). So every connection waits
 for another's write lock (busy timeout) instead of failing; every write is one short `BEGIN
@@ -25,6 +28,7 @@ import sqlite3
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -35,11 +39,14 @@ from . import reputation
 from .errors import StoreError
 from .guards import Guard
 from .paths import HOME_ENV, create_private, ensure_private_dir
-from .protocol import PeerRecord
+from .protocol import PeerRecord, ProtocolError, Verdict
 
 DB_NAME = "gtorrent.db"
 OUTCOMES = ("ok", "failed", "timeout")
 RECENT_OBSERVATIONS = 50  # per peer, for reliability and medians
+# verdicts kept per (verifier, seed): the newest epochs. R forgets its past by ALPHA = 0.4 per epoch, so
+# what older epochs would add is below 0.4**64 (~1e-26): the bound costs no precision
+VERDICT_EPOCHS_KEPT = 64
 BUSY_TIMEOUT_S = 5.0  # one statement waits this long for another process's lock before SQLITE_BUSY
 BUSY_ATTEMPTS = 4  # a transaction that still meets SQLITE_BUSY runs again, this many times in all
 BUSY_BACKOFF_S = 0.05  # mean pause before the first retry; doubles for each further one (jittered)
@@ -90,6 +97,20 @@ def m003_guards(db: Database) -> None:
          "unreachable_since": float},
         pk=("swarm", "peer_id"),
     )
+
+
+@migrations()
+def m004_signed_verdicts(db: Database) -> None:
+    # m002's table never had a writer: replaced by signed verdicts, kept with the signature and the
+    # verifier's key so they can be re-checked and handed on. One per (verifier, seed, epoch): the first
+    # one stays (Store.add_verdicts says why).
+    db.table("verdicts").drop()
+    db.table("verdicts").create(
+        {"verifier": str, "seed": str, "epoch": int, "verifier_key": str, "model_id": str, "credibility": float,
+         "challenges": int, "evidence": str, "signature": str, "received_at": float},
+        pk=("verifier", "seed", "epoch"),
+    )
+    db.table("verdicts").create_index(["seed", "epoch"])
 
 
 P = ParamSpec("P")
@@ -148,9 +169,12 @@ def _store_error(path: Path, exc: sqlite3.Error) -> StoreError:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, trusted_verifiers: set[str] | None = None) -> None:
+        """`trusted_verifiers`: the verifiers (peer ids) whose verdicts count for reputation; None: any.
+        Verdicts of others are still kept (a client may trust more verifiers later)."""
         ensure_private_dir(path.parent)
         self.path = path
+        self.trusted_verifiers = None if trusted_verifiers is None else set(trusted_verifiers)
         create_private(path)  # SQLite gives the -wal/-shm files the database file's mode
         try:
             # timeout= is SQLite's busy timeout: wait for another process's lock instead of failing
@@ -169,8 +193,8 @@ class Store:
             self._write(lambda: migrations.apply(self.db))  # pending is re-read inside, under the lock
 
     @classmethod
-    def open(cls, home: Path) -> Store:
-        return cls(home / DB_NAME)
+    def open(cls, home: Path, trusted_verifiers: set[str] | None = None) -> Store:
+        return cls(home / DB_NAME, trusted_verifiers)
 
     def close(self) -> None:
         self.db.close()
@@ -241,6 +265,46 @@ class Store:
                 row,
             )
         )
+
+    def add_verdicts(self, verdicts: Iterable[Verdict], now: float | None = None) -> int:
+        """Keep these verdicts with their signatures; returns how many were new.
+
+        Each is verified again first (a `Verdict` can be built without `from_wire`): one that fails
+        raises ProtocolError and nothing is written. A second verdict for a (verifier, seed, epoch)
+        already held is ignored, not stored over the first: the same verdict arrives through every
+        tracker (so ingesting is idempotent), and a verifier that signs two different ones has
+        equivocated; letting the later win would let it rewrite an epoch after seeing how the others
+        voted, and a replayed old copy could undo a newer one. Only the newest VERDICT_EPOCHS_KEPT epochs
+        per (verifier, seed) are kept."""
+        now = time.time() if now is None else now
+        rows = []
+        for verdict in verdicts:
+            if not isinstance(verdict, Verdict):
+                raise TypeError("add_verdicts takes protocol.Verdict objects")
+            checked = Verdict.from_wire(verdict.to_wire())  # raises ProtocolError
+            wire = checked.to_wire()
+            rows.append((checked.verifier, checked.seed, checked.epoch, wire["verifier_key"], checked.model_id,
+                         checked.credibility, checked.challenges, checked.evidence, wire["signature"], now))
+        pairs = sorted({(row[0], row[1]) for row in rows})
+
+        def body() -> int:
+            conn = self.db.conn
+            added = 0
+            for row in rows:
+                added += conn.execute(
+                    "insert or ignore into verdicts (verifier, seed, epoch, verifier_key, model_id, credibility, "
+                    "challenges, evidence, signature, received_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                ).rowcount
+            for verifier, seed in pairs:
+                conn.execute(
+                    "delete from verdicts where verifier = ? and seed = ? and epoch not in "
+                    "(select epoch from verdicts where verifier = ? and seed = ? order by epoch desc limit ?)",
+                    (verifier, seed, verifier, seed, VERDICT_EPOCHS_KEPT),
+                )
+            return added
+
+        return self._write(body) if rows else 0
 
     def add_guards(self, swarm: str, guards: Iterable[Guard], limit: int) -> None:
         """Add these guards to the swarm's set while it holds fewer than `limit`.
@@ -325,6 +389,30 @@ class Store:
         return held
 
     @_guarded
+    def verdicts(self, seed: str, epoch: int | None = None) -> list[Verdict]:
+        """The verdicts held on `seed` (for one `epoch`, or all), oldest epoch first, then by verifier; each
+        re-verified: they are shown and handed on with their signatures, so a damaged row is left out,
+        never passed along."""
+        held = []
+        for row in self.db.execute(
+            "select verifier, verifier_key, seed, model_id, epoch, credibility, challenges, evidence, signature "
+            "from verdicts where seed = ? and (? is null or epoch = ?) order by epoch, verifier",
+            (seed, epoch, epoch),
+        ).fetchall():
+            doc = dict(zip(("verifier", "verifier_key", "seed", "model_id", "epoch", "credibility", "challenges",
+                            "evidence", "signature"), row, strict=True))
+            try:
+                held.append(Verdict.from_wire(doc))
+            except ProtocolError:
+                continue
+        return held
+
+    @_guarded
+    def verdict_seeds(self) -> list[str]:
+        """Every seed some verdict held is about."""
+        return [row[0] for row in self.db.execute("select distinct seed from verdicts order by seed").fetchall()]
+
+    @_guarded
     def first_seen(self) -> dict[str, float]:
         """When this peer first saw each peer listed: among records that copy one another's endpoint or
         keys, the one seen first is the genuine one (routing.candidate_records)."""
@@ -354,22 +442,38 @@ class Store:
                 break
             consecutive += 1
             last_failure = last_failure or row["at"]
-        verdicts = [
-            row["credibility"]
-            for row in self.db.table("verdicts").rows_where("peer_id = ?", [peer_id], order_by="epoch, id")
+        # the numbers only: every row was verified on its way in (add_verdicts), and seeds are ranked
+        # often; `verdicts()` re-verifies what is shown or handed on
+        scored = [
+            _Scored(row[0], int(row[1]), float(row[2]))
+            for row in self.db.execute(
+                "select verifier, epoch, credibility from verdicts where seed = ? order by epoch, verifier", (peer_id,)
+            ).fetchall()
         ]
-        quality = reputation.quality_from_verdicts(verdicts)
+        history = reputation.consensus_history(scored, self.trusted_verifiers)
         reliability = reputation.reliability_from_outcomes(row["outcome"] == "ok" for row in rows)
         ok_rows = [row for row in rows if row["outcome"] == "ok"]
         ttfts = [row["ttft_s"] for row in ok_rows if row["ttft_s"] is not None]
         rates = [row["tokens_per_s"] for row in ok_rows if row["tokens_per_s"] is not None]
         return reputation.PeerStanding(
             peer_id=peer_id,
-            reputation=reputation.combined(quality, reliability),
+            reputation=history[-1].reputation if history else reputation.INITIAL_REPUTATION,
             asks_ok=int(counts[0] or 0),
             asks_failed=int(counts[1] or 0),
             consecutive_failures=consecutive,
             avoid_until=reputation.avoid_until(consecutive, last_failure),
             median_ttft_s=statistics.median(ttfts) if ttfts else None,
             median_tokens_per_s=statistics.median(rates) if rates else None,
+            verified=bool(history),
+            reliability=reliability,
+            last_epoch=history[-1] if history else None,
         )
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A stored verdict's numbers, as reputation.consensus_history reads them."""
+
+    verifier: str
+    epoch: int
+    credibility: float

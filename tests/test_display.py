@@ -12,6 +12,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,8 +55,9 @@ def row(model_name: str, **fields: Any) -> PeerRow:
         "models": [{"model_id": "f" * 64, "name": model_name, "context_length": 1024}],
         "endpoint": "tcp://127.0.0.1:7701",
         "online": False,
-        "reputation": 0.5,
-        "trusted": False,
+        "reputation": None,
+        "state": "unverified",
+        "reliability": 0.5,
         "asks_ok": 0,
         "asks_failed": 0,
         "median_ttft_s": None,
@@ -118,7 +120,7 @@ def test_json_output_round_trips_without_raw_controls(capsys: pytest.CaptureFixt
 def test_peers_command_shows_hostile_model_names_as_text(cli, monkeypatch: pytest.MonkeyPatch, name: str) -> None:  # type: ignore[no-untyped-def]
     import gtorrent_cli.peers as peers_cmd
 
-    rows = [row(name), row("ok", peer_id="b" * 26, online=True, trusted=True, roles=["relay", "seed"])]
+    rows = [row(name), row("ok", peer_id="b" * 26, online=True, reputation=0.7, state="trusted", roles=["relay", "seed"])]
     monkeypatch.setattr(peers_cmd, "list_peers", lambda settings, model: (rows, {"tcp://t:1": f"said {name}"}))
     result = cli("peers")
     assert result.code == 0, result
@@ -138,6 +140,124 @@ def test_peers_table_escapes_every_column() -> None:
     assert_no_controls(shown)
     for literal in ("[/p]", "[/r]", "[/m]", "tcp://[/e]]0;t:1"):
         assert literal in shown
+
+
+def rendered(renderable: Any) -> str:
+    buffer = io.StringIO()
+    Console(file=buffer, width=300, emoji=False, highlight=False).print(renderable)
+    return buffer.getvalue()
+
+
+def test_peers_table_shows_trust_state_in_words() -> None:
+    rows = [
+        row("m", peer_id="t" * 26, reputation=0.687, state="trusted", last_epoch=3, last_consensus=0.7,
+            verifiers=3, verifiers_agreed=3),
+        row("m", peer_id="u" * 26, reputation=0.191, state="untrusted", last_epoch=3, last_consensus=0.2,
+            verifiers=3, verifiers_agreed=2),
+        row("m", peer_id="n" * 26),
+    ]
+    lines = {line.split()[0]: line for line in rendered(peers_table(rows)).splitlines() if line.strip()}
+    header = lines["PEER"]
+    for column in ("REPUTATION", "STATE", "LAST C", "AGREED"):
+        assert column in header
+    assert "0.69" in lines["tttttttt"] and " trusted " in lines["tttttttt"] and "3/3" in lines["tttttttt"]
+    assert "0.19" in lines["uuuuuuuu"] and " untrusted " in lines["uuuuuuuu"] and "2/3" in lines["uuuuuuuu"]
+    assert " unverified " in lines["nnnnnnnn"] and "0.50" not in lines["nnnnnnnn"]  # no R shown when none
+    assert "1 untrusted" in lines["3"]
+
+
+def history_home(home: Path, verifiers: int = 3, liar: bool = True) -> tuple[str, list[str]]:
+    """A store in `home` holding 3 epochs of verdicts on one seed: honest verifiers give 0.7, a liar 0."""
+    from gtorrent.protocol import Verdict
+    from gtorrent.store import Store
+
+    seed = Identity.generate().peer_id
+    signers = [Identity.generate() for _ in range(verifiers)]
+    store = Store.open(home)
+    try:
+        for epoch in range(3):
+            store.add_verdicts([
+                Verdict.sign(v, seed=seed, model_id="ab" * 32, epoch=epoch, evidence="cd" * 32, challenges=3,
+                             credibility=0.0 if liar and i == 0 else 0.7)
+                for i, v in enumerate(signers)
+            ])
+    finally:
+        store.close()
+    return seed, [v.peer_id for v in signers]
+
+
+def test_peers_peer_id_shows_the_verdict_history(cli, gtorrent_home: Path) -> None:  # type: ignore[no-untyped-def]
+    seed, verifiers = history_home(gtorrent_home)
+    result = cli("peers", seed[:8])  # the table's short id is enough
+    assert result.code == 0, result
+    assert f"{seed}: trusted (R 0.69 after 3 epochs)" in result.out
+    lines = [line.split() for line in result.out.splitlines() if line.strip()]
+    header = lines[1]
+    assert header[0] == "EPOCH" and header[-5:] == ["CONSENSUS", "AGREED", "R", "AFTER", "STATE"]
+    for verifier in verifiers:
+        assert f"C {verifier[:8]}" in result.out
+    body = lines[2:]
+    assert [r[0] for r in body] == ["0", "1", "2"]
+    # each epoch: the liar's 0.000 among two 0.700s, consensus 0.700 agreed by 2 of 3, R 0.62 0.668 0.687
+    assert [r[1:4].count("0.000") for r in body] == [1, 1, 1]
+    assert [r[-4:] for r in body] == [["0.700", "2/3", "0.620", "trusted"], ["0.700", "2/3", "0.668", "trusted"],
+                                      ["0.700", "2/3", "0.687", "trusted"]]
+    as_json = cli("peers", seed, "--json")
+    doc = json.loads(as_json.out)
+    assert doc["state"] == "trusted" and [e["reputation"] for e in doc["epochs"]] == pytest.approx([0.62, 0.668, 0.6872])
+    assert len(doc["verdicts"]) == 9 and all("signature" in v and "verifier_key" in v for v in doc["verdicts"])
+    from gtorrent.protocol import Verdict
+
+    assert {Verdict.from_wire(v).verifier for v in doc["verdicts"]} == set(verifiers)  # they re-verify
+    assert doc["epochs"][0]["credibilities"][verifiers[0]] == 0.0
+
+
+def test_peers_peer_id_unknown_or_ambiguous(cli, gtorrent_home: Path) -> None:  # type: ignore[no-untyped-def]
+    missing = cli("peers", "zzzzzzzz")
+    assert missing.code != 0 and "error: no peer 'zzzzzzzz' is known here" in missing.err and "hint:" in missing.err
+    hostile = cli("peers", "[/x]\x1b]0;t\x07")
+    assert hostile.code != 0 and "error:" in hostile.err
+    assert_no_controls(hostile.out + hostile.err)
+
+
+@pytest.mark.timeout(60)
+def test_peers_json_carries_the_last_epochs_verdicts(gtorrent_home: Path, tracker_url: str) -> None:
+    import asyncio
+
+    from gtorrent.node import peer_rows
+    from gtorrent.protocol import ModelInfo, PeerRecord
+    from gtorrent.store import Store
+    from gtorrent.transport import new_context
+
+    seed_identity = Identity.generate()
+    history_home(gtorrent_home, liar=False)  # verdicts on a seed with no record: not a row
+    record = PeerRecord.sign(seed_identity, endpoint="tcp://127.0.0.1:7701", roles=("seed",),
+                             models=(ModelInfo("f" * 64, "m", 1024),), seq=1, expires=time.time() + 600)
+    store = Store.open(gtorrent_home)
+    store.saw_peers([record])
+    from gtorrent.protocol import Verdict
+
+    store.add_verdicts([Verdict.sign(Identity.generate(), seed=record.peer_id, model_id="f" * 64, epoch=5,
+                                     credibility=0.1, challenges=3, evidence="cd" * 32)])
+
+    async def rows() -> Any:
+        ctx = new_context()
+        try:
+            return await peer_rows(ctx, [tracker_url], store)
+        finally:
+            ctx.destroy(linger=0)
+
+    try:
+        (only,), failed = asyncio.run(rows())
+    finally:
+        store.close()
+    doc = only.as_json()
+    assert failed == {} and doc["peer_id"] == record.peer_id
+    assert doc["state"] == "untrusted" and doc["reputation"] == pytest.approx(0.4 * 0.5 + 0.5 * 0.1)  # punished
+    assert (doc["last_epoch"], doc["last_consensus"], doc["verifiers"], doc["verifiers_agreed"]) == (5, 0.1, 1, 1)
+    (verdict,) = doc["verdicts"]
+    assert Verdict.from_wire(verdict).seed == record.peer_id
+    json.dumps(doc)  # plain JSON
 
 
 @pytest.fixture(scope="module")

@@ -286,10 +286,12 @@ def test_reply_chunks_are_cut_to_fit_one_cell_per_fragment(text: str, k: int) ->
     from gtorrent.onion import BODY_BYTES, PAYLOAD_HEADER
 
     capacity = BODY_BYTES - PAYLOAD_HEADER.size
-    pieces = split_to_fit(text, k, capacity)
-    assert "".join(pieces) == text
-    for index, piece in enumerate(pieces):
-        for payload in reply_payloads(b"k" * 32, index, {"text": piece}, k + 1, k):
+    ids = list(range((1 << 32) - len(text), 1 << 32))  # one id per character, each 10 digits: the widest
+    pieces = split_to_fit(text, ids, k, capacity)
+    assert "".join(piece for piece, _ in pieces) == text
+    assert [token for _, piece_ids in pieces for token in piece_ids] == ids
+    for index, (piece, piece_ids) in enumerate(pieces):
+        for payload in reply_payloads(b"k" * 32, index, {"text": piece, "ids": piece_ids}, k + 1, k):
             assert len(payload) <= capacity and len(payload) > REPLY_HEAD.size
 
 

@@ -1,17 +1,35 @@
-"""Reputation rules (pure, with the paper's constants) and the SQLite store that feeds them."""
+"""Reputation rules (pure, with the paper's constants) and the SQLite store that feeds them.
+
+The verification reputation follows paper-notes §4.2 over the per-epoch consensus of trusted verifiers;
+ask outcomes order eligible seeds and drive back-off, and never lift an untrusted seed."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from gtorrent import reputation as rep
 from gtorrent.identity import Identity
-from gtorrent.protocol import PeerRecord
+from gtorrent.protocol import PeerRecord, Verdict
 from gtorrent.store import DB_NAME, Store
+
+
+@dataclass(frozen=True)
+class Scored:
+    verifier: str
+    epoch: int
+    credibility: float
+
+
+def epochs(*scores: float, verifier: str = "v1") -> list[Scored]:
+    return [Scored(verifier, epoch, score) for epoch, score in enumerate(scores)]
+
+
+# ------------------------------------------------------------------ the paper's rule, its worked numbers
 
 
 @pytest.mark.parametrize(
@@ -26,27 +44,138 @@ from gtorrent.store import DB_NAME, Store
     ],
 )
 def test_paper_reputation_rule(scores: list[float], expected: float) -> None:
-    assert rep.quality_from_verdicts(scores) == pytest.approx(expected, abs=1e-3)
+    assert rep.verification_reputation(scores) == pytest.approx(expected, abs=1e-3)
 
 
-def test_punishment_factor_applies_when_window_is_abnormal() -> None:
+def test_constants_are_the_papers() -> None:
+    assert (rep.ALPHA, rep.BETA, rep.WINDOW, rep.TAU, rep.GAMMA) == (0.4, 0.6, 5, 0.4, 0.2)
+    assert (rep.INITIAL_REPUTATION, rep.UNTRUSTED_BELOW) == (0.5, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("abnormal", "factor"), [(1, 0.5), (2, 0.353), (3, 0.273), (4, 0.222), (5, 0.188), (6, 0.162)]
+)
+def test_punishment_factors(abnormal: int, factor: float) -> None:
+    # paper-notes §4.2 [Derived]: 6/(7 + 5c) for W = 5
+    assert rep.punishment_weight(abnormal) == pytest.approx(factor, abs=1e-3)
+
+
+def test_punishment_applies_when_window_is_abnormal() -> None:
     # one abnormal epoch out of one: c = 1, fraction 1 > 0.2 -> factor 6/(5 + 5 + 2) = 0.5
-    assert rep.quality_from_verdicts([0.3]) == pytest.approx(0.4 * 0.5 + 0.5 * 0.3)
+    assert rep.verification_reputation([0.3]) == pytest.approx(0.4 * 0.5 + 0.5 * 0.3)
+    # a window of five normal epochs then one abnormal: c = 1 of 5, 0.2 is not > 0.2 -> beta
+    before = rep.verification_reputation([0.9] * 5)
+    assert rep.verification_reputation([0.9] * 5 + [0.35]) == pytest.approx(0.4 * before + 0.6 * 0.35)
+    # c counts the window and the current epoch, so it reaches W + 1
+    reputation, window = rep.next_reputation(0.5, [0.1] * 5, 0.1)
+    assert window == [0.1] * 5 and reputation == pytest.approx(0.4 * 0.5 + rep.punishment_weight(6) * 0.1)
 
 
-def test_reliability_and_trust() -> None:
+def test_reputation_is_clamped() -> None:
+    assert rep.verification_reputation([1.0] * 50) <= 1.0
+    assert rep.verification_reputation([0.0] * 50) >= 0.0
+
+
+def test_low_scorer_is_untrusted_after_the_second_epoch() -> None:
+    history = rep.consensus_history(epochs(0.2, 0.2, 0.2))
+    assert [rep.state_of(e.reputation) for e in history] == ["trusted", "untrusted", "untrusted"]
+
+
+def test_way_back_for_a_fixed_seed() -> None:
+    # the paper's code has none: here R follows the recent consensus, so honest epochs earn trust back
+    history = rep.consensus_history(epochs(0.0, 0.0, 0.0, *[0.9] * 3))
+    assert rep.state_of(history[2].reputation) == "untrusted"
+    assert rep.state_of(history[-1].reputation) == "trusted"
+
+
+# ------------------------------------------------------------------ consensus of several verifiers
+
+
+def test_median_consensus_one_liar_of_three_frames_no_one() -> None:
+    honest = [Scored(v, 0, 0.8) for v in ("a", "b")] + [Scored(v, 1, 0.8) for v in ("a", "b")]
+    liar = [Scored("liar", 0, 0.0), Scored("liar", 1, 0.0)]
+    history = rep.consensus_history(honest + liar)
+    assert [e.consensus for e in history] == [0.8, 0.8]
+    assert [(e.agreed, e.verifiers) for e in history] == [(2, 3), (2, 3)]
+    assert rep.state_of(history[-1].reputation) == "trusted"
+    # nor can a lying verifier clear a cheater
+    cheat = [Scored(v, e, 0.05) for v in ("a", "b") for e in (0, 1)] + [Scored("liar", e, 1.0) for e in (0, 1)]
+    assert rep.state_of(rep.consensus_history(cheat)[-1].reputation) == "untrusted"
+
+
+def test_only_trusted_verifiers_count_and_first_verdict_wins() -> None:
+    verdicts = [Scored("a", 0, 0.9), Scored("x", 0, 0.0), Scored("a", 0, 0.1)]
+    (only,) = rep.consensus_history(verdicts, trusted_verifiers={"a"})
+    assert only.credibilities == {"a": 0.9} and only.consensus == 0.9
+    assert rep.consensus_history(verdicts, trusted_verifiers=set()) == []
+    assert rep.consensus_history(verdicts)[0].credibilities == {"a": 0.9, "x": 0.0}
+
+
+def test_epochs_apply_in_epoch_order_not_arrival_order() -> None:
+    shuffled = [Scored("a", 2, 0.2), Scored("a", 0, 0.7), Scored("a", 1, 0.7)]
+    history = rep.consensus_history(shuffled)
+    assert [e.epoch for e in history] == [0, 1, 2]
+    assert history[-1].reputation == pytest.approx(rep.verification_reputation([0.7, 0.7, 0.2]))
+
+
+# ------------------------------------------------------------------ states, eligibility, choice
+
+
+def standing(reputation: float = 0.5, *, verified: bool = True, reliability: float = 0.5, failures: int = 0,
+             avoid_until: float = 0.0, peer_id: str = "p") -> rep.PeerStanding:
+    return rep.PeerStanding(peer_id, reputation, 0, failures, failures, avoid_until, None, None,
+                            verified=verified, reliability=reliability)
+
+
+def test_states_and_eligibility() -> None:
+    assert standing(0.3).state == "trusted" and standing(0.3).eligible
+    assert standing(0.29).state == "untrusted" and not standing(0.29).eligible
+    assert standing(verified=False).state == "unverified" and standing(verified=False).eligible
+    assert rep.state_of(None) == "unverified"
+
+
+def test_ask_outcomes_never_lift_an_untrusted_seed() -> None:
+    # regression: reputation was the mean of verification and reliability, so a seed verified at C = 0
+    # that answered 20 asks scored (0 + 0.994) / 2 = 0.497 and stayed trusted
+    cheater = standing(rep.verification_reputation([0.0] * 10), reliability=rep.reliability_from_outcomes([True] * 20))
+    assert cheater.reliability > 0.99 and cheater.state == "untrusted" and not cheater.eligible
+    assert rep.choice_key(cheater, 0, 0.0)[0] == 2  # last, behind even a backing-off seed
+    # and ask failures never make a trusted seed ineligible: they only delay it (back-off)
+    flaky = standing(0.9, reliability=rep.reliability_from_outcomes([False] * 20), failures=20, avoid_until=1e12)
+    assert flaky.eligible and rep.choice_key(flaky, 0, 0.0)[0] == 1
+
+
+def test_choice_prefers_usable_reputable_idle() -> None:
+    now = time.time()
+    good = standing(0.8, reliability=0.9)
+    avoided = standing(0.9, reliability=0.9, failures=1, avoid_until=1e12)
+    untrusted = standing(0.1, reliability=0.9)
+    assert rep.choice_key(good, 0, now) < rep.choice_key(avoided, 0, now) < rep.choice_key(untrusted, 0, now)
+    assert rep.choice_key(good, 0, now) < rep.choice_key(good, 3, now)
+    assert rep.choice_key(None, 0, now) < rep.choice_key(avoided, 0, now)
+
+
+def test_unverified_ranks_below_trusted_of_the_same_standing() -> None:
+    now = time.time()
+    for reliability in (0.2, 0.5, 0.99):
+        for reputation in (0.3, 0.5, 0.9):
+            trusted = standing(reputation, reliability=reliability)
+            unverified = standing(verified=False, reliability=reliability)
+            assert rep.choice_key(trusted, 0, now) < rep.choice_key(unverified, 0, now)
+    assert rep.choice_key(standing(verified=False), 0, now) == rep.choice_key(None, 0, now)
+
+
+def test_reliability_ewma_and_backoff() -> None:
     assert rep.reliability_from_outcomes([]) == 0.5
     assert rep.reliability_from_outcomes([True] * 10) > 0.9
-    failing = rep.combined(0.5, rep.reliability_from_outcomes([False] * 10))
-    assert not rep.trusted(failing)
-    assert rep.trusted(rep.combined(0.5, 0.5))
-
-
-def test_backoff_doubles_and_is_capped() -> None:
+    assert rep.reliability_from_outcomes([False] * 10) < 0.1
     assert rep.avoid_until(0, 100.0) == 0.0
     assert rep.avoid_until(1, 100.0) == 100.0 + rep.BACKOFF_BASE_S
     assert rep.avoid_until(2, 100.0) == 100.0 + 2 * rep.BACKOFF_BASE_S
     assert rep.avoid_until(30, 100.0) == 100.0 + rep.BACKOFF_MAX_S
+
+
+# ------------------------------------------------------------------ the store
 
 
 def signed(identity: Identity) -> PeerRecord:
@@ -61,8 +190,8 @@ def test_store_migrates_once_wal_and_survives_reopen(tmp_path: Path) -> None:
     store.close()
     again = Store.open(tmp_path)
     assert again.db.execute("pragma journal_mode").fetchone()[0] == "wal"
-    applied = again.db.execute("select count(*) from _sqlite_migrations").fetchone()[0]
-    assert applied == 3  # m001_peers_and_observations, m002_verdicts, m003_guards
+    applied = [name for (name,) in again.db.execute("select name from _sqlite_migrations order by rowid").fetchall()]
+    assert applied == ["m001_peers_and_observations", "m002_verdicts", "m003_guards", "m004_signed_verdicts"]
     assert [r.peer_id for r in again.known_records()] == [peer.peer_id]
     assert again.standing(peer.peer_id).asks_ok == 1
     again.saw_peers([signed(peer)], now=20.0)
@@ -80,23 +209,47 @@ def test_failures_are_avoided_then_forgiven(tmp_path: Path) -> None:
     store.observe(peer, "ok", now=100.0)
     store.observe(peer, "timeout", now=200.0)
     store.observe(peer, "failed", now=201.0)
-    standing = store.standing(peer)
-    assert standing.consecutive_failures == 2 and standing.asks_failed == 2 and standing.asks_ok == 1
-    assert standing.avoided(210.0) and not standing.avoided(201.0 + 2 * rep.BACKOFF_BASE_S + 1)
+    held = store.standing(peer)
+    assert held.consecutive_failures == 2 and held.asks_failed == 2 and held.asks_ok == 1
+    assert held.avoided(210.0) and not held.avoided(201.0 + 2 * rep.BACKOFF_BASE_S + 1)
+    assert held.state == "unverified" and held.eligible  # failures delay a seed; only verdicts untrust it
     store.observe(peer, "ok", now=300.0)
     forgiven = store.standing(peer)
     assert forgiven.consecutive_failures == 0 and not forgiven.avoided(300.0)
-    assert forgiven.reputation < rep.combined(0.5, rep.reliability_from_outcomes([True, True, True, True]))
+    assert forgiven.reliability < rep.reliability_from_outcomes([True, True, True, True])
     with pytest.raises(ValueError):
         store.observe(peer, "exploded")
     store.close()
 
 
-def test_choice_prefers_usable_reputable_idle(tmp_path: Path) -> None:
-    good = rep.PeerStanding("a", 0.8, 5, 0, 0, 0.0, None, None)
-    avoided = rep.PeerStanding("b", 0.9, 5, 1, 1, 1e12, None, None)
-    untrusted = rep.PeerStanding("c", 0.1, 0, 9, 0, 0.0, None, None)
-    now = time.time()
-    assert rep.choice_key(good, 0, now) < rep.choice_key(avoided, 0, now) < rep.choice_key(untrusted, 0, now)
-    assert rep.choice_key(good, 0, now) < rep.choice_key(good, 3, now)
-    assert rep.choice_key(None, 0, now) < rep.choice_key(avoided, 0, now)
+def verdict(verifier: Identity, seed: str, epoch: int, credibility: float) -> Verdict:
+    return Verdict.sign(verifier, seed=seed, model_id="ab" * 32, epoch=epoch, credibility=credibility, challenges=3,
+                        evidence="cd" * 32)
+
+
+def test_store_standing_c0_seed_with_good_asks_is_untrusted(tmp_path: Path) -> None:
+    # the store-level regression: on HEAD, standing() = mean(quality, reliability) = 0.497 -> trusted
+    store = Store.open(tmp_path)
+    verifier, seed = Identity.generate(), Identity.generate().peer_id
+    store.add_verdicts([verdict(verifier, seed, epoch, 0.0) for epoch in range(10)])
+    for at in range(20):
+        store.observe(seed, "ok", now=float(at))
+    held = store.standing(seed)
+    assert held.verified and held.reputation < 0.01 and held.reliability > 0.99
+    assert held.state == "untrusted" and not held.eligible
+    assert held.last_epoch is not None and held.last_epoch.epoch == 9 and held.last_epoch.consensus == 0.0
+    store.close()
+
+
+def test_store_trusts_only_the_verifiers_named(tmp_path: Path) -> None:
+    liar, honest, seed = Identity.generate(), Identity.generate(), Identity.generate().peer_id
+    store = Store.open(tmp_path)
+    store.add_verdicts([verdict(liar, seed, epoch, 0.0) for epoch in range(3)])
+    assert store.standing(seed).state == "untrusted"  # None: any verifier counts
+    store.close()
+    picky = Store.open(tmp_path, trusted_verifiers={honest.peer_id})
+    assert picky.standing(seed).state == "unverified"  # the liar's verdicts are kept but do not count
+    picky.add_verdicts([verdict(honest, seed, epoch, 0.9) for epoch in range(3)])
+    assert picky.standing(seed).state == "trusted"
+    assert len(picky.verdicts(seed)) == 6
+    picky.close()

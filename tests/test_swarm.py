@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gtorrent.asker import AskEvents, AskRequest
+from gtorrent.identity import unb64
 from gtorrent.node import NodeSettings, ask
 from gtorrent.runtime import GenerationParams, LanguageModel
 
@@ -52,6 +53,7 @@ def test_ask_equals_local_run(swarm, tmp_path: Path) -> None:  # type: ignore[no
     assert doc["text"] == local_greedy(40)
     assert doc["seed"] in {peer for _, peer in swarm["seeds"]}
     assert doc["attempts"] == 1 and doc["tokens"] == 40 and len(doc["model_id"]) == 64
+    assert len(doc["token_ids"]) == 40 and len(unb64(doc["signature"])) == 64  # the seed's signed transcript
     for key in ("ttft_s", "total_s", "tokens_per_s"):
         assert doc[key] > 0
     streamed = run_cli(tmp_path / "asker", "ask", PROMPT, "-n", "40", "--direct", "--tracker", swarm["url"])
@@ -161,13 +163,18 @@ def test_bad_request_is_refused_locally_and_blames_no_seed(swarm, tmp_path: Path
 
 
 def test_untrusted_seeds_get_no_asks(swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from gtorrent.identity import Identity
+    from gtorrent.protocol import Verdict
     from gtorrent.store import Store
 
+    # untrusted by verification (two epochs at C = 0.1); ask outcomes alone never untrust a seed
     home = tmp_path / "asker"
     store = Store.open(home)
+    verifier = Identity.generate()
     for _, peer in swarm["seeds"]:
-        for _ in range(12):
-            store.observe(peer, "failed", now=1.0)
+        store.add_verdicts([Verdict.sign(verifier, seed=peer, model_id="0" * 64, epoch=epoch, credibility=0.1,
+                                         challenges=3, evidence="0" * 64) for epoch in range(2)])
+        store.observe(peer, "ok", now=1.0)
     store.close()
     done = run_cli(home, "ask", PROMPT, "-n", "4", "--tracker", swarm["url"])
     assert done.returncode == 1 and "untrusted" in done.stderr and "hint:" in done.stderr

@@ -359,11 +359,13 @@ class LanguageModel:
         chat: bool = False,
         on_text: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Generate a continuation of `prompt` (text or token ids), calling `on_text` with each new piece.
 
         `should_stop` is polled once per token; when it returns True generation ends with finish reason
-        "cancelled" (a seed whose asker went away)."""
+        "cancelled" (a seed whose asker went away). `on_token` gets each answer token id just before the
+        text it completes (if any) goes to `on_text`, so the ids since the last piece are that piece's."""
         params = params or GenerationParams()
         started = time.perf_counter()
         prompt_ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat=chat)
@@ -380,6 +382,8 @@ class LanguageModel:
                 reason = "cancelled"
                 break
             produced.append(token)
+            if on_token is not None:
+                on_token(token)
             piece = detok.push(token)
             if piece and on_text is not None:
                 on_text(piece)

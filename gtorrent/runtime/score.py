@@ -1,0 +1,329 @@
+"""Scoring a seed's answer against a reference model: the paper's credibility and a calibrated one.
+
+A verifier holds the reference weights, the challenge's prompt ids, the token ids the seed signed and
+the sampling parameters the challenge asked for. `score_answer` runs ONE batched forward pass of the
+reference over prompt + answer (`LanguageModel.forward`, never one pass per token) and derives, for
+every answer token i (t_i, with raw logits l_i = the reference's logits at the position before it):
+
+- `logprobs[i]` = log softmax(l_i)[t_i]; `ranks[i]` = #{v : l_i[v] > l_i[t_i]} (0 = the argmax);
+  `in_top_k[i]` = ranks[i] < 50; `argmax_logprobs[i]` = max log softmax(l_i); `logit_gaps[i]` =
+  max l_i − l_i[t_i] (>= 0).
+- q_i, the distribution the seed sampled from, built from l_i exactly as `sampling.sample_token`
+  does: greedy (temperature 0) is a point mass on the argmax; otherwise l_i / temperature, cut to the
+  top_k highest (ties at the cut kept), softmax, then cut to the smallest prefix (by decreasing
+  probability) whose cumulative probability reaches top_p, renormalised. `sampling_probs[i]` =
+  q_i(t_i), `in_support[i]` (see the tolerances below), `entropies[i]` = H(q_i) and
+  `surprisal_variances[i]` = Var_{x~q_i}[−log q_i(x)].
+
+The paper's credibility (paper-notes §4.1), exactly: over the answer's tokens but the last
+(i = 0 … m−2), p_i = exp(logprobs[i]) if in_top_k[i] else ε = 1e-5; PPL = exp(−mean_i log p_i);
+`paper` = clamp(1/PPL, 0, 1). With m <= 1 there is nothing to score and `paper` = 0.0 (no evidence
+earns no credit; challenges ask for many tokens).
+
+The calibrated credibility, near 1 for an honest seed on any model however small or high-entropy:
+
+- greedy: `calibrated` = the fraction of tokens with logit_gaps[i] <= GREEDY_LOGIT_TOL, i.e. the
+  reference's argmax up to numeric ties. Seeds compute logits step by step with a KV cache, with
+  other thread counts or on other hardware; the verifier's full pass differs from theirs in the last
+  float bits, so an honest token can lose the argmax by a hair, never by GREEDY_LOGIT_TOL.
+- sampled: `calibrated` = support_fraction · typicality, where support_fraction = the fraction of
+  tokens inside q_i's support, taken leniently at its edge (the cut is widened to the prefix reaching
+  top_p + TOP_P_TOL, and a token within GREEDY_LOGIT_TOL of the last kept logit counts), and
+  typicality is a z-test of the total surprisal of the in-support tokens (those with q_i(t_i) > 0)
+  against its mean and variance under q: z = (Σ −log q_i(t_i) − Σ H(q_i)) / sqrt(Σ Var_i).
+  An honest seed's z is roughly N(0, 1) (a sum of independent per-token surprisals); text from other
+  weights, canned or shuffled text has far more surprisal, and a seed that ignores the temperature
+  (greedy text for a sampled ask) far less. typicality = exp(−(|z| − Z_FREE)² / 2) when |z| > Z_FREE
+  (= 3), else 1: nothing below three standard deviations, smoothly to 0 beyond. When Σ Var_i is 0
+  (every q_i a point mass) z is 0.
+- An answer that ended at end-of-sequence (`finish_reason="eos"`) also scores that end token, which
+  the seed chose like any other, and a claimed end outside the support (`end_ok` false: greedy, the
+  reference would not have stopped there) makes the whole answer a lie: calibrated =
+  support_fraction · typicality · [end_ok]. This is what catches an answer cut short and marked "eos".
+  With nothing to score (an empty answer that did not end at eos) `calibrated` = 0.0.
+- Over an epoch, `epoch_credibility` pools the sampled challenges' surprisal into one z-test
+  (z = Σ excess / sqrt(Σ variance)), which is sqrt(challenges) times more sensitive than one answer:
+  C(T) = mean over challenges of support_fraction · [end_ok], times typicality(pooled z).
+
+Invariants: token ids outside the vocabulary raise `ScoreError` before any inference; the pass is one
+`model.forward` call; everything after it is pure numpy on the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import GtorrentError, UsageError
+from .model import LanguageModel
+from .sampling import SamplingParams, log_softmax
+
+TOP_K = 50  # the paper's TOP_K_LOGPROBS
+EPSILON = 1e-5  # the paper's probability floor for a token outside the top-K
+GREEDY_LOGIT_TOL = 0.05  # raw-logit tie tolerance; measured thread/cache noise is ~1e-5 (see bench_score)
+TOP_P_TOL = 1e-3  # extra cumulative probability admitted at the top-p edge
+Z_FREE = 3.0  # |z| up to this many standard deviations is not penalised
+_ROWS_PER_CHUNK = 64  # bounds the [rows, vocab] float64 temporaries on large vocabularies
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+class ScoreError(GtorrentError):
+    """An answer that cannot be scored (token ids outside the reference's vocabulary)."""
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """One answer's scores; per-token arrays have one entry per scored token (answer + eos if any)."""
+
+    sampling: SamplingParams
+    answer_tokens: int  # len(answer_ids), without the end token
+    scored_eos: bool  # True when the last scored token is the end-of-sequence token
+    logprobs: FloatArray  # log-softmax of the raw logits at each scored token
+    ranks: IntArray  # number of vocabulary entries with a strictly higher logit (0 = argmax)
+    in_top_k: BoolArray  # ranks < TOP_K
+    argmax_logprobs: FloatArray
+    logit_gaps: FloatArray  # max raw logit − the token's raw logit
+    sampling_probs: FloatArray  # q_i(t_i) under the seed's sampling distribution
+    in_support: BoolArray  # inside q_i's support, leniently at its edge
+    entropies: FloatArray  # H(q_i), nats
+    surprisal_variances: FloatArray  # Var[−log q_i], nats²
+    perplexity: float  # the paper's PPL (inf when nothing was scored)
+    paper: float  # the paper's credibility, 1/PPL clamped to [0, 1]
+    support_fraction: float  # greedy: fraction at the argmax up to ties; sampled: inside the support
+    surprisal_excess: float  # Σ −log q_i(t_i) − Σ H(q_i) over tokens with q_i(t_i) > 0; 0.0 for greedy
+    surprisal_spread: float  # Σ Var_i over the same tokens (the excess's variance for an honest seed)
+    typicality_z: float  # 0.0 for greedy
+    typicality: float  # 1.0 for greedy
+    end_ok: bool  # the claimed end-of-sequence lies in the support (True when no end was claimed)
+    calibrated: float
+
+    @property
+    def scored_tokens(self) -> int:
+        return int(self.logprobs.shape[0])
+
+
+def typicality_factor(z: float) -> float:
+    """1 for |z| <= Z_FREE, then exp(−(|z| − Z_FREE)² / 2): smooth, and 0.6 / 0.14 / 0.01 one/two/three
+    standard deviations past the free band."""
+    excess = abs(z) - Z_FREE
+    return 1.0 if excess <= 0 else math.exp(-0.5 * excess * excess)
+
+
+def paper_credibility(logprobs: FloatArray, in_top_k: BoolArray) -> tuple[float, float]:
+    """(PPL, credibility) per the paper over all tokens but the last; (inf, 0.0) with fewer than two."""
+    if logprobs.shape[0] < 2:
+        return math.inf, 0.0
+    floored = np.where(in_top_k[:-1], logprobs[:-1], math.log(EPSILON))
+    perplexity = math.exp(-float(floored.mean()))
+    return perplexity, min(max(1.0 / perplexity, 0.0), 1.0)
+
+
+def _sampling_rows(
+    logits: FloatArray, tokens: IntArray, params: SamplingParams
+) -> tuple[FloatArray, BoolArray, FloatArray, FloatArray]:
+    """(q(t), in support leniently, H(q), Var[−log q]) per row for a sampled (temperature > 0) ask."""
+    rows, vocab = logits.shape
+    scaled = logits / params.temperature
+    row_index = np.arange(rows)
+    k = params.top_k if 0 < params.top_k < vocab else vocab
+    if k < vocab:
+        kth = np.partition(scaled, vocab - k, axis=1)[:, vocab - k]
+        allowed = scaled >= kth[:, None]  # ties at the cut are kept: the seed may have drawn any of them
+    else:
+        kth = scaled.min(axis=1)
+        allowed = np.ones_like(scaled, dtype=bool)
+    top = scaled.max(axis=1, keepdims=True)
+    weights = np.where(allowed, np.exp(scaled - top), 0.0)
+    probs = weights / weights.sum(axis=1, keepdims=True)
+    lenient_edge = kth  # the lowest scaled logit kept, widened at the edge
+    if params.top_p < 1.0:
+        ordered = -np.sort(-probs, axis=1)
+        cumulative = np.cumsum(ordered, axis=1)
+        allowed_count = allowed.sum(axis=1)
+        keep = np.minimum((cumulative < params.top_p).sum(axis=1) + 1, allowed_count)
+        keep_lenient = np.minimum((cumulative < params.top_p + TOP_P_TOL).sum(axis=1) + 1, allowed_count)
+        edge_prob = ordered[row_index, keep - 1]
+        # probabilities are monotone in the scaled logit, so the edge translates back to a logit
+        lenient_edge = np.log(ordered[row_index, keep_lenient - 1] * weights.sum(axis=1)) + top[:, 0]
+        allowed = allowed & (probs >= edge_prob[:, None])
+        weights = np.where(allowed, weights, 0.0)
+        probs = weights / weights.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        log_q = np.where(allowed, np.log(np.where(allowed, probs, 1.0)), 0.0)
+    entropy = -(probs * log_q).sum(axis=1)
+    second = (probs * log_q * log_q).sum(axis=1)
+    variance = np.maximum(second - entropy * entropy, 0.0)
+    token_scaled = scaled[row_index, tokens]
+    in_support = token_scaled >= lenient_edge - GREEDY_LOGIT_TOL / params.temperature
+    return probs[row_index, tokens], in_support, entropy, variance
+
+
+def score_answer(
+    model: LanguageModel,
+    prompt_ids: list[int],
+    answer_ids: list[int],
+    sampling: SamplingParams,
+    *,
+    finish_reason: str | None = None,
+) -> AnswerScore:
+    """Score `answer_ids`, generated after `prompt_ids` with `sampling`, against `model` (the reference).
+
+    `finish_reason="eos"` scores the end-of-sequence token after the answer too (see the module doc)."""
+    if not prompt_ids:
+        raise UsageError("scoring needs a non-empty prompt")
+    vocab = _vocab_size(model)
+    bad = [token for token in answer_ids if not 0 <= token < vocab]
+    if bad:
+        raise ScoreError(f"answer token id {bad[0]} is outside the reference's vocabulary of {vocab}")
+    scored = list(answer_ids)
+    scored_eos = finish_reason == "eos" and bool(model.eos_ids)
+    if scored_eos:
+        scored.append(min(model.eos_ids))
+    total = len(prompt_ids) + len(scored)
+    if total > model.context_length:
+        raise UsageError(f"prompt + answer is {total} tokens; model {model.name} holds {model.context_length}")
+    if not scored:
+        return _empty_score(sampling)
+    # the logits at position j predict token j+1: the last prompt position predicts the first answer
+    # token, and the last scored token's own logits are never needed
+    logits_all = model.forward(list(prompt_ids) + scored[:-1])
+    start = len(prompt_ids) - 1
+    tokens = np.asarray(scored, dtype=np.int64)
+    parts: list[tuple[FloatArray, ...]] = []
+    for begin in range(0, len(scored), _ROWS_PER_CHUNK):
+        chunk = logits_all[start + begin : start + begin + _ROWS_PER_CHUNK].astype(np.float64)
+        parts.append(_score_rows(chunk, tokens[begin : begin + _ROWS_PER_CHUNK], sampling))
+    columns = [np.concatenate([part[n] for part in parts]) for n in range(len(parts[0]))]
+    logprobs, ranks_f, argmax_logprobs, gaps, q_token, support_f, entropy, variance = columns
+    ranks = ranks_f.astype(np.int64)
+    in_top_k = ranks < TOP_K
+    in_support = support_f.astype(bool)
+    perplexity, paper = paper_credibility(logprobs[: len(answer_ids)], in_top_k[: len(answer_ids)])
+    support_fraction = float(in_support.mean())
+    excess, spread = 0.0, 0.0
+    if not sampling.greedy:
+        drawn = q_token > 0.0
+        spread = float(variance[drawn].sum())
+        excess = float(-np.log(q_token[drawn]).sum() - entropy[drawn].sum())
+    z = _z(excess, spread)
+    typicality = typicality_factor(z)
+    end_ok = bool(in_support[-1]) if scored_eos else True
+    return AnswerScore(
+        sampling=sampling,
+        answer_tokens=len(answer_ids),
+        scored_eos=scored_eos,
+        logprobs=logprobs,
+        ranks=ranks,
+        in_top_k=in_top_k,
+        argmax_logprobs=argmax_logprobs,
+        logit_gaps=gaps,
+        sampling_probs=q_token,
+        in_support=in_support,
+        entropies=entropy,
+        surprisal_variances=variance,
+        perplexity=perplexity,
+        paper=paper,
+        support_fraction=support_fraction,
+        surprisal_excess=excess,
+        surprisal_spread=spread,
+        typicality_z=z,
+        typicality=typicality,
+        end_ok=end_ok,
+        calibrated=support_fraction * typicality if end_ok else 0.0,
+    )
+
+
+def epoch_credibility(scores: list[AnswerScore]) -> float:
+    """C(T) from one epoch's calibrated scores, with the sampled answers' typicality pooled (module doc).
+    No scores: 0.0 (a seed that answered nothing earned nothing)."""
+    if not scores:
+        return 0.0
+    base = sum(score.support_fraction if score.end_ok else 0.0 for score in scores) / len(scores)
+    pooled = _z(sum(s.surprisal_excess for s in scores), sum(s.surprisal_spread for s in scores))
+    return base * typicality_factor(pooled)
+
+
+def _z(excess: float, spread: float) -> float:
+    return excess / math.sqrt(spread) if spread > 0.0 else 0.0
+
+
+def credibility_of(
+    model: LanguageModel,
+    prompt: str | list[int],
+    answer_text: str,
+    sampling: SamplingParams,
+    *,
+    chat: bool = False,
+    finish_reason: str | None = None,
+) -> AnswerScore:
+    """`score_answer` for an answer known only as text: it is re-tokenized with the reference's
+    tokenizer (no special tokens), the paper's way. A detokenize/retokenize round trip may not give the
+    seed's ids back, so prefer the signed token ids where the transcript carries them."""
+    prompt_ids = prompt if isinstance(prompt, list) else model.encode(prompt, chat=chat)
+    answer_ids = list(model.tokenizer.encode(answer_text, add_special_tokens=False).ids)
+    return score_answer(model, prompt_ids, answer_ids, sampling, finish_reason=finish_reason)
+
+
+def _score_rows(logits: FloatArray, tokens: IntArray, sampling: SamplingParams) -> tuple[FloatArray, ...]:
+    rows = np.arange(logits.shape[0])
+    token_logits = logits[rows, tokens]
+    top = logits.max(axis=1)
+    logprob_all = log_softmax(logits)
+    ranks = (logits > token_logits[:, None]).sum(axis=1).astype(np.float64)
+    gaps = top - token_logits
+    if sampling.greedy:
+        tie = gaps <= GREEDY_LOGIT_TOL
+        zeros = np.zeros(rows.shape[0], dtype=np.float64)
+        q_token, support, entropy, variance = tie.astype(np.float64), tie, zeros, zeros
+    else:
+        q_token, support, entropy, variance = _sampling_rows(logits, tokens, sampling)
+    return (
+        logprob_all[rows, tokens],
+        ranks,
+        logprob_all.max(axis=1),
+        gaps,
+        q_token,
+        support.astype(np.float64),
+        entropy,
+        variance,
+    )
+
+
+def _vocab_size(model: LanguageModel) -> int:
+    shape = model.session.get_outputs()[0].shape
+    declared = shape[-1] if shape and isinstance(shape[-1], int) else None
+    return declared or int(model.config.get("vocab_size") or model.tokenizer.get_vocab_size())
+
+
+def _empty_score(sampling: SamplingParams) -> AnswerScore:
+    empty_f = np.zeros(0, dtype=np.float64)
+    empty_b = np.zeros(0, dtype=bool)
+    return AnswerScore(
+        sampling=sampling,
+        answer_tokens=0,
+        scored_eos=False,
+        logprobs=empty_f,
+        ranks=np.zeros(0, dtype=np.int64),
+        in_top_k=empty_b,
+        argmax_logprobs=empty_f,
+        logit_gaps=empty_f,
+        sampling_probs=empty_f,
+        in_support=empty_b,
+        entropies=empty_f,
+        surprisal_variances=empty_f,
+        perplexity=math.inf,
+        paper=0.0,
+        support_fraction=0.0,
+        surprisal_excess=0.0,
+        surprisal_spread=0.0,
+        typicality_z=0.0,
+        typicality=1.0,
+        end_ok=True,
+        calibrated=0.0,
+    )

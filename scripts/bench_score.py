@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Benchmark of answer scoring (gtorrent.runtime.score): honest vs cheating answers, both credibilities.
+
+The reference is the bundled demo model (or --reference DIR). For N prompts each (drawn from the pydoc
+topics, a pool a seed cannot enumerate from a short list) it builds answers of these kinds and scores
+each with the reference:
+
+  honest-greedy      the reference itself, temperature 0, generated with another intra-op thread count
+  honest-sampled     the reference, a random mix of (temperature, top_k, top_p) as users set them
+  other-greedy/-sampled  another model with the same tokenizer (tests/models/gpt2-tiny by default)
+  truncated          the honest greedy answer cut to a third and marked "eos"
+  canned             the same fixed text for every prompt
+  random             uniformly random token ids
+
+It prints, per kind, the mean / min / max of the paper's credibility (1/PPL, top-50, ε = 1e-5) and of
+the calibrated one, the fraction below the paper's τ = 0.4, and the scoring time as a fraction of the
+time the seed took to generate the same answer (target ≤ 5 %).
+
+Usage: python scripts/bench_score.py [--answers 50] [--tokens 64] [--reference DIR] [--other DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gtorrent.runtime import GenerationParams, LanguageModel, SamplingParams, bundled_model_path
+from gtorrent.runtime.score import AnswerScore, epoch_credibility, score_answer
+
+ROOT = Path(__file__).resolve().parent.parent
+CANNED = "Python is a programming language that lets you work quickly and integrate systems more effectively."
+USER_SAMPLING = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_p=0.9),
+    SamplingParams(temperature=0.8, top_k=40),
+    SamplingParams(temperature=1.2, top_k=50, top_p=0.95),
+]
+
+
+def prompts(count: int, rng: random.Random) -> list[str]:
+    import pydoc_data.topics
+
+    texts = sorted(pydoc_data.topics.topics.values())
+    out = []
+    for _ in range(count):
+        words = rng.choice(texts).split()
+        start = rng.randrange(max(1, len(words) - 8))
+        out.append(" ".join(words[start : start + rng.randint(3, 8)]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--answers", type=int, default=50, help="answers per kind")
+    parser.add_argument("--tokens", type=int, default=64, help="max tokens per answer")
+    parser.add_argument("--reference", type=Path, default=bundled_model_path())
+    parser.add_argument("--other", type=Path, default=ROOT / "tests" / "models" / "gpt2-tiny")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    reference = LanguageModel.load(args.reference, intra_op_threads=1)
+    seed_model = LanguageModel.load(args.reference, intra_op_threads=2)  # an honest seed, other threads
+    other = LanguageModel.load(args.other)
+    vocab = reference.tokenizer.get_vocab_size()
+    canned_ids = list(reference.tokenizer.encode(CANNED, add_special_tokens=False).ids)
+    results: dict[str, list[AnswerScore]] = {}
+    ratios: dict[str, list[float]] = {"greedy": [], "sampled": []}
+
+    def add(kind: str, score: AnswerScore) -> None:
+        results.setdefault(kind, []).append(score)
+
+    for n, prompt in enumerate(prompts(args.answers, rng)):
+        ids = reference.encode(prompt)
+        greedy = GenerationParams(max_tokens=args.tokens, sampling=SamplingParams())
+        sampling = rng.choice(USER_SAMPLING)
+        sampled = GenerationParams(max_tokens=args.tokens, sampling=sampling, seed=n)
+        honest = seed_model.generate(ids, greedy)
+        started = time.perf_counter()
+        add("honest-greedy", score_answer(reference, ids, honest.token_ids, greedy.sampling,
+                                          finish_reason=honest.finish_reason))
+        if honest.tokens >= 8:
+            ratios["greedy"].append((time.perf_counter() - started) / honest.total_s)
+        drawn = seed_model.generate(ids, sampled)
+        started = time.perf_counter()
+        add("honest-sampled", score_answer(reference, ids, drawn.token_ids, sampling,
+                                           finish_reason=drawn.finish_reason))
+        if drawn.tokens >= 8:
+            ratios["sampled"].append((time.perf_counter() - started) / drawn.total_s)
+        fake = other.generate(ids, greedy)
+        add("other-greedy", score_answer(reference, ids, fake.token_ids, greedy.sampling,
+                                         finish_reason=fake.finish_reason))
+        fake = other.generate(ids, sampled)
+        add("other-sampled", score_answer(reference, ids, fake.token_ids, sampling,
+                                          finish_reason=fake.finish_reason))
+        cut = honest.token_ids[: max(1, len(honest.token_ids) // 3)]
+        add("truncated-greedy", score_answer(reference, ids, cut, greedy.sampling, finish_reason="eos"))
+        add("canned-greedy", score_answer(reference, ids, canned_ids, greedy.sampling, finish_reason="eos"))
+        add("canned-sampled", score_answer(reference, ids, canned_ids, sampling, finish_reason="eos"))
+        noise = [rng.randrange(4, vocab) for _ in range(args.tokens)]
+        add("random-greedy", score_answer(reference, ids, noise, greedy.sampling, finish_reason="length"))
+        add("random-sampled", score_answer(reference, ids, noise, sampling, finish_reason="length"))
+
+    print(f"reference {reference.name}, other {other.name}, {args.answers} answers per kind, "
+          f"≤ {args.tokens} tokens each")
+    print(f"{'kind':18} {'paper mean':>10} {'min':>6} {'max':>6} {'<0.4':>5}   "
+          f"{'calib mean':>10} {'min':>6} {'max':>6} {'<0.4':>5}")
+    for kind, scores in results.items():
+        paper = [s.paper for s in scores]
+        calib = [s.calibrated for s in scores]
+        print(f"{kind:18} {statistics.fmean(paper):10.3f} {min(paper):6.3f} {max(paper):6.3f} "
+              f"{sum(p < 0.4 for p in paper) / len(paper):5.0%}   {statistics.fmean(calib):10.3f} "
+              f"{min(calib):6.3f} {max(calib):6.3f} {sum(c < 0.4 for c in calib) / len(calib):5.0%}")
+    print("epochs of 3 challenges (1 greedy + 2 sampled; C(T) = epoch_credibility, paper = mean 1/PPL):")
+    for who in ("honest", "other", "canned", "random"):
+        greedy_scores, sampled_scores = results[f"{who}-greedy"], results[f"{who}-sampled"]
+        epochs = [
+            [greedy_scores[i], sampled_scores[i], sampled_scores[i + 1]]
+            for i in range(0, len(sampled_scores) - 1, 2)
+        ]
+        calib = [epoch_credibility(epoch) for epoch in epochs]
+        paper = [statistics.fmean(s.paper for s in epoch) for epoch in epochs]
+        print(f"  {who:8} {len(epochs):3} epochs   paper mean {statistics.fmean(paper):.3f} max {max(paper):.3f}   "
+              f"calibrated mean {statistics.fmean(calib):.3f} min {min(calib):.3f} max {max(calib):.3f} "
+              f"< 0.4: {sum(c < 0.4 for c in calib) / len(calib):.0%}")
+    for kind in ("honest-sampled", "other-sampled", "canned-sampled", "random-sampled"):
+        zs = [s.typicality_z for s in results[kind]]
+        print(f"{kind} z: mean {statistics.fmean(zs):.2f}, sd {statistics.pstdev(zs):.2f}, "
+              f"min {min(zs):.2f}, max {max(zs):.2f}")
+    gaps = np.concatenate([s.logit_gaps for s in results["honest-greedy"]])
+    print(f"honest greedy (threads 2 vs 1): max logit gap to the argmax {gaps.max():.2e}")
+    for mode, values in ratios.items():
+        print(f"scoring / generating time, honest {mode}: median {statistics.median(values):.1%}, "
+              f"max {max(values):.1%}")
+
+
+if __name__ == "__main__":
+    main()
