@@ -31,6 +31,7 @@ from .relay import relay_command
 from .run import run_command
 from .seed import seed_command
 from .tracker import tracker_command
+from .verify import verify_command
 
 app = typer.Typer(
     name="gtorrent",
@@ -67,6 +68,7 @@ app.command("ask")(ask_command)
 app.command("peers")(peers_command)
 app.command("guards")(guards_command)
 app.command("demo")(demo_command)
+app.command("verify")(verify_command)
 
 
 def _debug_requested(argv: Sequence[str]) -> bool:

@@ -18,13 +18,14 @@ from gtorrent.identity import b64, short_id
 from gtorrent.routing import DEFAULT_MIN_RELAY_AGE_S
 
 from . import output
-from .common import JsonOption, TrackerOption, VerboseOption, settings
+from .common import JsonOption, TrackerOption, VerboseOption, VerifierOption, settings
 
 
 def ask_command(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model name or id (optional when the swarm serves one).")] = None,
     tracker: TrackerOption = None,
+    verifier: VerifierOption = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, max=65536, help="New tokens at most.")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, max=100.0, help="0 is greedy.")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the K likeliest tokens (0: all).")] = 0,
@@ -105,7 +106,7 @@ def ask_command(
                        on_model=on_model, on_route=on_route)
     privacy = PrivacyOptions(direct=direct, paths=paths, hops=hops, strict=strict, allow_one_hop=allow_one_hop,
                              min_relay_age_s=min_relay_age, distinct_networks=not allow_same_network)
-    result = ask(settings(tracker), request, events, privacy=privacy)
+    result = ask(settings(tracker, verifiers=verifier, client=True), request, events, privacy=privacy)
     if json_output:
         output.print_json(
             {

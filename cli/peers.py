@@ -14,7 +14,7 @@ from gtorrent.node import PeerHistory, PeerRow, list_peers, peer_history
 from gtorrent.reputation import state_of
 
 from . import output
-from .common import JsonOption, TrackerOption, settings
+from .common import JsonOption, TrackerOption, VerifierOption, settings
 
 # colour is decoration only: the word itself says the state (pipes, colour-blind readers, --json)
 _STATE_STYLE = {"trusted": "green", "untrusted": "bold red", "unverified": "yellow"}
@@ -45,19 +45,21 @@ def peers_command(
         typer.Argument(metavar="PEER_ID", help="Show this peer's verdict history (its id, or its first characters)."),
     ] = None,
     tracker: TrackerOption = None,
+    verifier: VerifierOption = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Only peers serving this model (name or id).")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """List peers: roles, models, verification reputation and trust state, and what this peer observed of them."""
     if peer is not None:
-        history = peer_history(settings(tracker), peer)
+        node = settings(tracker, verifiers=verifier, client=True)
+        history = peer_history(node, peer, None if node.verifiers is None else set(node.verifiers))
         if json_output:
             output.print_json(history.as_json())
         else:
             output.out.print(history_header(history))
             output.out.print(history_table(history))
         return
-    rows, failed = list_peers(settings(tracker), model)
+    rows, failed = list_peers(settings(tracker, verifiers=verifier, client=True), model)
     for url, message in failed.items():
         output.warning(f"tracker {url} did not answer: {message}")
     if json_output:

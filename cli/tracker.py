@@ -22,6 +22,11 @@ def tracker_command(
         typer.Option("--pow-bits", min=0, max=MAX_POW_BITS,
                      help="Proof of work a new peer identity must carry, in bits (each bit doubles its cost; 0: none)."),
     ] = 0,
+    verifier: Annotated[
+        list[str] | None,
+        typer.Option("--verifier", help="Peer id of a verifier whose verdicts this tracker accepts; repeat for several "
+                     "(none: any verifier's)."),
+    ] = None,
 ) -> None:
     """Run a tracker: keep the signed records peers announce and answer queries by model and role."""
 
@@ -31,8 +36,10 @@ def tracker_command(
         record = service.own_record()
         restored = f", {service.table.active_count()} records restored" if service.loaded else ""
         work = f", new peers need {pow_bits} bits of proof of work" if pow_bits else ""
-        output.info(f"[green]tracker[/] {service.url}  (pinned: {service.url}#{record.peer_id}){restored}{work}")
+        admitted = service.verdicts.admitted
+        verdicts = f", verdicts from {len(admitted)} verifiers" if admitted is not None else ", verdicts from any verifier"
+        output.info(f"[green]tracker[/] {service.url}  (pinned: {service.url}#{record.peer_id}){restored}{work}{verdicts}")
         output.info("[dim]Ctrl-C to stop[/]")
 
-    counters = run_tracker(settings(None, advertise), bind, ready)
+    counters = run_tracker(settings(None, advertise, verifier), bind, ready)
     output.info(f"tracker stopped ({counters.get('received', 0)} messages, {counters.get('dropped', 0)} dropped)")

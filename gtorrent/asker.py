@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from .discovery import discover
+from .discovery import Discovery, discover
 from .errors import GtorrentError, UsageError
 from .garlic import direct_request_bytes, transcript
 from .identity import short_id, unb64, verify_signature
@@ -113,7 +113,14 @@ class SeedFailed(GtorrentError):
         self.outcome = outcome
 
 
+FINISH_REASONS = frozenset({"eos", "length", "context"})  # how a whole answer ends (runtime.model)
+SAMPLING_SEED_LIMIT = 1 << 63  # the `seed` field's range
+
+
 def generate_body(request: AskRequest, model_id: str, request_id: str) -> dict[str, object]:
+    """The `generate` body of an ask. Every sampled ask carries a sampling seed (the user's, else a
+    random one): a seed's sampled answer is then a function of the request, which a verifier can replay
+    exactly (runtime/score.py), and challenges carry one like every user ask."""
     body: dict[str, object] = {
         "id": request_id,
         "model": model_id,
@@ -126,6 +133,8 @@ def generate_body(request: AskRequest, model_id: str, request_id: str) -> dict[s
     }
     if request.seed is not None:
         body["seed"] = request.seed
+    elif request.temperature > 0:
+        body["seed"] = secrets.randbelow(SAMPLING_SEED_LIMIT)
     return body
 
 
@@ -249,14 +258,24 @@ def rank_seeds(seeds: list[PeerRecord], store: Store, now: float) -> list[PeerRe
     return [r for _, _, r in keyed]
 
 
+def ingest_verdicts(store: Store, found: Discovery) -> int:
+    """Keep the verified verdicts the trackers served (store.add_verdicts) before seeds are ranked, and,
+    where the user named no verifiers (the store trusts any), trust those the reached trackers admit
+    (docs/PROTOCOL.md §12, "Whom a client trusts"). Returns how many verdicts were new."""
+    if store.trusted_verifiers is None and found.admitted is not None:
+        store.trusted_verifiers = set(found.admitted)
+    return store.add_verdicts(found.verdicts) if found.verdicts else 0
+
+
 async def find_seeds(
     ctx: Context, trackers: list[str], request: AskRequest, store: Store, events: AskEvents
 ) -> tuple[ModelChoice, list[PeerRecord]]:
     """Ask the trackers for seeds of the requested model; return the model chosen and its seeds, best first."""
-    found = await discover(ctx, trackers, model=request.model, role="seed")
+    found = await discover(ctx, trackers, model=request.model, role="seed", verdicts=True)
     if not found.records and request.model is not None:
         found = await discover(ctx, trackers, role="seed")  # only to say what the swarm does serve
     store.saw_peers(found.records.values())
+    ingest_verdicts(store, found)
     choice = resolve_model(list(found.records.values()), request.model, store.standing)
     now = time.time()
     alternatives = [
@@ -353,6 +372,12 @@ def check_answer(
         raise SeedFailed(f"{who} answered with another model")
     if tokens != len(sink.token_ids):
         raise SeedFailed(f"{who} claims {tokens} tokens but sent {len(sink.token_ids)} token ids")
+    # an answer ends at end-of-sequence, at --max-tokens, or at the model's context: anything else (a
+    # made-up reason, or "length" short of the limit) is an answer cut short and passed off as whole
+    if finish_reason not in FINISH_REASONS:
+        raise SeedFailed(f"{who} ended its answer for no reason a whole answer has ({finish_reason[:32]!r})")
+    if finish_reason == "length" and sink.max_ids is not None and tokens != sink.max_ids:
+        raise SeedFailed(f"{who} says it reached the length limit after {tokens} of {sink.max_ids} tokens")
     try:
         signature_bytes = unb64(signature)
         signed = transcript(request_bytes, model_id, sink.text, sink.token_ids, finish_reason)

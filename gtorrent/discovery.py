@@ -34,6 +34,13 @@ Listing ages (`listed_s`) are what the trackers say (a missing or malformed list
 ages of several trackers are merged is above. Single queries (no `want`: seeds, an endpoint, a few peer
 ids) are merged as a union, with the smallest age any tracker that returned a peer gave.
 
+Verdicts (docs/PROTOCOL.md §12): `discover(..., verdicts=True)` asks every tracker for the verdicts it
+holds on the peers it lists, and keeps only those that verify on their own signature and are about a
+record that tracker returned, one per (verifier, seed, epoch) (the first that verifies wins): a tracker
+can withhold verdicts, never forge or alter one. `Discovery.admitted` is the union of the verifier lists
+the reached trackers advertise in `hello_ok` (None when none advertises one: they admit any verifier).
+Which verifiers count is the caller's choice (`trusted_verifiers`).
+
 Hostile trackers: every number in a tracker's answer is bounded by its schema (protocol.SCHEMAS), and
 anything wrong with one tracker's answer is that tracker's failure (TrackerUnreachable), never an
 exception out of `discover` or `Announcer.announce`.
@@ -59,10 +66,18 @@ from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 
-from .errors import GtorrentError
+from .errors import GtorrentError, UsageError
 from .paths import home_dir
 from .pow import MAX_POW_BITS, NONCE_BYTES, POW_LABEL, PowCache, PowTooHard, work
-from .protocol import MAX_RECORD_BYTES, Message, PeerRecord, ProtocolError
+from .protocol import (
+    MAX_ADMITTED_VERIFIERS,
+    MAX_RECORD_BYTES,
+    PEER_ID_RE,
+    Message,
+    PeerRecord,
+    ProtocolError,
+    Verdict,
+)
 from .tracker import (
     MAX_QUERY_LIMIT,
     MAX_QUERY_OFFSET,
@@ -77,6 +92,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKER = "tcp://127.0.0.1:7700"
 TRACKERS_ENV = "GTORRENT_TRACKERS"
+VERIFIERS_ENV = "GTORRENT_VERIFIERS"
 TRACKER_TIMEOUT_S = 3.0
 LISTING_DEADLINE_FACTOR = 2.0  # a whole listing (every page) gets this many request timeouts, no more
 MAX_LISTED_S = 1e10  # the largest listing age a tracker may claim (the `peers` schema's bound)
@@ -96,10 +112,10 @@ class PowPending(GtorrentError):
 
 
 class TrackerRejected(GtorrentError):
-    """A tracker refused an announce (the code says why: replay, expired, invalid, ttl)."""
+    """A tracker refused an announce (the code says why: replay, expired, invalid, ttl) or a verdict."""
 
-    def __init__(self, url: str, code: str, message: str) -> None:
-        super().__init__(f"tracker {url} refused the announce: {message}")
+    def __init__(self, url: str, code: str, message: str, what: str = "announce") -> None:
+        super().__init__(f"tracker {url} refused the {what}: {message}")
         self.code = code
 
 
@@ -113,6 +129,20 @@ def trackers_from(flags: list[str] | None) -> tuple[list[str], bool]:
     for url in urls:
         check_endpoint(url.split("#", 1)[0], "tracker address")
     return list(dict.fromkeys(urls)), explicit
+
+
+def verifiers_from(flags: list[str] | None) -> frozenset[str] | None:
+    """Verifier peer ids from --verifier flags, else GTORRENT_VERIFIERS (comma-separated), else None."""
+    ids = [v.strip() for v in (flags or []) if v.strip()]
+    if not ids:
+        ids = [v.strip() for v in os.environ.get(VERIFIERS_ENV, "").split(",") if v.strip()]
+    for peer in ids:
+        if not PEER_ID_RE.fullmatch(peer):
+            raise UsageError(f"{peer!r} is not a verifier's peer id (26 characters a-z, 2-7)",
+                             hint="copy the id `gtorrent verify` prints, or `gtorrent peers` lists")
+    if len(set(ids)) > MAX_ADMITTED_VERIFIERS:
+        raise UsageError(f"at most {MAX_ADMITTED_VERIFIERS} verifiers may be named")
+    return frozenset(ids) if ids else None
 
 
 def max_pages(want: int, limit: int) -> int:
@@ -146,6 +176,7 @@ class Listing:
     pages: int = 0
     order: list[str] = field(default_factory=list)  # verified peer ids as sent (a repeat is kept)
     exhausted: bool = False  # its last page had no `next`: every match of the listing was sent
+    verdicts: list[Verdict] = field(default_factory=list)  # verified, on peers of its pages (when asked)
 
     def add(self, record: PeerRecord, age: float) -> None:
         known = self.records.get(record.peer_id)
@@ -155,6 +186,30 @@ class Listing:
         self.order.append(record.peer_id)
 
 
+def read_verdicts(docs: object, seeds: set[str]) -> list[Verdict]:
+    """The verdicts of a `peers` answer that verify on their own signature and are about one of `seeds`
+    (the peers that answer listed); the rest is dropped, never believed (a lying tracker's forgeries)."""
+    if not isinstance(docs, list):
+        return []
+    kept = []
+    for doc in docs:
+        if not isinstance(doc, dict) or doc.get("seed") not in seeds:
+            continue
+        try:
+            kept.append(Verdict.from_wire(doc))
+        except ProtocolError:
+            continue
+    return kept
+
+
+def unique_verdicts(verdicts: list[Verdict]) -> list[Verdict]:
+    """One verdict per (verifier, seed, epoch): the first (as the store keeps it)."""
+    first: dict[tuple[str, str, int], Verdict] = {}
+    for verdict in verdicts:
+        first.setdefault((verdict.verifier, verdict.seed, verdict.epoch), verdict)
+    return list(first.values())
+
+
 @dataclass
 class TrackerClient:
     ctx: Context
@@ -162,6 +217,7 @@ class TrackerClient:
     timeout_s: float = TRACKER_TIMEOUT_S
     record: PeerRecord | None = None  # the tracker's own, once known
     pow_bits: int = 0  # the proof of work it asks of new identities, as its last `hello_ok` said
+    verifiers: frozenset[str] | None = None  # the verifiers it admits, as its last `hello_ok` said (None: any)
 
     @property
     def address(self) -> str:
@@ -206,6 +262,8 @@ class TrackerClient:
             )
         self.record = record
         self.pow_bits = int(reply.get("pow_bits", 0))
+        admitted = reply.get("verifiers")
+        self.verifiers = None if admitted is None else frozenset(admitted)
         return record
 
     async def _request(
@@ -230,6 +288,7 @@ class TrackerClient:
     async def listing(
         self, model: str | None = None, role: str | None = None, endpoint: str | None = None, *,
         peers: list[str] | None = None, want: int | None = None, sample: bytes | None = None,
+        verdicts: bool = False,
     ) -> Listing:
         """Page through one listing (keyed by `sample`, a fresh key when None) until `want` distinct
         records, or the matches run out, or the page bound or the listing's deadline (LISTING_DEADLINE_FACTOR
@@ -248,6 +307,8 @@ class TrackerClient:
             if len(peers) > MAX_QUERY_PEERS:
                 raise ValueError(f"at most {MAX_QUERY_PEERS} peer ids per query")
             body["peers"] = list(peers)
+        if verdicts:
+            body["verdicts"] = True
         bound = 1
         if want is not None:
             limit = max(1, min(want, MAX_QUERY_LIMIT))
@@ -278,6 +339,8 @@ class TrackerClient:
             before = len(found.records)
             for record, age in page:
                 found.add(record, age)
+            if verdicts:
+                found.verdicts.extend(read_verdicts(reply.get("verdicts"), {record.peer_id for record, _ in page}))
             following = reply.get("next")
             if following is None:
                 found.exhausted = True
@@ -324,6 +387,10 @@ class Discovery:
     listed_s: dict[str, float] = field(default_factory=dict)
     reached: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    # with `verdicts=True`: the verified verdicts on the records kept, one per (verifier, seed, epoch)
+    verdicts: list[Verdict] = field(default_factory=list)
+    # the union of the verifier lists the reached trackers advertise; None: none advertises one
+    admitted: frozenset[str] | None = None
 
     def merge(self, records: list[PeerRecord], now: float, listed_s: dict[str, float] | None = None) -> None:
         """Add one tracker's records; a record it sent without an age counts as listed for 0 s."""
@@ -378,7 +445,7 @@ def merge_listings(listings: Mapping[str, Listing], sample: bytes, now: float) -
 async def discover(
     ctx: Context, urls: list[str], *, model: str | None = None, role: str | None = None,
     endpoint: str | None = None, peers: list[str] | None = None, want: int | None = None,
-    timeout_s: float = TRACKER_TIMEOUT_S,
+    timeout_s: float = TRACKER_TIMEOUT_S, verdicts: bool = False,
 ) -> Discovery:
     """Query every tracker at once and merge; raise TrackerUnreachable only if none answers.
 
@@ -389,7 +456,7 @@ async def discover(
     clients = [TrackerClient(ctx, url, timeout_s) for url in urls]
     sample = secrets.token_bytes(SAMPLE_KEY_BYTES)
     results = await asyncio.gather(
-        *(c.listing(model, role, endpoint, peers=peers, want=want, sample=sample) for c in clients),
+        *(c.listing(model, role, endpoint, peers=peers, want=want, sample=sample, verdicts=verdicts) for c in clients),
         return_exceptions=True,
     )
     listings: dict[str, Listing] = {}
@@ -413,6 +480,13 @@ async def discover(
             found.reached.append(address)
             found.merge(list(listing.records.values()), now, listing.listed_s)
     found.failed.update(failed)
+    if verdicts:
+        found.verdicts = unique_verdicts([
+            verdict for address in found.reached for verdict in listings[address].verdicts
+            if verdict.seed in found.records
+        ])
+    lists = [c.verifiers for c in clients if c.address in found.reached and c.verifiers is not None]
+    found.admitted = frozenset().union(*lists) if lists else None
     if not found.reached:
         detail = "; ".join(found.failed.values())
         raise TrackerUnreachable(detail if len(urls) == 1 else f"no tracker answered ({detail})")
@@ -429,6 +503,32 @@ async def announce_all(ctx: Context, urls: list[str], record: PeerRecord, timeou
             if not isinstance(result, GtorrentError):
                 raise result
             errors[client.address] = result.message
+    return errors
+
+
+async def submit_verdict(
+    ctx: Context, urls: list[str], verdict: Verdict, timeout_s: float = TRACKER_TIMEOUT_S,
+) -> dict[str, str]:
+    """Hand a signed verdict to every tracker at once; return {url: error} for those that did not take it
+    (refused: `invalid`, `not_admitted`, `capacity`, `storage`; or unreachable). A tracker that held one
+    for this (verifier, seed, epoch) already counts as having taken it."""
+    clients = [TrackerClient(ctx, url, timeout_s) for url in urls]
+
+    async def submit(client: TrackerClient) -> None:
+        reply = await client._request("verdict", {"verdict": verdict.to_wire()}, frozenset({"verdict_ok"}))
+        if reply.kind == "error":
+            raise TrackerRejected(client.address, reply["code"], reply["message"], "verdict")
+
+    results = await asyncio.gather(*(submit(c) for c in clients), return_exceptions=True)
+    errors: dict[str, str] = {}
+    for client, result in zip(clients, results, strict=True):
+        if isinstance(result, GtorrentError):
+            errors[client.url] = result.message
+        elif isinstance(result, Exception):
+            log.debug("verdict to %s failed", client.address, exc_info=result)
+            errors[client.url] = f"tracker {client.address} failed ({type(result).__name__})"
+        elif isinstance(result, BaseException):  # cancellation, Ctrl-C
+            raise result
     return errors
 
 

@@ -39,6 +39,10 @@ class NodeSettings:
     trackers: list[str] = field(default_factory=lambda: [DEFAULT_TRACKER])
     trackers_explicit: bool = False  # given by --tracker or GTORRENT_TRACKERS
     advertise: str | None = None  # host peers reach this node at, when bound to every interface
+    # verifiers (peer ids) whose verdicts count (--verifier / GTORRENT_VERIFIERS); None: those the reached
+    # trackers admit (their `hello_ok` lists), or any verifier when none of them names a list. A tracker
+    # takes it as the verifiers it admits (None: any).
+    verifiers: frozenset[str] | None = None
 
 
 async def _until_signalled(stop: asyncio.Event | None = None) -> None:
@@ -61,7 +65,7 @@ def run_tracker(settings: NodeSettings, bind: str, on_ready: Callable[[TrackerSe
     lock = lock_home(settings.home, TRACKER_LOCK, "tracker")  # before tracker.db is opened: one writer
     try:
         identity, _ = load_or_create_identity(settings.home)
-        service = TrackerService(identity, settings.home / "tracker.db")
+        service = TrackerService(identity, settings.home / "tracker.db", verifiers=settings.verifiers)
     except BaseException:
         lock.release()
         raise
@@ -225,7 +229,7 @@ def ask(
     from .store import Store
 
     privacy = privacy or PrivacyOptions(direct=True)
-    store = Store.open(settings.home)
+    store = Store.open(settings.home, None if settings.verifiers is None else set(settings.verifiers))
 
     async def main() -> AskResult:
         ctx = new_context()
@@ -273,10 +277,14 @@ class PeerRow:
 
 
 async def peer_rows(ctx: Any, trackers: list[str], store: Store, model: str | None = None) -> tuple[list[PeerRow], dict[str, str]]:
-    """Trackers' view merged with the local store. Returns (rows, {tracker: error})."""
-    found = await discover(ctx, trackers)
+    """Trackers' view merged with the local store, after keeping the verdicts the trackers served
+    (asker.ingest_verdicts). Returns (rows, {tracker: error})."""
+    from .asker import ingest_verdicts
+
+    found = await discover(ctx, trackers, verdicts=True)
     now = time.time()
     store.saw_peers(found.records.values(), now)
+    ingest_verdicts(store, found)
     known = {r.peer_id: r for r in store.known_records()}
     online = found.records
     rows = []
@@ -320,7 +328,7 @@ async def peer_rows(ctx: Any, trackers: list[str], store: Store, model: str | No
 def list_peers(settings: NodeSettings, model: str | None = None) -> tuple[list[PeerRow], dict[str, str]]:
     from .store import Store
 
-    store = Store.open(settings.home)
+    store = Store.open(settings.home, None if settings.verifiers is None else set(settings.verifiers))
 
     async def query() -> tuple[list[PeerRow], dict[str, str]]:
         ctx = new_context()
@@ -403,3 +411,53 @@ def guards(settings: NodeSettings, *, reset: bool = False) -> list[Guard]:
         return held
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------------- verifier
+
+if TYPE_CHECKING:
+    from .verifier import VerifierEvents, VerifierSettings
+
+
+def run_verifier(
+    settings: NodeSettings,
+    model: Any,
+    verifier_settings: VerifierSettings,
+    events: VerifierEvents,
+    *,
+    bind: str = "tcp://127.0.0.1:0",
+    max_epochs: int | None = None,
+) -> dict[str, int]:
+    """Verify the seeds of `model` (a loaded LanguageModel) until signalled or `max_epochs` have run
+    (verifier.Verifier with verifier.VerifierSettings and VerifierEvents); returns {epochs, verdicts}."""
+    from .store import Store
+    from .verifier import Verifier
+
+    identity, _ = load_or_create_identity(settings.home)
+
+    async def main() -> dict[str, int]:
+        ctx = new_context()
+        store = Store.open(settings.home)
+        verifier = Verifier(identity, model, ctx, settings.trackers, store, settings.home, verifier_settings, events)
+        stop = asyncio.Event()
+        try:
+            verifier.bind(bind, settings.advertise)
+            running = asyncio.create_task(verifier.run(stop, max_epochs))
+            waiting = asyncio.create_task(_until_signalled(stop))
+            await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            stop.set()
+            waiting.cancel()
+            if running.done() and not running.cancelled() and running.exception() is not None:
+                raise running.exception()  # type: ignore[misc]
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await verifier.stop()
+            epochs = len({result.verdict.epoch for result in verifier.verdicts})
+            return {"epochs": epochs, "verdicts": len(verifier.verdicts)}
+        finally:
+            verifier.close()
+            store.close()
+            ctx.destroy(linger=0)
+
+    with lock_home(settings.home, NODE_LOCK, "verifier"):  # one announcing node per identity
+        return asyncio.run(main())

@@ -37,6 +37,7 @@ the attempt fails as a RouteFailed and the retry plans again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -51,6 +52,7 @@ from .asker import (
     AskRequest,
     AskResult,
     AskTimeouts,
+    ModelChoice,
     RouteFailed,
     SeedFailed,
     check_answer,
@@ -490,6 +492,14 @@ async def _receive(
             reader.cancel()
 
 
+async def _aimed(ctx: Context, trackers: list[str], seed: PeerRecord, request: AskRequest) -> tuple[ModelChoice, list[PeerRecord]]:
+    """`seed` alone, after the same tracker query a user's ask makes (find_seeds), so that a tracker
+    cannot tell a verifier's challenge from a user's ask by the queries before it."""
+    with contextlib.suppress(GtorrentError):
+        await discover(ctx, trackers, model=request.model, role="seed", verdicts=True)
+    return ModelChoice(request.model or "", "", [seed]), [seed]
+
+
 async def ask_private(
     ctx: Context,
     trackers: list[str],
@@ -506,7 +516,10 @@ async def ask_private(
     max_attempts: int = 3,
     rules: RelayRules | None = None,
     use_guards: bool = True,
+    only_seed: PeerRecord | None = None,
 ) -> AskResult:
+    """`only_seed`: ask that seed alone, for `request.model` (a verifier's challenge, verifier.py),
+    whatever its standing in `store`; the paths and messages are those of any private ask."""
     events = events or AskEvents()
     ask_timeouts = timeouts or AskTimeouts()
     check_request(request)
@@ -519,7 +532,8 @@ async def ask_private(
     rules = rules or RelayRules()
     started = time.perf_counter()
     (choice, ranked), view = await asyncio.gather(
-        find_seeds(ctx, trackers, request, store, events),
+        find_seeds(ctx, trackers, request, store, events) if only_seed is None
+        else _aimed(ctx, trackers, only_seed, request),
         relay_view(ctx, trackers, store, rules, paths=paths, use_guards=use_guards),
     )
     state = RouteState(view.relays, paths, hops, k, strict, min_hops, first_seen=store.first_seen(),

@@ -35,6 +35,8 @@ MAX_MODELS_PER_RECORD = 8
 MAX_RECORD_BYTES = 4096  # canonical size of one signed record; keeps query answers bounded
 MAX_PROMPT_CHARS = 64 * 1024
 MAX_TOKEN_IDS_PER_MESSAGE = 4096  # ids in one `token` message (~40 KiB of JSON at most)
+MAX_ADMITTED_VERIFIERS = 64  # verifiers a tracker may name in its `hello_ok`
+MAX_VERDICTS_PER_ANSWER = 256  # verdicts in one `peers` answer (each ~0.5 KiB; the tracker's budget is smaller)
 
 
 ENDPOINT_RE = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}")  # a peer's endpoint; use fullmatch
@@ -165,6 +167,8 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "hello_ok": {
         "record": Field(dict, max_len=32),
         "pow_bits": Field(int, required=False, minimum=0, maximum=64),  # work asked of new identities (pow.py)
+        # the verifiers (peer ids) whose verdicts it admits; absent: it admits any verifier
+        "verifiers": Field(list, required=False, max_len=MAX_ADMITTED_VERIFIERS, items=Field(str, max_len=64)),
     },
     "announce": {"record": Field(dict, max_len=32)},
     # every number a tracker sends is bounded: a client must never meet one it cannot turn into a float
@@ -177,6 +181,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "peers": Field(list, required=False, max_len=16),  # only these peer ids (an asker refreshing its guards)
         "sample": Field(str, required=False, max_len=32),  # the listing's ordering key, 16 bytes as hex
         "offset": Field(int, required=False, minimum=0, maximum=1 << 20),  # where the page starts in the listing
+        "verdicts": Field(bool, required=False),  # also send the verdicts held on the seeds of the page
     },
     "peers": {
         "records": Field(list, max_len=1000),
@@ -185,7 +190,12 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "listed_s": Field(list, required=False, max_len=1000, items=Field(NUMBER, minimum=0, maximum=1e10)),
         "total": Field(int, required=False, minimum=0, maximum=1 << 32),  # records matching in all
         "next": Field(int, required=False, minimum=0, maximum=1 << 32),  # offset of the next page; absent: none left
+        # sent when the query asked for them: Verdict wire objects on the page's peers (each checked by the client)
+        "verdicts": Field(list, required=False, max_len=MAX_VERDICTS_PER_ANSWER, items=Field(dict, max_len=16)),
     },
+    # a verifier hands a tracker its signed verdict (docs/PROTOCOL.md §12)
+    "verdict": {"verdict": Field(dict, max_len=16)},
+    "verdict_ok": {"stored": Field(bool)},  # False: the tracker held one for this (verifier, seed, epoch) already
     "error": {"code": Field(str, max_len=64), "message": Field(str, max_len=1024), "id": Field(str, required=False, max_len=64)},
     # seed
     "generate": {
@@ -469,6 +479,7 @@ VERDICT_KEYS = frozenset(
     {"verifier", "verifier_key", "seed", "model_id", "epoch", "credibility", "challenges", "evidence", "signature"}
 )
 _PEER_ID_RE = re.compile(r"[a-z2-7]{26}")  # identity.peer_id_for: 26 lower-case base32 characters
+PEER_ID_RE = _PEER_ID_RE  # use fullmatch
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _B64_KEY_RE = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 bytes, base64url without padding
 _B64_SIGNATURE_RE = re.compile(r"[A-Za-z0-9_-]{86}")  # 64 bytes

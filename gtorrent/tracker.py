@@ -24,7 +24,11 @@ Rules (`TrackerTable`, pure over an injected clock):
   fails (a full disk) every change of the burst is undone (entries, tombstones, the live count, dirty
   marks) and each announce is refused with `storage`, so nothing unacknowledged is ever served;
 - a failed flush keeps the dirty marks for the next try, and never stops the tracker: it logs, refuses
-  announces with `storage` and keeps answering queries from memory.
+  announces with `storage` and keeps answering queries from memory;
+- verdicts (`VerdictTable`, docs/PROTOCOL.md §12): accepted only verified, from an admitted verifier
+  (`--verifier`; none named: any), on a peer listed here; one per (verifier, seed, epoch), the first
+  stays; bounded per (verifier, seed), per seed and in all; saved before `verdict_ok`; served with a
+  query that asks for them (`verdicts: true`), within their own byte budget.
 
 Ports: the tracker's protocol runs over CurveZMQ like every link, but a client given only
 `tcp://host:port` cannot know the tracker's key yet. So the URL's port is a plain bootstrap socket that
@@ -56,7 +60,15 @@ from sqlite_utils.migrations import Migrations
 from .identity import Identity
 from .paths import create_private, ensure_private_dir
 from .pow import MAX_POW_BITS, work
-from .protocol import MAX_RECORD_TTL_S, Message, PeerRecord, ProtocolError
+from .protocol import (
+    MAX_ADMITTED_VERIFIERS,
+    MAX_RECORD_TTL_S,
+    MAX_VERDICTS_PER_ANSWER,
+    Message,
+    PeerRecord,
+    ProtocolError,
+    Verdict,
+)
 from .transport import Reply, Server, new_context
 
 log = logging.getLogger(__name__)
@@ -75,6 +87,13 @@ STORAGE_LOG_INTERVAL_S = 60.0  # at most one log line per this many seconds whil
 
 
 QUERY_BUDGET_BYTES = 192 * 1024  # an answer stays well under the message limit
+# verdicts (docs/PROTOCOL.md §12): a query that asks for them gets its records within QUERY_BUDGET_BYTES -
+# VERDICT_BUDGET_BYTES and the verdicts within VERDICT_BUDGET_BYTES, so the answer stays as large as before
+VERDICT_BUDGET_BYTES = 48 * 1024  # ~100 verdicts
+VERDICT_EPOCHS_HELD = 8  # per (verifier, seed): the newest epochs held (clients keep the history they saw)
+MAX_VERIFIERS_PER_SEED = 16  # verifiers with verdicts held on one seed; a further one waits for a slot
+MAX_VERDICTS = 100_000  # verdicts held in all (~0.5 KiB each)
+VERDICT_KEEP_S = 86_400.0  # a verdict is forgotten this long after it arrived (frees stale verifiers' slots)
 
 
 def within_budget(records: list[dict[str, Any]], budget: int = QUERY_BUDGET_BYTES) -> list[dict[str, Any]]:
@@ -288,6 +307,7 @@ class TrackerTable:
     def page(
         self, model: str | None = None, role: str | None = None, *, limit: int = DEFAULT_QUERY_LIMIT,
         endpoint: str | None = None, peers: list[str] | None = None, sample: bytes | None = None, offset: int = 0,
+        budget: int = QUERY_BUDGET_BYTES,
     ) -> Page:
         """The records at `offset`, `offset + 1`, ... of the listing ordered by blake2b(peer id, key=sample).
 
@@ -313,7 +333,7 @@ class TrackerTable:
 
             # the smallest offset + limit places: O(n log(offset + limit)), not a sort of the whole table
             chosen = heapq.nsmallest(offset + limit, found, key=place)[offset:]
-        kept = within_budget([record.to_wire() for record, _ in chosen])
+        kept = within_budget([record.to_wire() for record, _ in chosen], budget)
         chosen = chosen[: len(kept)]
         end = offset + len(chosen)
         return Page(
@@ -341,6 +361,111 @@ class TrackerTable:
         return len(gone)
 
 
+@dataclass(frozen=True)
+class _HeldVerdict:
+    verdict: Verdict
+    wire: dict[str, Any]  # its wire form, encoded once
+    size: int  # bytes of that form in an answer
+    received_at: float  # tracker clock
+
+
+class VerdictTable:
+    """Signed verdicts by seed, with the admission and bounds of docs/PROTOCOL.md §12 (pure over a clock).
+
+    Invariants: only verdicts that passed `Verdict.from_wire` and came from an admitted verifier are held
+    (`admitted` None: any verifier); one per (verifier, seed, epoch), the first (a second is not stored
+    over it); per (verifier, seed) the newest VERDICT_EPOCHS_HELD epochs; per seed at most
+    `max_verifiers` verifiers; in all at most `max_verdicts`; each forgotten VERDICT_KEEP_S after it
+    arrived. `dirty` names the (verifier, seed, epoch) keys changed since the last flush."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.time, admitted: frozenset[str] | None = None, *,
+        max_verdicts: int = MAX_VERDICTS, max_verifiers: int = MAX_VERIFIERS_PER_SEED,
+        epochs_held: int = VERDICT_EPOCHS_HELD, keep_s: float = VERDICT_KEEP_S,
+    ) -> None:
+        self.clock = clock
+        self.admitted = admitted
+        self.max_verdicts, self.max_verifiers, self.epochs_held, self.keep_s = max_verdicts, max_verifiers, epochs_held, keep_s
+        self.by_seed: dict[str, dict[str, dict[int, _HeldVerdict]]] = {}  # seed -> verifier -> epoch -> verdict
+        self.count = 0
+        self.dirty: set[tuple[str, str, int]] = set()
+
+    def check(self, doc: Any) -> Verdict:
+        """The verdict in `doc`, verified (one signature) and from an admitted verifier; else Rejected."""
+        try:
+            verdict = Verdict.from_wire(doc)
+        except ProtocolError as exc:
+            raise Rejected("invalid", str(exc)[:500]) from exc
+        if self.admitted is not None and verdict.verifier not in self.admitted:
+            raise Rejected("not_admitted", f"verifier {verdict.verifier} is not admitted by this tracker")
+        return verdict
+
+    def accept(self, verdict: Verdict, received_at: float | None = None) -> bool:
+        """Hold a checked verdict; False when one for its (verifier, seed, epoch) is held already (the
+        first stays). Raises Rejected("capacity") when a bound leaves it no room."""
+        now = self.clock() if received_at is None else received_at
+        verifiers = self.by_seed.get(verdict.seed, {})
+        epochs = verifiers.get(verdict.verifier, {})
+        if verdict.epoch in epochs:
+            return False
+        if not epochs and len(verifiers) >= self.max_verifiers:
+            raise Rejected("capacity", f"this tracker holds verdicts of {self.max_verifiers} verifiers on seed "
+                           f"{verdict.seed} already")
+        if len(epochs) >= self.epochs_held:
+            oldest = min(epochs)
+            if verdict.epoch < oldest:  # older than every epoch held: it would be dropped at once
+                raise Rejected("capacity", f"epoch {verdict.epoch} is older than the {self.epochs_held} held")
+            self._drop(verdict.seed, verdict.verifier, oldest)
+        elif self.count >= self.max_verdicts:
+            raise Rejected("capacity", f"this tracker holds its maximum of {self.max_verdicts} verdicts")
+        wire = verdict.to_wire()
+        size = len(json.dumps(wire, separators=(",", ":"))) + 1
+        self.by_seed.setdefault(verdict.seed, {}).setdefault(verdict.verifier, {})[verdict.epoch] = _HeldVerdict(
+            verdict, wire, size, now)
+        self.count += 1
+        self.dirty.add((verdict.verifier, verdict.seed, verdict.epoch))
+        return True
+
+    def _drop(self, seed: str, verifier: str, epoch: int) -> None:
+        verifiers = self.by_seed[seed]
+        del verifiers[verifier][epoch]
+        if not verifiers[verifier]:
+            del verifiers[verifier]
+        if not verifiers:
+            del self.by_seed[seed]
+        self.count -= 1
+        self.dirty.add((verifier, seed, epoch))
+
+    def held(self, verifier: str, seed: str, epoch: int) -> _HeldVerdict | None:
+        return self.by_seed.get(seed, {}).get(verifier, {}).get(epoch)
+
+    def for_seeds(self, seeds: list[str], budget: int = VERDICT_BUDGET_BYTES) -> list[dict[str, Any]]:
+        """Wire verdicts on these seeds within `budget` bytes: every seed's newest epoch of each verifier
+        first (seeds in the given order, which no peer steers), then the next newest, and so on."""
+        ranked: list[tuple[int, int, str, _HeldVerdict]] = []
+        for position, seed in enumerate(dict.fromkeys(seeds)):
+            for verifier, epochs in self.by_seed.get(seed, {}).items():
+                for rank, epoch in enumerate(sorted(epochs, reverse=True)):
+                    ranked.append((rank, position, verifier, epochs[epoch]))
+        ranked.sort(key=lambda item: item[:3])
+        chosen: list[dict[str, Any]] = []
+        used = 0
+        for *_, held in ranked:
+            if used + held.size > budget or len(chosen) >= MAX_VERDICTS_PER_ANSWER:
+                break
+            chosen.append(held.wire)
+            used += held.size
+        return chosen
+
+    def expire(self) -> int:
+        cutoff = self.clock() - self.keep_s
+        gone = [(seed, verifier, epoch) for seed, verifiers in self.by_seed.items()
+                for verifier, epochs in verifiers.items() for epoch, held in epochs.items() if held.received_at <= cutoff]
+        for seed, verifier, epoch in gone:
+            self._drop(seed, verifier, epoch)
+        return len(gone)
+
+
 tracker_migrations = Migrations("gtorrent-tracker")
 
 
@@ -362,6 +487,15 @@ def t002_listed_since(db: Database) -> None:
 def t003_work(db: Database) -> None:
     # older rows read as NULL: their records' work is recomputed on load, tombstones count as 0 bits
     db.table("tracker_records").add_column("work", int)
+
+
+@tracker_migrations()
+def t004_verdicts(db: Database) -> None:
+    # verdicts verifiers submitted (VerdictTable), with their signatures, as wire JSON
+    db.table("tracker_verdicts").create(
+        {"verifier": str, "seed": str, "epoch": int, "verdict": str, "received_at": float},
+        pk=("verifier", "seed", "epoch"),
+    )
 
 
 class TrackerDatabase:
@@ -426,6 +560,44 @@ class TrackerDatabase:
                 )
         table.dirty -= dirty  # flush is synchronous: nothing was marked in between
 
+    def load_verdicts(self, verdicts: VerdictTable) -> int:
+        """Hold the saved verdicts again, each re-verified (a damaged row is dropped, never served); the
+        tracker's current admission and bounds apply (a verifier no longer admitted is dropped too)."""
+        loaded, rows = 0, self.db.execute(
+            "select verifier, seed, epoch, verdict, received_at from tracker_verdicts order by received_at"
+        ).fetchall()
+        for verifier, seed, epoch, text, received_at in rows:
+            try:
+                verdict = verdicts.check(json.loads(text))
+                if (verdict.verifier, verdict.seed, verdict.epoch) != (verifier, seed, epoch):
+                    raise Rejected("invalid", "row does not match its verdict")
+                verdicts.accept(verdict, float(received_at))
+                loaded += 1
+            except (Rejected, ValueError):
+                verdicts.dirty.add((verifier, seed, epoch))  # deleted by the flush below
+        verdicts.dirty = {key for key in verdicts.dirty if verdicts.held(*key) is None}  # the rest is on disk
+        verdicts.expire()
+        self.flush_verdicts(verdicts)
+        return loaded
+
+    def flush_verdicts(self, verdicts: VerdictTable) -> None:
+        """Write the changed verdicts in one transaction; the dirty marks clear only once it committed."""
+        if not verdicts.dirty:
+            return
+        dirty = set(verdicts.dirty)
+        with self.db.atomic():
+            for verifier, seed, epoch in dirty:
+                held = verdicts.held(verifier, seed, epoch)
+                if held is None:
+                    self.db.execute("delete from tracker_verdicts where verifier = ? and seed = ? and epoch = ?",
+                                    (verifier, seed, epoch))
+                else:
+                    self.db.execute(
+                        "insert or replace into tracker_verdicts (verifier, seed, epoch, verdict, received_at) "
+                        "values (?, ?, ?, ?, ?)", (verifier, seed, epoch, json.dumps(held.wire), held.received_at),
+                    )
+        verdicts.dirty -= dirty
+
     def close(self) -> None:
         self.db.close()
 
@@ -442,15 +614,21 @@ class TrackerService:
         max_entries: int = MAX_ENTRIES,
         expire_interval_s: float = EXPIRE_INTERVAL_S,
         pow_bits: int = 0,
+        verifiers: frozenset[str] | None = None,
     ) -> None:
+        """`verifiers`: the peer ids of the verifiers whose verdicts are admitted; None: any verifier."""
+        if verifiers is not None and len(verifiers) > MAX_ADMITTED_VERIFIERS:
+            raise ValueError(f"at most {MAX_ADMITTED_VERIFIERS} verifiers may be admitted")
         self.identity = identity
         self.table = TrackerTable(clock, max_entries, pow_bits=pow_bits)
+        self.verdicts = VerdictTable(clock, verifiers)
         self.expire_interval_s = expire_interval_s
         self.storage_errors = 0  # failed commits and flushes since start
         self._storage_logged_at = -STORAGE_LOG_INTERVAL_S
         self._storage_unlogged = 0
         self.database = TrackerDatabase(db_path) if db_path is not None else None
         self.loaded = self.database.load_into(self.table) if self.database else 0
+        self.loaded_verdicts = self.database.load_verdicts(self.verdicts) if self.database else 0
         self.ctx = new_context()
         self.bootstrap = Server(self.ctx, curve_secret=None, name="tracker-bootstrap")
         self.server = Server(self.ctx, curve_secret=identity.curve_secret, name="tracker")
@@ -503,6 +681,8 @@ class TrackerService:
         body: dict[str, object] = {"record": self.own_record().to_wire()}
         if self.table.pow_bits:
             body["pow_bits"] = self.table.pow_bits
+        if self.verdicts.admitted is not None:  # left out when any verifier is admitted
+            body["verifiers"] = sorted(self.verdicts.admitted)
         return body
 
     async def _on_bootstrap(self, reply: Reply, message: Message) -> None:
@@ -517,19 +697,47 @@ class TrackerService:
             except Rejected as exc:
                 await reply.send("error", {"code": exc.code, "message": str(exc)})
                 return
+            with_verdicts = message.get("verdicts") is True
             page = self.table.page(
                 message.get("model"), message.get("role"), limit=message.get("limit", DEFAULT_QUERY_LIMIT),
                 endpoint=message.get("endpoint"), peers=peers, sample=sample, offset=message.get("offset", 0),
+                budget=QUERY_BUDGET_BYTES - VERDICT_BUDGET_BYTES if with_verdicts else QUERY_BUDGET_BYTES,
             )
             body: dict[str, object] = {"records": [r.to_wire() for r in page.records]}
+            if with_verdicts:  # only when asked: older clients refuse unknown fields
+                body["verdicts"] = self.verdicts.for_seeds([r.peer_id for r in page.records])
             if sample is not None:  # a client that pages knows the paging fields; older ones refuse unknown fields
                 body["listed_s"] = [round(age, 3) for age in page.listed_s]
                 body["total"] = page.total
                 if page.next is not None:
                     body["next"] = page.next
             await reply.send("peers", body)
+        elif message.kind == "verdict":
+            await reply.send(*self._on_verdict(message))
         elif message.kind == "ping":
             await reply.send("pong", {})
+
+    def _on_verdict(self, message: Message) -> tuple[str, dict[str, object]]:
+        """Check, hold and save one verdict: one signature check, a few dict operations and one small
+        transaction (the bounds are VerdictTable's); a verdict whose save fails is not held."""
+        try:
+            verdict = self.verdicts.check(message["verdict"])
+            if verdict.seed not in self.table.entries or self.table.entries[verdict.seed].record is None:
+                # only verdicts on peers listed here: a flood of verdicts on made-up seeds holds nothing
+                raise Rejected("invalid", f"seed {verdict.seed} is not listed by this tracker")
+            stored = self.verdicts.accept(verdict)
+        except Rejected as exc:
+            self.server.counters["dropped"] += 1
+            return "error", {"code": exc.code, "message": str(exc)[:1000]}
+        if stored and self.database is not None:
+            try:
+                self.database.flush_verdicts(self.verdicts)
+            except Exception as exc:  # noqa: BLE001 - refuse it rather than claim durability
+                self.verdicts._drop(verdict.seed, verdict.verifier, verdict.epoch)
+                self.verdicts.dirty.discard((verdict.verifier, verdict.seed, verdict.epoch))
+                self._storage_failed(exc, "refused a verdict")
+                return "error", {"code": "storage", "message": f"{storage_problem(exc)}: the verdict was not stored"}
+        return "verdict_ok", {"stored": stored}
 
     async def _on_announces(self, batch: list[tuple[Reply, Message]]) -> None:
         """Check every announce of a burst, commit the accepted ones in one transaction, then answer.
@@ -578,6 +786,12 @@ class TrackerService:
     def sweep(self) -> None:
         """Forget expired entries and save what is unsaved; a failed save is logged and retried later."""
         self.table.expire()
+        self.verdicts.expire()
+        if self.database is not None and self.verdicts.dirty:
+            try:
+                self.database.flush_verdicts(self.verdicts)
+            except Exception as exc:  # noqa: BLE001 - the tracker keeps serving from memory
+                self._storage_failed(exc, "cannot save expired verdicts; will retry")
         if self.database is not None and self.table.dirty:
             try:
                 self.database.flush(self.table)
@@ -595,7 +809,7 @@ class TrackerService:
             asyncio.create_task(
                 self.server.serve(
                     self._on_message,
-                    frozenset({"hello", "announce", "query", "ping"}),
+                    frozenset({"hello", "announce", "query", "verdict", "ping"}),
                     batch_kinds=frozenset({"announce"}),
                     batch_handler=self._on_announces,
                 )

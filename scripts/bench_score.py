@@ -8,7 +8,12 @@ each with the reference:
   honest-greedy      the reference itself, temperature 0, generated with another intra-op thread count
   honest-sampled     the reference, a random mix of (temperature, top_k, top_p) as users set them
   other-greedy/-sampled  another model with the same tokenizer (tests/models/gpt2-tiny by default)
-  truncated          the honest greedy answer cut to a third and marked "eos"
+  other-tuned        that model sampling at 0.7 × the requested temperature (to pass a surprisal
+                     test), scored with the seeded replay and, for comparison, without the seed
+  truncated          the honest greedy answer cut to a third and marked "eos" / "length"
+
+Sampled asks carry a sampling seed (as every ask does), so sampled answers are checked by replaying the
+seed's draws; the "-unseeded" kind shows the fallback test alone.
   canned             the same fixed text for every prompt
   random             uniformly random token ids
 
@@ -82,28 +87,39 @@ def main() -> None:
         honest = seed_model.generate(ids, greedy)
         started = time.perf_counter()
         add("honest-greedy", score_answer(reference, ids, honest.token_ids, greedy.sampling,
-                                          finish_reason=honest.finish_reason))
+                                          finish_reason=honest.finish_reason, max_tokens=args.tokens))
         if honest.tokens >= 8:
             ratios["greedy"].append((time.perf_counter() - started) / honest.total_s)
         drawn = seed_model.generate(ids, sampled)
         started = time.perf_counter()
         add("honest-sampled", score_answer(reference, ids, drawn.token_ids, sampling,
-                                           finish_reason=drawn.finish_reason))
+                                           finish_reason=drawn.finish_reason, seed=n, max_tokens=args.tokens))
         if drawn.tokens >= 8:
             ratios["sampled"].append((time.perf_counter() - started) / drawn.total_s)
         fake = other.generate(ids, greedy)
         add("other-greedy", score_answer(reference, ids, fake.token_ids, greedy.sampling,
-                                         finish_reason=fake.finish_reason))
+                                         finish_reason=fake.finish_reason, max_tokens=args.tokens))
         fake = other.generate(ids, sampled)
         add("other-sampled", score_answer(reference, ids, fake.token_ids, sampling,
-                                          finish_reason=fake.finish_reason))
+                                          finish_reason=fake.finish_reason, seed=n, max_tokens=args.tokens))
+        # other weights that read the requested temperature and sample cooler, to pass a surprisal test
+        cooler = SamplingParams(temperature=sampling.temperature * 0.7, top_k=sampling.top_k, top_p=sampling.top_p)
+        fake = other.generate(ids, GenerationParams(max_tokens=args.tokens, sampling=cooler, seed=n))
+        add("other-tuned", score_answer(reference, ids, fake.token_ids, sampling,
+                                        finish_reason=fake.finish_reason, seed=n, max_tokens=args.tokens))
+        add("other-tuned-unseeded", score_answer(reference, ids, fake.token_ids, sampling,
+                                                 finish_reason=fake.finish_reason, max_tokens=args.tokens))
         cut = honest.token_ids[: max(1, len(honest.token_ids) // 3)]
         add("truncated-greedy", score_answer(reference, ids, cut, greedy.sampling, finish_reason="eos"))
+        add("truncated-length", score_answer(reference, ids, cut, greedy.sampling, finish_reason="length",
+                                             max_tokens=args.tokens))
         add("canned-greedy", score_answer(reference, ids, canned_ids, greedy.sampling, finish_reason="eos"))
-        add("canned-sampled", score_answer(reference, ids, canned_ids, sampling, finish_reason="eos"))
+        add("canned-sampled", score_answer(reference, ids, canned_ids, sampling, finish_reason="eos", seed=n))
         noise = [rng.randrange(4, vocab) for _ in range(args.tokens)]
-        add("random-greedy", score_answer(reference, ids, noise, greedy.sampling, finish_reason="length"))
-        add("random-sampled", score_answer(reference, ids, noise, sampling, finish_reason="length"))
+        add("random-greedy", score_answer(reference, ids, noise, greedy.sampling, finish_reason="length",
+                                          max_tokens=args.tokens))
+        add("random-sampled", score_answer(reference, ids, noise, sampling, finish_reason="length", seed=n,
+                                           max_tokens=args.tokens))
 
     print(f"reference {reference.name}, other {other.name}, {args.answers} answers per kind, "
           f"≤ {args.tokens} tokens each")
@@ -127,7 +143,7 @@ def main() -> None:
         print(f"  {who:8} {len(epochs):3} epochs   paper mean {statistics.fmean(paper):.3f} max {max(paper):.3f}   "
               f"calibrated mean {statistics.fmean(calib):.3f} min {min(calib):.3f} max {max(calib):.3f} "
               f"< 0.4: {sum(c < 0.4 for c in calib) / len(calib):.0%}")
-    for kind in ("honest-sampled", "other-sampled", "canned-sampled", "random-sampled"):
+    for kind in ("honest-sampled", "other-sampled", "other-tuned-unseeded", "canned-sampled", "random-sampled"):
         zs = [s.typicality_z for s in results[kind]]
         print(f"{kind} z: mean {statistics.fmean(zs):.2f}, sd {statistics.pstdev(zs):.2f}, "
               f"min {min(zs):.2f}, max {max(zs):.2f}")

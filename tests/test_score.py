@@ -198,7 +198,8 @@ def test_paper_and_per_token_arrays_match_a_hand_computation(reference: Language
             total += logprob if rank < 50 else math.log(1e-5)
             count += 1
     assert score.paper == pytest.approx(min(1.0, math.exp(total / count)), rel=1e-6)
-    assert score.ranks[1] == 0 and score.calibrated == pytest.approx(1 / 4)  # only the argmax token
+    # only the argmax token: 3 of 4 tokens no honest greedy seed makes, so nothing is left (1 − 10 × 3/4)
+    assert score.ranks[1] == 0 and score.support_fraction == pytest.approx(1 / 4) and score.calibrated == 0.0
 
 
 def test_sampling_distribution_is_exactly_sample_tokens() -> None:
@@ -288,7 +289,7 @@ def test_edge_cases(reference: LanguageModel) -> None:
         score_answer(reference, ids, [-1], GREEDY)
     with pytest.raises(UsageError):
         score_answer(reference, [], [first], GREEDY)
-    with pytest.raises(UsageError):
+    with pytest.raises(ScoreError):  # longer than the context: no seed made it, so the seed is at fault
         score_answer(reference, ids, [eos] * reference.context_length, GREEDY)
     assert epoch_credibility([]) == 0.0
 
@@ -301,3 +302,73 @@ def test_credibility_of_text_retokenizes(reference: LanguageModel) -> None:
     assert by_text.calibrated >= 0.9 and by_ids.calibrated == 1.0
     canned = credibility_of(reference, "The for statement", CANNED, GREEDY)
     assert canned.calibrated < 0.4
+
+
+# ------------------------------------------------------------------ review: seeded replay, strictness, ends
+
+
+def test_seeded_sampled_answers_replay_exactly(reference: LanguageModel, honest_seed: LanguageModel) -> None:
+    """Every sampled ask carries a sampling seed (asker.generate_body), so a verifier replays the seed's
+    sampler draw by draw: an honest answer lands on every token, at any temperature, tiny ones too."""
+    for n, sampling in enumerate([*USER_SAMPLING, SamplingParams(temperature=1e-6), SamplingParams(temperature=3.0)]):
+        for prompt in PROMPTS[:3]:
+            ids = reference.encode(prompt)
+            seed = 1000 * n + len(prompt)
+            answer = honest_seed.generate(ids, GenerationParams(max_tokens=48, sampling=sampling, seed=seed))
+            score = score_answer(reference, ids, answer.token_ids, sampling, finish_reason=answer.finish_reason,
+                                 seed=seed, max_tokens=48)
+            assert score.replayed and score.replay_fraction == 1.0 and score.calibrated == 1.0, (sampling, prompt)
+
+
+def test_other_weights_tuned_to_the_temperature_are_caught_by_the_replay(
+    reference: LanguageModel, other: LanguageModel
+) -> None:
+    """Other weights that read the requested temperature and sample a little cooler pass a surprisal
+    test on small models; replaying the seeded draws they fail, and the epoch's lowest score is 0."""
+    scores = []
+    for prompt in PROMPTS:
+        ids = reference.encode(prompt)
+        answer = other.generate(ids, GenerationParams(max_tokens=64, sampling=SamplingParams(temperature=0.7), seed=7))
+        scores.append(score_answer(reference, ids, answer.token_ids, SamplingParams(temperature=1.0),
+                                   finish_reason=answer.finish_reason, seed=7, max_tokens=64))
+    assert max(s.calibrated for s in scores) < 0.4 and epoch_credibility(scores) == 0.0
+
+
+def test_a_greedy_cheater_right_half_the_time_scores_nothing(reference: LanguageModel) -> None:
+    ids = reference.encode("The for statement")
+    answer: list[int] = []
+    for i in range(40):
+        row = reference.forward(ids + answer)[-1]
+        ranked = np.argsort(-row)
+        answer.append(int(ranked[0] if i % 2 == 0 else ranked[5]))
+    score = score_answer(reference, ids, answer, GREEDY, finish_reason="length", max_tokens=40)
+    assert score.support_fraction == pytest.approx(0.5, abs=0.05) and score.calibrated == 0.0
+
+
+@pytest.mark.parametrize(("reason", "cut"), [("length", 5), ("stop", 5), ("cancelled", 5), ("context", 5), ("eos", 5)])
+def test_an_answer_cut_short_scores_nothing_whatever_end_it_claims(
+    reference: LanguageModel, honest_seed: LanguageModel, reason: str, cut: int
+) -> None:
+    ids = reference.encode("The for statement")
+    whole = honest_seed.generate(ids, GenerationParams(max_tokens=64)).token_ids
+    assert len(whole) == 64
+    score = score_answer(reference, ids, whole[:cut], GREEDY, finish_reason=reason, max_tokens=64)
+    assert score.calibrated == 0.0 and not score.end_ok
+    assert score_answer(reference, ids, whole, GREEDY, finish_reason="length", max_tokens=64).calibrated == 1.0
+
+
+def test_an_answer_may_end_at_any_of_the_models_end_tokens(reference: LanguageModel) -> None:
+    """Models with several end tokens (Llama 3, Qwen2 chat) end answers on any of them: the scorer
+    checks the end against each, not only against the lowest id."""
+    ids = reference.encode("The for statement")
+    row = reference.forward(ids)[-1]
+    ranked = [int(t) for t in np.argsort(-row)]
+    lower = min(t for t in ranked[1:] if t < ranked[0]) if any(t < ranked[0] for t in ranked[1:]) else None
+    assert lower is not None
+    original = reference.eos_ids
+    try:
+        reference.eos_ids = frozenset({ranked[0], lower})  # the answer ends at once, on the likelier end token
+        score = score_answer(reference, ids, [], GREEDY, finish_reason="eos")
+        assert score.end_ok and score.scored_eos
+    finally:
+        reference.eos_ids = original

@@ -34,12 +34,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def sample_token(
-    logits: npt.NDArray[np.floating], params: SamplingParams, rng: np.random.Generator
-) -> int:
-    """The next token id for one position's logits (shape [vocab])."""
-    if params.greedy:
-        return int(np.argmax(logits))
+def sampling_candidates(
+    logits: npt.NDArray[np.floating], params: SamplingParams
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+    """The tokens a sampled (temperature > 0) step may draw, most likely first, and their probabilities:
+    logits / temperature, cut to the top_k highest, softmax, cut to the smallest prefix reaching top_p.
+    `sample_token` draws from exactly this; a verifier rebuilds it to replay a seeded answer."""
     scores = logits.astype(np.float64) / params.temperature
     candidates: npt.NDArray[np.intp]
     if 0 < params.top_k < scores.shape[0]:
@@ -55,6 +55,18 @@ def sample_token(
         cumulative = np.cumsum(probs)
         keep = int(np.searchsorted(cumulative, params.top_p)) + 1  # smallest set reaching top_p
         candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
+    return candidates, probs
+
+
+def sample_token(
+    logits: npt.NDArray[np.floating], params: SamplingParams, rng: np.random.Generator
+) -> int:
+    """The next token id for one position's logits (shape [vocab]). A sampled step draws exactly one
+    `rng.random()` (Generator.choice with p: the first index whose cumulative probability exceeds it),
+    so a seeded answer can be replayed token by token (runtime/score.py)."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    candidates, probs = sampling_candidates(logits, params)
     return int(candidates[rng.choice(candidates.shape[0], p=probs)])
 
 

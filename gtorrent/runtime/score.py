@@ -20,30 +20,36 @@ The paper's credibility (paper-notes §4.1), exactly: over the answer's tokens b
 `paper` = clamp(1/PPL, 0, 1). With m <= 1 there is nothing to score and `paper` = 0.0 (no evidence
 earns no credit; challenges ask for many tokens).
 
-The calibrated credibility, near 1 for an honest seed on any model however small or high-entropy:
+The calibrated credibility is a test an honest seed passes exactly, on any model however small or
+high-entropy: each token is one an honest seed could have produced or not, and calibrated = 1 −
+STRICTNESS × (the fraction it could not have), at least 0, so a tenth of the answer wrong leaves
+nothing (an honest seed's fraction is 1: numeric ties sit inside the tolerances):
 
-- greedy: `calibrated` = the fraction of tokens with logit_gaps[i] <= GREEDY_LOGIT_TOL, i.e. the
-  reference's argmax up to numeric ties. Seeds compute logits step by step with a KV cache, with
-  other thread counts or on other hardware; the verifier's full pass differs from theirs in the last
-  float bits, so an honest token can lose the argmax by a hair, never by GREEDY_LOGIT_TOL.
-- sampled: `calibrated` = support_fraction · typicality, where support_fraction = the fraction of
-  tokens inside q_i's support, taken leniently at its edge (the cut is widened to the prefix reaching
-  top_p + TOP_P_TOL, and a token within GREEDY_LOGIT_TOL of the last kept logit counts), and
-  typicality is a z-test of the total surprisal of the in-support tokens (those with q_i(t_i) > 0)
-  against its mean and variance under q: z = (Σ −log q_i(t_i) − Σ H(q_i)) / sqrt(Σ Var_i).
-  An honest seed's z is roughly N(0, 1) (a sum of independent per-token surprisals); text from other
-  weights, canned or shuffled text has far more surprisal, and a seed that ignores the temperature
-  (greedy text for a sampled ask) far less. typicality = exp(−(|z| − Z_FREE)² / 2) when |z| > Z_FREE
-  (= 3), else 1: nothing below three standard deviations, smoothly to 0 beyond. When Σ Var_i is 0
-  (every q_i a point mass) z is 0.
-- An answer that ended at end-of-sequence (`finish_reason="eos"`) also scores that end token, which
-  the seed chose like any other, and a claimed end outside the support (`end_ok` false: greedy, the
-  reference would not have stopped there) makes the whole answer a lie: calibrated =
-  support_fraction · typicality · [end_ok]. This is what catches an answer cut short and marked "eos".
-  With nothing to score (an empty answer that did not end at eos) `calibrated` = 0.0.
-- Over an epoch, `epoch_credibility` pools the sampled challenges' surprisal into one z-test
-  (z = Σ excess / sqrt(Σ variance)), which is sqrt(challenges) times more sensitive than one answer:
-  C(T) = mean over challenges of support_fraction · [end_ok], times typicality(pooled z).
+- greedy (or an unseeded answer cooler than NEAR_GREEDY_T): the token is the reference's argmax up to
+  GREEDY_LOGIT_TOL. Seeds compute logits step by step with a KV cache, with other thread counts or on
+  other hardware; the verifier's full pass differs from theirs in the last float bits, so an honest
+  token can lose the argmax by a hair, never by GREEDY_LOGIT_TOL.
+- sampled with a seed (every ask carries one: asker.generate_body): the seed's sampler drew one
+  `random()` per token from default_rng(seed) and took the first candidate whose cumulative
+  probability exceeds it (sampling.sample_token). The verifier replays the draws against the
+  reference's candidates (`sampling.sampling_candidates`): the token is the seed's only if the same
+  draw lands in its interval, within REPLAY_TOL. Other weights tuned to pass any distribution test
+  (a cooler temperature, say) still land elsewhere on most tokens.
+- sampled without a seed (a fallback): the token lies in q_i's support, taken leniently at its edge
+  (the cut widened to the prefix reaching top_p + TOP_P_TOL, and a token within GREEDY_LOGIT_TOL of
+  the last kept logit counts), times typicality, a z-test of the total surprisal of the in-support
+  tokens against its mean and variance under q: z = (Σ −log q_i(t_i) − Σ H(q_i)) / sqrt(Σ Var_i).
+  An honest seed's z is roughly N(0, 1); typicality = exp(−(|z| − Z_FREE)² / 2) beyond Z_FREE = 3,
+  else 1. This is far weaker than the replay: other weights sampled a little cooler pass it.
+- the end: the finish reason must be one a whole answer has (FINISH_REASONS); "length" only with
+  exactly `max_tokens` tokens, "context" only when prompt + answer fill the context; "eos" scores the
+  end token too (any of the model's end tokens, the likeliest one for the support test; replayed, any
+  of them the draw lands on). An end that does not fit (`end_ok` false) makes calibrated 0: this is
+  what catches an answer cut short, whatever end it claims. With nothing to score (an empty answer
+  that did not end at eos) calibrated = 0.0.
+- over an epoch, `epoch_credibility` takes the LOWEST challenge's score (an honest seed scores 1 on
+  each, so one failed challenge is evidence, and a seed honest on some asks only does not average its
+  way through), times the typicality of the unseeded sampled answers' pooled surprisal.
 
 Invariants: token ids outside the vocabulary raise `ScoreError` before any inference; the pass is one
 `model.forward` call; everything after it is pure numpy on the logits.
@@ -59,13 +65,17 @@ import numpy.typing as npt
 
 from ..errors import GtorrentError, UsageError
 from .model import LanguageModel
-from .sampling import SamplingParams, log_softmax
+from .sampling import SamplingParams, log_softmax, sampling_candidates
 
 TOP_K = 50  # the paper's TOP_K_LOGPROBS
 EPSILON = 1e-5  # the paper's probability floor for a token outside the top-K
 GREEDY_LOGIT_TOL = 0.05  # raw-logit tie tolerance; measured thread/cache noise is ~1e-5 (see bench_score)
 TOP_P_TOL = 1e-3  # extra cumulative probability admitted at the top-p edge
 Z_FREE = 3.0  # |z| up to this many standard deviations is not penalised
+REPLAY_TOL = 1e-4  # cumulative-probability slack at a token's interval edges (numeric noise is ~1e-6)
+STRICTNESS = 10.0  # calibrated = 1 − STRICTNESS × (fraction of tokens an honest seed could not have made)
+FINISH_REASONS = frozenset({"eos", "length", "context"})  # how a whole answer ends
+NEAR_GREEDY_T = 1e-3  # below this temperature an unseeded answer is judged as greedy (ties within the tol.)
 _ROWS_PER_CHUNK = 64  # bounds the [rows, vocab] float64 temporaries on large vocabularies
 
 FloatArray = npt.NDArray[np.float64]
@@ -100,7 +110,9 @@ class AnswerScore:
     surprisal_spread: float  # Σ Var_i over the same tokens (the excess's variance for an honest seed)
     typicality_z: float  # 0.0 for greedy
     typicality: float  # 1.0 for greedy
-    end_ok: bool  # the claimed end-of-sequence lies in the support (True when no end was claimed)
+    end_ok: bool  # the answer's end is one an honest seed could have reached (see the module doc)
+    replayed: bool  # a seeded sampled answer, checked by replaying the seed's sampler
+    replay_fraction: float  # of the scored tokens, those the replayed draw lands on (1.0 when not replayed)
     calibrated: float
 
     @property
@@ -171,10 +183,14 @@ def score_answer(
     sampling: SamplingParams,
     *,
     finish_reason: str | None = None,
+    seed: int | None = None,
+    max_tokens: int | None = None,
 ) -> AnswerScore:
     """Score `answer_ids`, generated after `prompt_ids` with `sampling`, against `model` (the reference).
 
-    `finish_reason="eos"` scores the end-of-sequence token after the answer too (see the module doc)."""
+    `finish_reason` (from the signed transcript) is checked against the answer (module doc); "eos" also
+    scores the end token. `seed`: the sampling seed the request carried, for an exact replay of a
+    sampled answer. `max_tokens`: the request's limit, which a "length" answer must have reached."""
     if not prompt_ids:
         raise UsageError("scoring needs a non-empty prompt")
     vocab = _vocab_size(model)
@@ -184,16 +200,21 @@ def score_answer(
     scored = list(answer_ids)
     scored_eos = finish_reason == "eos" and bool(model.eos_ids)
     if scored_eos:
-        scored.append(min(model.eos_ids))
+        scored.append(min(model.eos_ids))  # a placeholder: the end token is chosen from the logits below
     total = len(prompt_ids) + len(scored)
-    if total > model.context_length:
-        raise UsageError(f"prompt + answer is {total} tokens; model {model.name} holds {model.context_length}")
+    if total > model.context_length:  # the seed's doing: it cannot have produced this answer
+        raise ScoreError(f"prompt + answer is {total} tokens; model {model.name} holds {model.context_length}")
+    end_claim_ok = _end_claim_ok(finish_reason, len(answer_ids), len(prompt_ids) + len(answer_ids),
+                                 max_tokens, model.context_length)
     if not scored:
         return _empty_score(sampling)
     # the logits at position j predict token j+1: the last prompt position predicts the first answer
     # token, and the last scored token's own logits are never needed
     logits_all = model.forward(list(prompt_ids) + scored[:-1])
     start = len(prompt_ids) - 1
+    if scored_eos:  # of the model's end tokens, the one the reference finds likeliest there
+        end_row = logits_all[start + len(answer_ids)]
+        scored[-1] = max(model.eos_ids, key=lambda token: float(end_row[token]))
     tokens = np.asarray(scored, dtype=np.int64)
     parts: list[tuple[FloatArray, ...]] = []
     for begin in range(0, len(scored), _ROWS_PER_CHUNK):
@@ -207,13 +228,27 @@ def score_answer(
     perplexity, paper = paper_credibility(logprobs[: len(answer_ids)], in_top_k[: len(answer_ids)])
     support_fraction = float(in_support.mean())
     excess, spread = 0.0, 0.0
-    if not sampling.greedy:
+    if not _greedy_like(sampling):
         drawn = q_token > 0.0
         spread = float(variance[drawn].sum())
         excess = float(-np.log(q_token[drawn]).sum() - entropy[drawn].sum())
     z = _z(excess, spread)
     typicality = typicality_factor(z)
-    end_ok = bool(in_support[-1]) if scored_eos else True
+    end_ok = end_claim_ok and (bool(in_support[-1]) if scored_eos else True)
+    replayed = seed is not None and not sampling.greedy
+    replay_fraction = 1.0
+    if replayed:
+        assert seed is not None
+        rows = logits_all[start : start + len(scored)]
+        hits = _replay(rows.astype(np.float64), tokens, sampling, seed,
+                       frozenset(model.eos_ids) if scored_eos else frozenset())
+        replay_fraction = float(hits.mean())
+        end_ok = end_claim_ok and (bool(hits[-1]) if scored_eos else True)
+        calibrated = _strict(replay_fraction)
+    elif _greedy_like(sampling):
+        calibrated = _strict(support_fraction)
+    else:
+        calibrated = _strict(support_fraction) * typicality
     return AnswerScore(
         sampling=sampling,
         answer_tokens=len(answer_ids),
@@ -235,18 +270,75 @@ def score_answer(
         typicality_z=z,
         typicality=typicality,
         end_ok=end_ok,
-        calibrated=support_fraction * typicality if end_ok else 0.0,
+        replayed=replayed,
+        replay_fraction=replay_fraction,
+        calibrated=calibrated if end_ok else 0.0,
     )
 
 
+def _greedy_like(sampling: SamplingParams) -> bool:
+    """Greedy, or so cool that an unseeded answer is judged like a greedy one (its distribution is a
+    point mass up to numeric noise, which a surprisal test would blow up)."""
+    return sampling.greedy or sampling.temperature < NEAR_GREEDY_T
+
+
+def _strict(fraction: float) -> float:
+    """Calibrated credibility from the fraction of tokens an honest seed could have produced: an honest
+    seed's is 1 (numeric ties are inside the tolerances), so every token beyond them is evidence, and a
+    tenth of the answer wrong is enough for 0."""
+    return max(0.0, 1.0 - STRICTNESS * (1.0 - fraction))
+
+
+def _end_claim_ok(reason: str | None, answer_tokens: int, total: int, max_tokens: int | None, context: int) -> bool:
+    """Whether the finish reason fits the answer: "length" only at max_tokens, "context" only when the
+    context is full, nothing outside FINISH_REASONS (None: not known, e.g. text scored alone)."""
+    if reason is None:
+        return True
+    if reason not in FINISH_REASONS:
+        return False
+    if reason == "length":
+        return max_tokens is None or answer_tokens == max_tokens
+    if reason == "context":
+        return total >= context
+    return True
+
+
+def _replay(rows: FloatArray, tokens: IntArray, sampling: SamplingParams, seed: int,
+            end_tokens: frozenset[int]) -> BoolArray:
+    """Replay a seeded sampled answer: the seed's sampler drew one `random()` per token from
+    default_rng(seed) (sampling.sample_token) and took the first candidate whose cumulative probability
+    exceeds it. Rebuilding each step's candidates from the reference logits, a token is the seed's only
+    if that same draw lands in its interval (within REPLAY_TOL, for numeric noise). With `end_tokens`,
+    the last token is the end of the answer, and any of them may be the one drawn."""
+    rng = np.random.default_rng(seed)
+    hits = np.zeros(tokens.shape[0], dtype=bool)
+    for i in range(tokens.shape[0]):
+        draw = rng.random()
+        candidates, probs = sampling_candidates(rows[i], sampling)
+        cumulative = np.cumsum(probs)
+        cumulative /= cumulative[-1]
+        last = i == tokens.shape[0] - 1
+        wanted = end_tokens if last and end_tokens else frozenset({int(tokens[i])})
+        for j in np.nonzero(np.isin(candidates, list(wanted)))[0]:
+            low = float(cumulative[j - 1]) if j else 0.0
+            if low - REPLAY_TOL <= draw <= float(cumulative[j]) + REPLAY_TOL:
+                hits[i] = True
+                break
+    return hits
+
+
 def epoch_credibility(scores: list[AnswerScore]) -> float:
-    """C(T) from one epoch's calibrated scores, with the sampled answers' typicality pooled (module doc).
-    No scores: 0.0 (a seed that answered nothing earned nothing)."""
+    """C(T) from one epoch's scores: the lowest calibrated score of its challenges, times the typicality
+    of the unseeded sampled answers' pooled surprisal (module doc). The lowest, not the mean: an honest
+    seed scores 1 on every challenge, so one failed challenge is evidence, and a seed that answers
+    honestly only on some asks must not average its way past the threshold. No scores: 0.0."""
     if not scores:
         return 0.0
-    base = sum(score.support_fraction if score.end_ok else 0.0 for score in scores) / len(scores)
-    pooled = _z(sum(s.surprisal_excess for s in scores), sum(s.surprisal_spread for s in scores))
-    return base * typicality_factor(pooled)
+    unseeded = [s for s in scores if not s.replayed and not s.sampling.greedy]
+    pooled = _z(sum(s.surprisal_excess for s in unseeded), sum(s.surprisal_spread for s in unseeded))
+    lowest = min(s.calibrated if s.replayed or s.sampling.greedy else _strict(s.support_fraction) * float(s.end_ok)
+                 for s in scores)
+    return lowest * typicality_factor(pooled)
 
 
 def _z(excess: float, spread: float) -> float:
@@ -277,7 +369,7 @@ def _score_rows(logits: FloatArray, tokens: IntArray, sampling: SamplingParams) 
     logprob_all = log_softmax(logits)
     ranks = (logits > token_logits[:, None]).sum(axis=1).astype(np.float64)
     gaps = top - token_logits
-    if sampling.greedy:
+    if _greedy_like(sampling):
         tie = gaps <= GREEDY_LOGIT_TOL
         zeros = np.zeros(rows.shape[0], dtype=np.float64)
         q_token, support, entropy, variance = tie.astype(np.float64), tie, zeros, zeros
@@ -325,5 +417,7 @@ def _empty_score(sampling: SamplingParams) -> AnswerScore:
         typicality_z=0.0,
         typicality=1.0,
         end_ok=True,
+        replayed=False,
+        replay_fraction=1.0,
         calibrated=0.0,
     )

@@ -1,0 +1,131 @@
+"""`gtorrent verify`: challenge the seeds of a model and sign verdicts; `--recheck` re-scores evidence.
+
+Thin over the library: node.run_verifier runs the verifier (gtorrent/verifier.py), verifier.recheck
+re-scores an evidence file. Text goes to stderr as progress and one line per verdict; with --json,
+one JSON event per line on stdout ({"event": "epoch" | "challenge" | "verdict" | "failed" | "recheck", ...})."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gtorrent.identity import short_id
+
+from . import output
+from .common import AdvertiseOption, JsonOption, TrackerOption, settings
+from .run import MODEL_HELP
+
+
+def _event(value: dict[str, Any]) -> None:
+    """One JSON event on one line; ASCII only (remote text escaped, DEL too), nothing a terminal obeys."""
+    sys.stdout.write(json.dumps(value, ensure_ascii=True, separators=(",", ":")).replace("\x7f", "\\u007f") + "\n")
+    sys.stdout.flush()
+
+
+def verify_command(
+    model: Annotated[Path | None, typer.Argument(help=MODEL_HELP, show_default=False)] = None,
+    tracker: TrackerOption = None,
+    epoch: Annotated[float, typer.Option("--epoch", min=0.5, help="Epoch length in seconds (one verdict per seed each).")] = 60.0,
+    challenges: Annotated[int, typer.Option("--challenges", min=1, max=1000, help="Challenges per seed and epoch.")] = 3,
+    json_out: JsonOption = False,
+    recheck_file: Annotated[
+        Path | None, typer.Option("--recheck", help="Re-score an evidence file with MODEL and say whether you agree.")
+    ] = None,
+    max_epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Stop after this many epochs.")] = None,
+    advertise: AdvertiseOption = None,
+) -> None:
+    """Verify the seeds that serve MODEL (without MODEL: the bundled demo model): hidden challenges over
+    private paths, scored against MODEL, one signed verdict per seed and epoch."""
+    from gtorrent.runtime import LanguageModel
+
+    node = settings(tracker, advertise)
+    with output.err.status("loading model…", spinner="dots"):
+        lm = LanguageModel.load(model, cache_dir=node.home / "cache")
+    if recheck_file is not None:
+        _recheck(recheck_file, lm, json_out)
+        return
+    _verify(node, lm, epoch, challenges, json_out, max_epochs)
+
+
+def _recheck(path: Path, lm: Any, json_out: bool) -> None:
+    from gtorrent.verifier import recheck
+
+    checked = recheck(path, lm)
+    verdict = checked.verdict
+    if json_out:
+        _event({"event": "recheck", "agrees": checked.agrees, "verdict": verdict.to_wire(),
+                           "credibility": checked.credibility, "scores": checked.scores, "problems": checked.problems})
+    else:
+        said = f"seed {verdict.seed} epoch {verdict.epoch}: verifier {short_id(verdict.verifier)} says C = {verdict.credibility:.3f}"
+        if checked.agrees:
+            output.write_text(f"agree: {said}; re-scored here C = {checked.credibility:.3f}\n")
+        else:
+            output.write_text(f"disagree: {said}; {'; '.join(checked.problems)}\n")
+    if not checked.agrees:
+        raise typer.Exit(1)
+
+
+def _verify(node: Any, lm: Any, epoch_s: float, challenges: int, json_out: bool, max_epochs: int | None) -> None:
+    from gtorrent.node import run_verifier
+    from gtorrent.verifier import ChallengeResult, VerdictResult, VerifierEvents, VerifierSettings
+
+    def on_epoch(epoch: int, seeds: list[Any]) -> None:
+        if json_out:
+            _event({"event": "epoch", "epoch": epoch, "seeds": [s.peer_id for s in seeds]})
+        else:
+            output.info(f"epoch {epoch}: {len(seeds)} seed(s) of {lm.model_id[:12]} to challenge")
+
+    def on_challenge(result: ChallengeResult) -> None:
+        sampling = result.challenge.sampling
+        if json_out:
+            _event({"event": "challenge", "epoch": result.epoch, "seed": result.seed,
+                               "greedy": sampling.greedy, "temperature": sampling.temperature,
+                               "max_tokens": result.challenge.max_tokens, "calibrated": result.calibrated,
+                               "paper": None if result.score is None else result.score.paper, "error": result.error})
+        elif result.error is not None:
+            output.warning(f"challenge to {short_id(result.seed)} failed: {result.error}")
+        else:
+            kind = "greedy" if sampling.greedy else f"T={sampling.temperature:g}"
+            output.info(f"  challenge to {short_id(result.seed)} ({kind}): score {result.calibrated:.3f}")
+
+    def on_verdict(result: VerdictResult) -> None:
+        verdict = result.verdict
+        submitted = result.submitted
+        if json_out:
+            _event({"event": "verdict", "verdict": verdict.to_wire(),
+                               "evidence_file": None if result.evidence_path is None else str(result.evidence_path),
+                               "submitted": submitted})
+            return
+        where = f"taken by {len(node.trackers) - len(submitted)} of {len(node.trackers)} tracker(s)"
+        line = (f"verdict: seed {verdict.seed} epoch {verdict.epoch} C = {verdict.credibility:.3f} "
+                f"over {verdict.challenges} challenge(s), {where}")
+        if result.evidence_path is not None:
+            line += f"; evidence {result.evidence_path}"
+        output.write_text(line + "\n")
+        for url, message in submitted.items():
+            output.warning(f"verdict not taken by {url}: {message}")
+
+    def announced(errors: dict[str, str]) -> None:
+        for url, message in errors.items():
+            output.warning(f"announce to {url} failed: {message}")
+
+    def failed(epoch: int, message: str) -> None:
+        if json_out:
+            _event({"event": "failed", "epoch": epoch, "error": message})
+        else:
+            output.warning(f"epoch {epoch} skipped: {message}")
+
+    if not json_out:
+        output.info(f"verifying seeds of [bold]{lm.name}[/] ({lm.model_id[:12]}) every {epoch_s:g} s, "
+                    f"{challenges} challenge(s) each · Ctrl-C to stop")
+    summary = run_verifier(
+        node, lm, VerifierSettings(epoch_s=epoch_s, challenges=challenges),
+        VerifierEvents(epoch=on_epoch, challenge=on_challenge, verdict=on_verdict, announced=announced, failed=failed),
+        max_epochs=max_epochs,
+    )
+    if not json_out:
+        output.info(f"verifier stopped ({summary['verdicts']} verdict(s) over {summary['epochs']} epoch(s))")
