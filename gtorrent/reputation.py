@@ -103,12 +103,20 @@ class EpochConsensus:
         return len(self.credibilities)
 
 
+def quorum_of(verifiers: int) -> int:
+    """Verdicts an epoch needs from a trusted set of this many verifiers: ⌊2N/3⌋ + 1 (paper)."""
+    return (2 * verifiers) // 3 + 1 if verifiers > 0 else 1
+
+
 def consensus_history(verdicts: Iterable[Scored], trusted_verifiers: set[str] | None = None) -> list[EpochConsensus]:
     """Per epoch (oldest first) the median of the trusted verifiers' C and R after it.
 
     `trusted_verifiers`: the verifiers' peer ids this client trusts; None trusts any verifier (whoever
     can make identities can then outvote the honest ones: fine for a private swarm, not an open one).
-    One verdict per verifier and epoch counts (the store keeps the first; here too the first wins)."""
+    One verdict per verifier and epoch counts (the store keeps the first; here too the first wins).
+    With a known trusted set of N verifiers an epoch counts only with a quorum of ⌊2N/3⌋ + 1 of them
+    (the paper's MIN_VOTES_FRACTION): otherwise one verifier could frame or clear a seed alone, in
+    epochs numbered so that no other verifier judged them."""
     by_epoch: dict[int, dict[str, float]] = {}
     for verdict in verdicts:
         if trusted_verifiers is not None and verdict.verifier not in trusted_verifiers:
@@ -117,8 +125,11 @@ def consensus_history(verdicts: Iterable[Scored], trusted_verifiers: set[str] | 
     history = []
     reputation = INITIAL_REPUTATION
     window: list[float] = []
+    quorum = quorum_of(len(trusted_verifiers)) if trusted_verifiers is not None else 1
     for epoch in sorted(by_epoch):
         scores = by_epoch[epoch]
+        if len(scores) < quorum:
+            continue
         consensus = float(statistics.median(scores.values()))
         reputation, window = next_reputation(reputation, window, consensus)
         agreed = sum(1 for score in scores.values() if (score < TAU) == (consensus < TAU))

@@ -103,6 +103,22 @@ def test_median_consensus_one_liar_of_three_frames_no_one() -> None:
     assert rep.state_of(rep.consensus_history(cheat)[-1].reputation) == "untrusted"
 
 
+def test_one_verifier_cannot_frame_or_clear_alone_in_epochs_no_one_else_judged() -> None:
+    """A trusted verifier of three that signs verdicts for epoch numbers the others never used would,
+    without a quorum, be the whole consensus of those epochs. An epoch counts with ⌊2N/3⌋ + 1 of the
+    trusted verifiers (the paper's vote fraction)."""
+    trusted = {"a", "b", "liar"}
+    honest = [Scored(v, e, 0.9) for v in trusted for e in range(10)]
+    framing = [Scored("liar", 10**9 + e, 0.0) for e in range(4)]
+    history = rep.consensus_history(honest + framing, trusted_verifiers=trusted)
+    assert [e.epoch for e in history] == list(range(10)) and rep.state_of(history[-1].reputation) == "trusted"
+    cheater = [Scored(v, e, 0.0) for v in ("a", "b") for e in range(10)] + [Scored("liar", e, 0.0) for e in range(10)]
+    clearing = [Scored("liar", 10**9 + e, 1.0) for e in range(6)]
+    history = rep.consensus_history(cheater + clearing, trusted_verifiers=trusted)
+    assert rep.state_of(history[-1].reputation) == "untrusted"
+    assert [rep.quorum_of(n) for n in (1, 2, 3, 4, 6, 10)] == [1, 2, 3, 3, 5, 7]
+
+
 def test_only_trusted_verifiers_count_and_first_verdict_wins() -> None:
     verdicts = [Scored("a", 0, 0.9), Scored("x", 0, 0.0), Scored("a", 0, 0.1)]
     (only,) = rep.consensus_history(verdicts, trusted_verifiers={"a"})
