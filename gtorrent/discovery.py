@@ -442,6 +442,18 @@ def merge_listings(listings: Mapping[str, Listing], sample: bytes, now: float) -
     return found
 
 
+def tracker_failure(address: str, result: BaseException, what: str) -> str:
+    """What one tracker's failed request comes to: its own message, or for anything else that went wrong
+    with its answer a line naming the tracker (details in the debug log), so that nothing one tracker
+    sends escapes as an exception. Cancellation (Ctrl-C) is re-raised."""
+    if isinstance(result, GtorrentError):
+        return result.message
+    if isinstance(result, Exception):
+        log.debug("%s %s failed", what, address, exc_info=result)
+        return f"tracker {address} failed ({type(result).__name__})"
+    raise result
+
+
 async def discover(
     ctx: Context, urls: list[str], *, model: str | None = None, role: str | None = None,
     endpoint: str | None = None, peers: list[str] | None = None, want: int | None = None,
@@ -462,13 +474,8 @@ async def discover(
     listings: dict[str, Listing] = {}
     failed: dict[str, str] = {}
     for client, result in zip(clients, results, strict=True):
-        if isinstance(result, GtorrentError):
-            failed[client.address] = result.message
-        elif isinstance(result, Exception):  # a bug met on one tracker's answer: that tracker's failure
-            log.debug("listing from tracker %s failed", client.address, exc_info=result)
-            failed[client.address] = f"tracker {client.address} failed ({type(result).__name__})"
-        elif isinstance(result, BaseException):  # cancellation, Ctrl-C
-            raise result
+        if isinstance(result, BaseException):
+            failed[client.address] = tracker_failure(client.address, result, "listing from tracker")
         else:
             listings[client.address] = result
     now = time.time()
@@ -522,13 +529,8 @@ async def submit_verdict(
     results = await asyncio.gather(*(submit(c) for c in clients), return_exceptions=True)
     errors: dict[str, str] = {}
     for client, result in zip(clients, results, strict=True):
-        if isinstance(result, GtorrentError):
-            errors[client.url] = result.message
-        elif isinstance(result, Exception):
-            log.debug("verdict to %s failed", client.address, exc_info=result)
-            errors[client.url] = f"tracker {client.address} failed ({type(result).__name__})"
-        elif isinstance(result, BaseException):  # cancellation, Ctrl-C
-            raise result
+        if isinstance(result, BaseException):
+            errors[client.url] = tracker_failure(client.address, result, "verdict to")
     return errors
 
 
@@ -689,13 +691,8 @@ class Announcer:
         results = await asyncio.gather(*(self._announce_to(t, record) for t in trackers), return_exceptions=True)
         errors: dict[str, str] = {}
         for tracker, result in zip(trackers, results, strict=True):
-            if isinstance(result, GtorrentError):
-                errors[tracker.address] = result.message
-            elif isinstance(result, Exception):
-                log.debug("announce to %s failed", tracker.address, exc_info=result)
-                errors[tracker.address] = f"tracker {tracker.address} failed ({type(result).__name__})"
-            elif isinstance(result, BaseException):  # cancellation, Ctrl-C
-                raise result
+            if isinstance(result, BaseException):
+                errors[tracker.address] = tracker_failure(tracker.address, result, "announce to")
             else:
                 # bounded by the `announce_ok` schema; clamped to what this peer keeps to anyway
                 self.interval_s = max(1.0, min(float(result["interval_s"]), self.max_interval_s))

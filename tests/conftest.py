@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +55,30 @@ async def swarm() -> AsyncIterator[Any]:
     made = Swarm()
     yield made
     await made.close()
+
+
+@pytest.fixture
+async def ctx() -> AsyncIterator[Any]:
+    """A ZeroMQ context for the test's clients, destroyed after it."""
+    from gtorrent.transport import new_context
+
+    context = new_context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+async def launch() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """tests/test_tracker.py's `start`, with every tracker stopped at teardown even when the test failed
+    half-way."""
+    from .test_tracker import start
+
+    started: list[Any] = []
+
+    async def launch_one(*args: Any, **options: Any) -> Any:
+        started.append(await start(*args, **options))
+        return started[-1]
+
+    yield launch_one
+    for running in started:
+        await running.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -17,7 +16,7 @@ from gtorrent.discovery import Announcer, Listing, TrackerClient, TrackerUnreach
 from gtorrent.identity import Identity
 from gtorrent.protocol import Message, PeerRecord
 from gtorrent.tracker import Page, TrackerService, sample_order
-from gtorrent.transport import Reply, new_context
+from gtorrent.transport import Reply
 
 from .test_tracker import Running, start
 
@@ -109,13 +108,6 @@ def test_merge_keeps_the_newest_record_and_drops_stopped_and_expired_ones() -> N
 
 
 # --------------------------------------------------------------------------- real trackers
-
-
-@pytest.fixture
-async def ctx() -> AsyncIterator[Any]:
-    context = new_context()
-    yield context
-    context.destroy(linger=0)
 
 
 def live(identity: Identity, seq: int = 1) -> PeerRecord:

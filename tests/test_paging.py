@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,9 @@ from gtorrent.tracker import (
     TrackerTable,
     sample_order,
 )
-from gtorrent.transport import Connection, Reply, new_context
+from gtorrent.transport import Connection, Reply
 
-from .test_tracker import Running, start
+from .test_tracker import Running
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,26 +50,6 @@ def filled(count: int, now: float = NOW) -> tuple[TrackerTable, list[PeerRecord]
     for rec in records:
         table.accept(rec)
     return table, records
-
-
-@pytest.fixture
-async def ctx() -> AsyncIterator[Any]:
-    context = new_context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
-async def launch() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
-    started: list[Running] = []
-
-    async def launch_one(*args: Any, **options: Any) -> Running:
-        started.append(await start(*args, **options))
-        return started[-1]
-
-    yield launch_one
-    for running in started:
-        await running.stop()
 
 
 # --------------------------------------------------------------------------- pages (pure)

@@ -21,7 +21,7 @@ from gtorrent.discovery import Announcer, TrackerClient, TrackerRejected
 from gtorrent.identity import Identity
 from gtorrent.protocol import PeerRecord, ProtocolError
 from gtorrent.tracker import Rejected, TrackerDatabase, TrackerTable
-from gtorrent.transport import Connection, new_context
+from gtorrent.transport import Connection
 
 from .procs import Proc
 from .test_tracker import Running, start
@@ -37,13 +37,6 @@ def relay(identity: Identity, seq: int = 1, expires: float = NOW + 60, stopped: 
     record = PeerRecord.sign(identity, endpoint="tcp://10.0.0.1:7000", roles=("relay",), seq=seq,
                              expires=expires, stopped=stopped)
     return replace(record, pow=nonce)
-
-
-@pytest.fixture
-async def ctx() -> AsyncIterator[Any]:
-    context = new_context()
-    yield context
-    context.destroy(linger=0)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import random
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from gtorrent.runtime import LanguageModel
 from gtorrent.runtime.files import bundled_model_path
 from gtorrent.seed import SeedService
 from gtorrent.tracker import TrackerDatabase, TrackerService, TrackerTable
-from gtorrent.transport import Connection, new_context
+from gtorrent.transport import Connection
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,31 +59,10 @@ class Running:
         self.service.close()
 
 
-async def start(db: Path | None, identity: Identity | None = None, bind: str = "tcp://127.0.0.1:0", **options: Any) -> Running:
+async def start(db: Path | None = None, identity: Identity | None = None, bind: str = "tcp://127.0.0.1:0", **options: Any) -> Running:
     service = TrackerService(identity or Identity.generate(), db, **options)
     service.bind(bind)
     return Running(service, asyncio.create_task(service.serve()))
-
-
-@pytest.fixture
-async def launch() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
-    """`start`, with every tracker stopped at teardown even when the test failed half-way."""
-    started: list[Running] = []
-
-    async def launch_one(*args: Any, **options: Any) -> Running:
-        started.append(await start(*args, **options))
-        return started[-1]
-
-    yield launch_one
-    for running in started:
-        await running.stop()
-
-
-@pytest.fixture
-async def ctx() -> AsyncIterator[object]:
-    context = new_context()
-    yield context
-    context.destroy(linger=0)
 
 
 def test_table_rules_with_injected_clock() -> None:

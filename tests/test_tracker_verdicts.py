@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,21 +57,6 @@ class Running:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
             self.service.close()
-
-
-@pytest.fixture
-async def launch() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
-    started: list[Running] = []
-
-    async def launch_one(db: Path | None = None, identity: Identity | None = None, **options: Any) -> Running:
-        service = TrackerService(identity or Identity.generate(), db, **options)
-        service.bind("tcp://127.0.0.1:0")
-        started.append(Running(service, asyncio.create_task(service.serve())))
-        return started[-1]
-
-    yield launch_one
-    for running in started:
-        await running.stop()
 
 
 async def announce(ctx: Any, url: str, *seeds: Identity) -> None:
