@@ -309,9 +309,10 @@ class _Guard:
             self.conns.pop(fd, None)
             return 0
         tracked.cut = True
-        self._libc.shutdown(fd, socket.SHUT_RDWR)  # never close(): the fd is libzmq's
+        # counted before the cut: whoever sees the connection drop must find it counted
         tracked.counters["cut_off"] += 1
         self.cuts += 1
+        self._libc.shutdown(fd, socket.SHUT_RDWR)  # never close(): the fd is libzmq's
         log.warning("cut off a connection holding %d bytes of unfinished messages", over)
         return 1
 
