@@ -51,8 +51,11 @@ def peers_command(
 ) -> None:
     """List peers: roles, models, verification reputation and trust state, and what this peer observed of them."""
     if peer is not None:
-        node = settings(tracker, verifiers=verifier, client=True)
-        history = peer_history(node, peer, None if node.verifiers is None else set(node.verifiers))
+        # the same verifiers count as in the list: --verifier / $GTORRENT_VERIFIERS, else the trackers' own
+        history = peer_history(settings(tracker, verifiers=verifier, client=True), peer)
+        if history.trust.source == "none":
+            output.warning(history.trust.describe(),
+                           hint="name the verifiers to trust with --verifier PEER_ID (or GTORRENT_VERIFIERS), or pass --tracker")
         if json_output:
             output.print_json(history.as_json())
         else:
@@ -110,14 +113,18 @@ def history_header(history: PeerHistory) -> str:
     line = f"[bold]{output.remote(history.peer_id)}[/]: {state_text(history.state)} ({reputation})"
     if history.untrusted_verifiers:
         line += f"; verdicts of {len(history.untrusted_verifiers)} verifiers not trusted here are left out"
-    return line
+    return line + "\n" + output.remote(history.trust.describe())
 
 
 def history_table(history: PeerHistory) -> Table:
-    """One row per epoch: each trusted verifier's C, the consensus (median), how many agreed, R after."""
+    """One row per epoch (and model, when the seed was judged on several): each trusted verifier's C, the
+    consensus (median), how many agreed, and the seed's R after it (the worst of its models')."""
     verifiers = sorted({v for epoch in history.epochs for v in epoch.credibilities})
+    several = len({epoch.model_id for epoch in history.epochs}) > 1
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("EPOCH", justify="right")
+    if several:
+        table.add_column("MODEL")
     for verifier in verifiers:
         table.add_column(f"C {output.remote(short_id(verifier))}", justify="right")
     for column in ("CONSENSUS", "AGREED", "R AFTER", "STATE"):
@@ -125,6 +132,7 @@ def history_table(history: PeerHistory) -> Table:
     for epoch in history.epochs:
         table.add_row(
             str(epoch.epoch),
+            *([output.remote(epoch.model_id[:12])] if several else []),
             *(f"{epoch.credibilities[v]:.3f}" if v in epoch.credibilities else "-" for v in verifiers),
             f"{epoch.consensus:.3f}",
             f"{epoch.agreed}/{epoch.verifiers}",

@@ -2,22 +2,44 @@
 
 Thin over the library: node.run_verifier runs the verifier (gtorrent/verifier.py), verifier.recheck
 re-scores an evidence file. Text goes to stderr as progress and one line per verdict; with --json,
-one JSON event per line on stdout ({"event": "epoch" | "challenge" | "verdict" | "failed" | "recheck", ...})."""
+one JSON event per line on stdout ({"event": "epoch" | "challenge" | "verdict" | "failed" | "recheck", ...}).
+
+Challenges must look like users' asks, so the private-path flags (--paths, --hops, --allow-one-hop) are
+`gtorrent ask`'s, with its names, bounds and defaults; a verifier that changes them makes its challenges
+stand out among the asks a seed sees, and is told so in the help. Impossible shapes (fewer paths than the
+S-IDA threshold, one-hop paths not allowed) are refused before the model loads, with ask's messages."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from gtorrent.errors import UsageError
 from gtorrent.identity import short_id
+from gtorrent.private import DEFAULT_HOPS, DEFAULT_K, DEFAULT_PATHS
+from gtorrent.routing import DEFAULT_MIN_HOPS, ONE_HOP_HINT
 
 from . import output
 from .common import AdvertiseOption, JsonOption, TrackerOption, settings
 from .run import MODEL_HELP
+
+if TYPE_CHECKING:
+    from gtorrent.verifier import VerifierSettings
+
+_AS_USERS = " Challenges should look like users' asks: keep users' default unless the swarm is too small for it."
+
+
+def check_paths(paths: int, hops: int, allow_one_hop: bool) -> None:
+    """Refuse a path shape no private ask can take, as `gtorrent ask` does (private.ask_private's checks)."""
+    if paths < DEFAULT_K:
+        raise UsageError(f"--paths must be at least {DEFAULT_K} (the S-IDA threshold)", hint=f"use --paths {DEFAULT_K} or more")
+    if hops < (1 if allow_one_hop else DEFAULT_MIN_HOPS):
+        raise UsageError(f"--hops {hops}: with one relay per path, that relay sees both you and the seed",
+                         hint=f"use --hops {DEFAULT_MIN_HOPS} or more, or {ONE_HOP_HINT}")
 
 
 def _event(value: dict[str, Any]) -> None:
@@ -31,24 +53,43 @@ def verify_command(
     tracker: TrackerOption = None,
     epoch: Annotated[float, typer.Option("--epoch", min=0.5, help="Epoch length in seconds (one verdict per seed each).")] = 60.0,
     challenges: Annotated[int, typer.Option("--challenges", min=1, max=1000, help="Challenges per seed and epoch.")] = 3,
+    probation: Annotated[
+        int | None, typer.Option("--probation", min=1, max=10, show_default=False,
+                                 help="A seed not judged yet gets this many times --challenges in its first epoch "
+                                      "[default: 3].")
+    ] = None,  # None: gtorrent.challenges.PROBATION_FACTOR (imported late: it loads the model runtime)
     json_out: JsonOption = False,
     recheck_file: Annotated[
         Path | None, typer.Option("--recheck", help="Re-score an evidence file with MODEL and say whether you agree.")
     ] = None,
     max_epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Stop after this many epochs.")] = None,
+    paths: Annotated[
+        int, typer.Option("--paths", min=1, max=16, help=f"Disjoint onion paths for a private ask.{_AS_USERS}")
+    ] = DEFAULT_PATHS,
+    hops: Annotated[int, typer.Option("--hops", min=1, max=8, help=f"Relays per path (at most 8).{_AS_USERS}")] = DEFAULT_HOPS,
+    allow_one_hop: Annotated[
+        bool, typer.Option("--allow-one-hop", help="Let a private ask use one-hop paths (that relay sees you and the seed)."
+                           f"{_AS_USERS}")
+    ] = False,
     advertise: AdvertiseOption = None,
 ) -> None:
     """Verify the seeds that serve MODEL (without MODEL: the bundled demo model): hidden challenges over
     private paths, scored against MODEL, one signed verdict per seed and epoch."""
+    from gtorrent.challenges import PROBATION_FACTOR
     from gtorrent.runtime import LanguageModel
+    from gtorrent.verifier import VerifierSettings
 
+    # before the model loads: a shape no challenge could take is refused at once
+    check_paths(paths, hops, allow_one_hop)
+    shape = VerifierSettings(epoch_s=epoch, challenges=challenges, probation=probation or PROBATION_FACTOR,
+                             paths=paths, hops=hops, allow_one_hop=allow_one_hop)
     node = settings(tracker, advertise)
     with output.err.status("loading model…", spinner="dots"):
         lm = LanguageModel.load(model, cache_dir=node.home / "cache")
     if recheck_file is not None:
         _recheck(recheck_file, lm, json_out)
         return
-    _verify(node, lm, epoch, challenges, json_out, max_epochs)
+    _verify(node, lm, shape, json_out, max_epochs)
 
 
 def _recheck(path: Path, lm: Any, json_out: bool) -> None:
@@ -69,9 +110,9 @@ def _recheck(path: Path, lm: Any, json_out: bool) -> None:
         raise typer.Exit(1)
 
 
-def _verify(node: Any, lm: Any, epoch_s: float, challenges: int, json_out: bool, max_epochs: int | None) -> None:
+def _verify(node: Any, lm: Any, shape: VerifierSettings, json_out: bool, max_epochs: int | None) -> None:
     from gtorrent.node import run_verifier
-    from gtorrent.verifier import ChallengeResult, VerdictResult, VerifierEvents, VerifierSettings
+    from gtorrent.verifier import ChallengeResult, VerdictResult, VerifierEvents
 
     def on_epoch(epoch: int, seeds: list[Any]) -> None:
         if json_out:
@@ -85,7 +126,9 @@ def _verify(node: Any, lm: Any, epoch_s: float, challenges: int, json_out: bool,
             _event({"event": "challenge", "epoch": result.epoch, "seed": result.seed,
                                "greedy": sampling.greedy, "temperature": sampling.temperature,
                                "max_tokens": result.challenge.max_tokens, "calibrated": result.calibrated,
-                               "paper": None if result.score is None else result.score.paper, "error": result.error})
+                               "paper": None if result.score is None else result.score.paper,
+                               "tokens": None if result.answer is None else result.answer.tokens, "error": result.error,
+                               "seed_failed": result.seed_failed})
         elif result.error is not None:
             output.warning(f"challenge to {short_id(result.seed)} failed: {result.error}")
         else:
@@ -120,10 +163,10 @@ def _verify(node: Any, lm: Any, epoch_s: float, challenges: int, json_out: bool,
             output.warning(f"epoch {epoch} skipped: {message}")
 
     if not json_out:
-        output.info(f"verifying seeds of [bold]{lm.name}[/] ({lm.model_id[:12]}) every {epoch_s:g} s, "
-                    f"{challenges} challenge(s) each · Ctrl-C to stop")
+        output.info(f"verifying seeds of [bold]{lm.name}[/] ({lm.model_id[:12]}) every {shape.epoch_s:g} s, "
+                    f"{shape.challenges} challenge(s) each over {shape.paths} path(s) of {shape.hops} hop(s) · Ctrl-C to stop")
     summary = run_verifier(
-        node, lm, VerifierSettings(epoch_s=epoch_s, challenges=challenges),
+        node, lm, shape,
         VerifierEvents(epoch=on_epoch, challenge=on_challenge, verdict=on_verdict, announced=announced, failed=failed),
         max_epochs=max_epochs,
     )

@@ -1,7 +1,8 @@
 """Asking the swarm: find seeds of a model through the trackers, pick one, stream its answer.
 
-The choice weighs the local store's reputation of each seed against the load in its record; seeds
-that failed recently are avoided (and forgiven after a success, see reputation.py). A model name is
+The choice goes by tiers of the local store's standing (reputation.choice_key: trusted seeds, then
+unverified ones, then those backing off after recent failures, forgiven after a success; untrusted
+seeds never), and within a tier weighs reliability against the load in each record. A model name is
 resolved to the model id the most trusted seeds serve (`resolve_model`), so a record squatting on a
 name cannot take its asks.
 
@@ -108,9 +109,38 @@ class NoSeedError(GtorrentError):
 
 
 class SeedFailed(GtorrentError):
-    def __init__(self, message: str, outcome: str = "failed") -> None:
+    """The seed is at fault for an attempt. `reached`: False when no path or connection got to the
+    seed at all (it may simply be down). `answered`: False when nothing of the seed's came back (a
+    private ask's silence or breaks before any chunk: relays dropping the request on enough paths look
+    the same), True when the seed sent something (an error, a bad chunk, a bad end of answer). `code`:
+    the error code the seed itself sent, if it sent one (e.g. "busy"). `stopped`: the seed's answer
+    stopped or every path to it broke, and nothing the seed sealed says it failed: relays on every path
+    could cause the same (a destroy may come from any relay, and relays can stop forwarding at one cell
+    count), so a verifier treats it as silence, never as the seed's proven failure (verifier.py)."""
+
+    def __init__(self, message: str, outcome: str = "failed", *, reached: bool = True, answered: bool = True,
+                 code: str | None = None, stopped: bool = False) -> None:
         super().__init__(message)
         self.outcome = outcome
+        self.reached = reached
+        self.answered = answered
+        self.code = code
+        self.stopped = stopped
+
+
+class RequestRefused(UsageError):
+    """The seed refused the request as malformed (`bad_request`): the request, not the seed, is taken to
+    be at fault (the ask stops). A verifier, whose requests fit the reference model, counts it as the
+    seed's refusal (verifier.py)."""
+
+
+class AttemptsFailed(GtorrentError):
+    """Every attempt of an ask failed; `errors` are the attempts' own errors, in order (SeedFailed or
+    RouteFailed), so a caller can tell the seed's faults from the route's."""
+
+    def __init__(self, message: str, hint: str, errors: list[GtorrentError]) -> None:
+        super().__init__(message, hint=hint)
+        self.errors = errors
 
 
 FINISH_REASONS = frozenset({"eos", "length", "context"})  # how a whole answer ends (runtime.model)
@@ -180,14 +210,16 @@ class ModelChoice:
 
 
 def _support(seeds: list[PeerRecord], standing: Callable[[str], PeerStanding]) -> tuple[int, float, int]:
-    """How much trust backs a model id: (trusted machines that have answered this peer before, summed
-    reputation of the trusted machines, their number).
+    """How much trust backs a model id: (eligible machines that have answered this peer before, summed
+    reputation of the verified trusted machines, the eligible machines' number).
 
-    Proven machines come first: a record costs nothing to make, so fresh records (reputation 0.5, no
-    history) outnumber real seeds whenever someone bothers; seeds this peer has seen answer do not.
-    Counted per machine, not per record: records that share an endpoint or keys conflict
-    (routing.candidate_records) and only the best-standing one counts, so copies of one machine under
-    fresh peer ids add nothing."""
+    Proven machines come first: a record costs nothing to make, so fresh records (no history)
+    outnumber real seeds whenever someone bothers; seeds this peer has seen answer do not. Then only
+    verified trust counts: an unverified record adds nothing to the sum (its R is only the initial
+    0.5), so a crowd of fresh identities cannot outweigh one seed a verifier has judged honest
+    (reputation.py's tiers, for the choice of a model id). Counted per machine, not per record: records
+    that share an endpoint or keys conflict (routing.candidate_records) and only the best-standing one
+    counts, so copies of one machine under fresh peer ids add nothing."""
     standings = {r.peer_id: s for r in seeds if (s := standing(r.peer_id)).eligible}
     kept = candidate_records(
         [r for r in seeds if r.peer_id in standings], target=None, exclude=set(), rng=secrets.SystemRandom(),
@@ -195,7 +227,8 @@ def _support(seeds: list[PeerRecord], standing: Callable[[str], PeerStanding]) -
         seniority=lambda r: -(standings[r.peer_id].asks_ok + standings[r.peer_id].reputation / 2),
     )
     proven = sum(1 for r in kept if standings[r.peer_id].asks_ok > 0)
-    return (proven, sum(standings[r.peer_id].reputation for r in kept), len(kept))
+    verified = sum(standings[r.peer_id].reputation for r in kept if standings[r.peer_id].state == "trusted")
+    return (proven, verified, len(kept))
 
 
 def resolve_model(seeds: list[PeerRecord], wanted: str | None, standing: Callable[[str], PeerStanding]) -> ModelChoice:
@@ -260,10 +293,16 @@ def rank_seeds(seeds: list[PeerRecord], store: Store, now: float) -> list[PeerRe
 
 def ingest_verdicts(store: Store, found: Discovery) -> int:
     """Keep the verified verdicts the trackers served (store.add_verdicts) before seeds are ranked, and,
-    where the user named no verifiers (the store trusts any), trust those the reached trackers admit
-    (docs/PROTOCOL.md §12, "Whom a client trusts"). Returns how many verdicts were new."""
+    where the user named no verifiers (the store trusts any), trust those more than half of the reached
+    trackers admit (`Discovery.admitted`, discovery.admitted_by_majority; None: more than half admit any
+    verifier), the set node.TrustSet shows (docs/PROTOCOL.md §12, "Whom a client trusts"): one lying
+    tracker's own verifiers then neither count nor are stored. The store keeps only trusted verifiers'
+    verdicts, and the proofs of equivocation go in first, so an equivocator's verdicts are dropped, never
+    counted. Returns how many verdicts were new."""
     if store.trusted_verifiers is None and found.admitted is not None:
         store.trusted_verifiers = set(found.admitted)
+    if found.equivocations:
+        store.add_equivocations(found.equivocations)
     return store.add_verdicts(found.verdicts) if found.verdicts else 0
 
 
@@ -421,6 +460,7 @@ async def run_attempts(
     per_group = max_attempts if len(groups) == 1 else min(CONTESTED_ATTEMPTS, max_attempts)
     failed: set[str] = set()
     failures: list[dict[str, str]] = []
+    errors: list[GtorrentError] = []
     number = 0
     restart: tuple[PeerRecord, str, int] | None = None  # said just before the next attempt, if any comes
     for group, (current_id, seeds) in enumerate(groups):
@@ -442,8 +482,10 @@ async def run_attempts(
                 store.observe(seed.peer_id, exc.outcome, detail=exc.message)
                 failed.add(seed.peer_id)
                 reason = exc.message
+                errors.append(exc)
             except RouteFailed as exc:
                 reason = exc.message
+                errors.append(exc)
             else:
                 store.observe(seed.peer_id, "ok", ttft_s=result.ttft_s, tokens_per_s=result.tokens_per_s)
                 result.ttft_s += time.perf_counter() - started - result.total_s
@@ -456,10 +498,11 @@ async def run_attempts(
             if refresh is not None:
                 listed = await refresh(current_id)
     reasons = "; ".join(f"{short_id(f['seed'])}: {f['reason']}" for f in failures)
-    raise GtorrentError(
+    raise AttemptsFailed(
         f"the {what} failed after {len(failures)} attempt(s): {reasons}",
-        hint="try again, or check the seeds with `gtorrent peers`" if what == "ask"
+        "try again, or check the seeds with `gtorrent peers`" if what == "ask"
         else "try again, use --direct, or check relays and seeds with `gtorrent peers`",
+        errors,
     )
 
 
@@ -485,7 +528,7 @@ async def ask_seed(
             first = await conn.request("generate", body, kinds, timeouts.accept_s)
             if first.kind == "error":
                 if first.get("code") == "bad_request":
-                    raise UsageError(f"the seed refused the request: {first['message']}")
+                    raise RequestRefused(f"the seed refused the request: {first['message']}")
                 raise SeedFailed(f"seed {short_id(seed.peer_id)} refused: {first['message']}")
             if first.kind != "accepted" or first["id"] != request_id:
                 raise SeedFailed(f"seed {short_id(seed.peer_id)} answered out of order")
@@ -522,7 +565,7 @@ async def ask_seed(
                     )
                 elif message.kind == "error":
                     if message.get("code") == "bad_request":  # the request is at fault, not the seed
-                        raise UsageError(f"the seed refused the request: {message['message']}")
+                        raise RequestRefused(f"the seed refused the request: {message['message']}")
                     raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {message['message']}")
                 else:
                     raise SeedFailed(f"seed {short_id(seed.peer_id)} sent {message.kind} mid-answer")

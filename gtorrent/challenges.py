@@ -10,10 +10,12 @@ hides who sends it). So:
 - prompts are generated, never taken from a short list a seed could enumerate: `draw_prompt` picks 2
   to 5 words at random from the reference's own vocabulary (tens of thousands of word tokens: the
   number of distinct openings is of the order of 10^9 and more), with the capitalisation and spacing
-  users type, and `extend` (the verifier samples a few tokens from the reference model after them)
-  turns the opening into text of the kind the model itself writes. A seed cannot recognise a
-  challenge by its prompt without recognising every prompt the same distribution can produce, and
-  the distribution covers text users send (short fragments to continue, as with a base model).
+  users type, and `extend` (the verifier samples EXTEND_TOKENS, 2 to 8, tokens from the reference
+  model after them) turns the opening into text of the kind the model itself writes. A seed cannot
+  recognise a challenge by its prompt without recognising every prompt the same distribution can
+  produce, and the distribution covers text users send (short fragments to continue, as with a base
+  model). The count of distinct prompts rests on the openings, and each sampled token multiplies it;
+  the continuation's part is to end every prompt in the model's own words, which two tokens do.
   What remains distinguishable, documented rather than hidden: a seed that logs prompts sees
   fragments whose statistics are those of the model's own text (a seed answering only "fluent
   model-like" fragments honestly would pass more challenges than a seed answering only
@@ -25,6 +27,11 @@ hides who sends it). So:
 - answers are long: at least `min_tokens` (default 128; runtime/score.py measures the tests' power at
   that length) when the model's context allows, with a random length above it as users ask;
 - send times are uniform over the epoch, so a seed cannot tell challenges by when they come.
+
+Cost: the continuation is the one part of a prompt that costs the verifier model steps, one per token,
+each as dear as one token of the seed's answer. EXTEND_TOKENS keeps it to 5 on average, about 3 % of
+an answer of 128 to 256 tokens (it was 4 to 16 tokens, twice that); scripts/bench_score.py measures
+the verifier's CPU per challenge, prompt and scoring, against the seed's.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ TEMPERATURES = (0.6, 0.7, 0.7, 0.8, 0.8, 0.9, 1.0, 1.0)  # as users set them: re
 TOP_KS = (0, 0, 0, 40, 50)
 TOP_PS = (1.0, 1.0, 0.9, 0.95)
 OPENING_WORDS = (2, 5)  # words drawn from the vocabulary for one prompt, inclusive
-EXTEND_TOKENS = (4, 16)  # tokens the reference adds after them, inclusive
+EXTEND_TOKENS = (2, 8)  # tokens the reference adds after them, inclusive (the module doc: cost)
 
 Extend = Callable[[str, int, int], str]  # (opening text, tokens to add, sampling seed) -> text added
 
@@ -133,13 +140,33 @@ def plan_challenges(
     return sorted(plans, key=lambda challenge: challenge.send_at_s)
 
 
-def challenge_count(state: str, per_epoch: int) -> int:
-    """Challenges per epoch for a seed in this trust state: untrusted seeds are still challenged, at a
-    third of the rate (at least one), so a seed that was fixed can earn its way back."""
-    return max(1, per_epoch // 3) if state == "untrusted" else per_epoch
+PROBATION_FACTOR = 3  # a seed this verifier has not judged yet gets this many times the challenges
+UNTRUSTED_EPOCH_SHARE = 1 / 3  # an untrusted seed is challenged in this share of epochs (drawn)
+
+
+def challenge_count(state: str, per_epoch: int, draw: float, *, probation: int = PROBATION_FACTOR) -> int:
+    """Challenges for a seed in this trust state over one epoch; `draw` is uniform in [0, 1) from the
+    verifier's unpredictable rng.
+
+    - unverified (this verifier has not judged it): `probation` × per_epoch. A fresh identity, a caught
+      cheater's perhaps, gets no user asks while trusted seeds exist and is judged on one heavy epoch:
+      a seed honest on half of its asks escapes 9 challenges with probability 2^-9, against 2^-3 with
+      3, and one escaped first epoch lifts R to 0.8, from where the paper's rule needs two caught
+      epochs in a row (the bench measures both);
+    - untrusted: per_epoch, in a random UNTRUSTED_EPOCH_SHARE of epochs (none in the others, which
+      leave its R as it is). The rate is a third, so a fixed seed earns its way back, but each epoch
+      that can lift it holds the full count: a lucky single honest answer is not enough;
+    - trusted: per_epoch."""
+    if state == "unverified":
+        return per_epoch * probation
+    if state == "untrusted":
+        return per_epoch if draw < UNTRUSTED_EPOCH_SHARE else 0
+    return per_epoch
 
 
 __all__ = [
+    "PROBATION_FACTOR",
+    "UNTRUSTED_EPOCH_SHARE",
     "Challenge",
     "answer_tokens",
     "challenge_count",

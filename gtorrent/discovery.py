@@ -35,11 +35,21 @@ ages of several trackers are merged is above. Single queries (no `want`: seeds, 
 ids) are merged as a union, with the smallest age any tracker that returned a peer gave.
 
 Verdicts (docs/PROTOCOL.md §12): `discover(..., verdicts=True)` asks every tracker for the verdicts it
-holds on the peers it lists, and keeps only those that verify on their own signature and are about a
-record that tracker returned, one per (verifier, seed, epoch) (the first that verifies wins): a tracker
-can withhold verdicts, never forge or alter one. `Discovery.admitted` is the union of the verifier lists
-the reached trackers advertise in `hello_ok` (None when none advertises one: they admit any verifier).
-Which verifiers count is the caller's choice (`trusted_verifiers`).
+holds on the peers it lists, and keeps only those that verify on their own signature, are about a
+record that tracker returned and whose epoch is neither in the future nor stale (Verdict.time_problem),
+one per (verifier, seed, model, epoch) (the first that verifies wins): a tracker can withhold verdicts,
+never forge or alter one. Two different verdicts for one such key, from one tracker or two, and the
+proofs trackers serve (`equivocations`, each re-checked) make `Discovery.equivocations`; the verdicts of
+those verifiers are left out.
+
+Admitted verifiers (`Discovery.admitted`, `admitted_by_majority`): each reached tracker votes with the
+verifier list it advertises in `hello_ok`, and a verifier is admitted only when more than half of the
+trackers reached name it, the majority rule of the relay listing above. A tracker that advertises no
+list admits any verifier: it votes for no verifier by id, and when more than half of the reached
+trackers admit any, `admitted` is None (any verifier). So one lying tracker among three or more cannot
+make Sybil verifiers of its own count, with two trackers a verifier counts only when both name it (a
+liar can keep verdicts from counting, not make a forger's count), and one tracker is believed as it is.
+Which verifiers count is the caller's choice (`trusted_verifiers`); this is the default it is offered.
 
 Hostile trackers: every number in a tracker's answer is bounded by its schema (protocol.SCHEMAS), and
 anything wrong with one tracker's answer is that tracker's failure (TrackerUnreachable), never an
@@ -61,7 +71,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
@@ -73,10 +83,12 @@ from .protocol import (
     MAX_ADMITTED_VERIFIERS,
     MAX_RECORD_BYTES,
     PEER_ID_RE,
+    Equivocation,
     Message,
     PeerRecord,
     ProtocolError,
     Verdict,
+    VerdictKey,
 )
 from .tracker import (
     MAX_QUERY_LIMIT,
@@ -177,6 +189,7 @@ class Listing:
     order: list[str] = field(default_factory=list)  # verified peer ids as sent (a repeat is kept)
     exhausted: bool = False  # its last page had no `next`: every match of the listing was sent
     verdicts: list[Verdict] = field(default_factory=list)  # verified, on peers of its pages (when asked)
+    equivocations: list[Equivocation] = field(default_factory=list)  # checked proofs it served (when asked)
 
     def add(self, record: PeerRecord, age: float) -> None:
         known = self.records.get(record.peer_id)
@@ -186,28 +199,63 @@ class Listing:
         self.order.append(record.peer_id)
 
 
-def read_verdicts(docs: object, seeds: set[str]) -> list[Verdict]:
-    """The verdicts of a `peers` answer that verify on their own signature and are about one of `seeds`
-    (the peers that answer listed); the rest is dropped, never believed (a lying tracker's forgeries)."""
+def read_verdicts(docs: object, seeds: Mapping[str, Collection[str]], now: float | None = None) -> list[Verdict]:
+    """The verdicts of a `peers` answer that verify on their own signature, are about one of `seeds` (the
+    peers that answer listed, each with the model ids its record announces) on a model that seed's
+    record announces, and are neither from the future nor stale at `now` (default: the current time);
+    the rest is dropped, never believed (a lying tracker's forgeries, replays of old verdicts, or
+    verdicts on models a seed does not serve, which honest trackers refuse: a seed's R is its worst
+    model's, reputation.py)."""
+    if not isinstance(docs, list):
+        return []
+    now = time.time() if now is None else now
+    kept = []
+    for doc in docs:
+        # type checks first: a list where a peer id belongs is unhashable, and must not crash the ask
+        if not isinstance(doc, dict) or type(seed := doc.get("seed")) is not str or seed not in seeds:
+            continue
+        if type(model_id := doc.get("model_id")) is not str or model_id not in seeds[seed]:
+            continue
+        try:
+            verdict = Verdict.from_wire(doc)
+        except ProtocolError:
+            continue
+        if verdict.time_problem(now) is None:
+            kept.append(verdict)
+    return kept
+
+
+def read_equivocations(docs: object) -> list[Equivocation]:
+    """The proofs of a `peers` answer that check (Equivocation.from_wire); the rest is dropped."""
     if not isinstance(docs, list):
         return []
     kept = []
     for doc in docs:
-        if not isinstance(doc, dict) or doc.get("seed") not in seeds:
-            continue
         try:
-            kept.append(Verdict.from_wire(doc))
+            kept.append(Equivocation.from_wire(doc))
         except ProtocolError:
             continue
     return kept
 
 
 def unique_verdicts(verdicts: list[Verdict]) -> list[Verdict]:
-    """One verdict per (verifier, seed, epoch): the first (as the store keeps it)."""
-    first: dict[tuple[str, str, int], Verdict] = {}
+    """One verdict per (verifier, seed, model, epoch): the first (as the store keeps it)."""
+    return sift_verdicts(verdicts)[0]
+
+
+def sift_verdicts(
+    verdicts: list[Verdict], proofs: list[Equivocation] | None = None,
+) -> tuple[list[Verdict], list[Equivocation]]:
+    """(one verdict per key, the first; one proof per equivocating verifier): two different verdicts for
+    one key are a proof too, and no verdict of a proven equivocator is kept."""
+    first: dict[VerdictKey, Verdict] = {}
+    found: dict[str, Equivocation] = {proof.verifier: proof for proof in reversed(proofs or [])}
     for verdict in verdicts:
-        first.setdefault((verdict.verifier, verdict.seed, verdict.epoch), verdict)
-    return list(first.values())
+        held = first.setdefault(verdict.key, verdict)
+        proof = Equivocation.of(held, verdict)
+        if proof is not None:
+            found.setdefault(proof.verifier, proof)
+    return [v for v in first.values() if v.verifier not in found], list(found.values())
 
 
 @dataclass
@@ -340,7 +388,9 @@ class TrackerClient:
             for record, age in page:
                 found.add(record, age)
             if verdicts:
-                found.verdicts.extend(read_verdicts(reply.get("verdicts"), {record.peer_id for record, _ in page}))
+                found.verdicts.extend(read_verdicts(
+                    reply.get("verdicts"), {record.peer_id: {m.model_id for m in record.models} for record, _ in page}))
+                found.equivocations.extend(read_equivocations(reply.get("equivocations")))
             following = reply.get("next")
             if following is None:
                 found.exhausted = True
@@ -387,9 +437,12 @@ class Discovery:
     listed_s: dict[str, float] = field(default_factory=dict)
     reached: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
-    # with `verdicts=True`: the verified verdicts on the records kept, one per (verifier, seed, epoch)
+    # with `verdicts=True`: the verified verdicts on the records kept, one per (verifier, seed, model,
+    # epoch), none of a proven equivocator; and one proof per equivocator, served or found here
     verdicts: list[Verdict] = field(default_factory=list)
-    # the union of the verifier lists the reached trackers advertise; None: none advertises one
+    equivocations: list[Equivocation] = field(default_factory=list)
+    # the verifiers more than half of the reached trackers admit (admitted_by_majority); None: more than
+    # half of them admit any verifier
     admitted: frozenset[str] | None = None
 
     def merge(self, records: list[PeerRecord], now: float, listed_s: dict[str, float] | None = None) -> None:
@@ -442,6 +495,20 @@ def merge_listings(listings: Mapping[str, Listing], sample: bytes, now: float) -
     return found
 
 
+def admitted_by_majority(lists: Collection[frozenset[str] | None]) -> frozenset[str] | None:
+    """The verifiers admitted by more than half of the trackers whose lists these are, one per tracker
+    reached (None: that tracker admits any verifier, and names none); None when more than half of them
+    admit any verifier. One tracker's list is returned as it is (module docstring, "Admitted
+    verifiers"). Pure."""
+    if 2 * sum(1 for admitted in lists if admitted is None) > len(lists):
+        return None
+    votes: dict[str, int] = {}
+    for admitted in lists:
+        for verifier in admitted or ():
+            votes[verifier] = votes.get(verifier, 0) + 1
+    return frozenset(verifier for verifier, count in votes.items() if 2 * count > len(lists))
+
+
 def tracker_failure(address: str, result: BaseException, what: str) -> str:
     """What one tracker's failed request comes to: its own message, or for anything else that went wrong
     with its answer a line naming the tracker (details in the debug log), so that nothing one tracker
@@ -488,12 +555,14 @@ async def discover(
             found.merge(list(listing.records.values()), now, listing.listed_s)
     found.failed.update(failed)
     if verdicts:
-        found.verdicts = unique_verdicts([
-            verdict for address in found.reached for verdict in listings[address].verdicts
-            if verdict.seed in found.records
-        ])
-    lists = [c.verifiers for c in clients if c.address in found.reached and c.verifiers is not None]
-    found.admitted = frozenset().union(*lists) if lists else None
+        found.verdicts, found.equivocations = sift_verdicts(
+            [verdict for address in found.reached for verdict in listings[address].verdicts
+             if verdict.seed in found.records],
+            [proof for address in found.reached for proof in listings[address].equivocations],
+        )
+    # every reached tracker votes, an open one (None) for no verifier by id: never a union, in which one
+    # lying tracker's Sybil verifiers would count (admitted_by_majority)
+    found.admitted = admitted_by_majority([c.verifiers for c in clients if c.address in found.reached])
     if not found.reached:
         detail = "; ".join(found.failed.values())
         raise TrackerUnreachable(detail if len(urls) == 1 else f"no tracker answered ({detail})")
@@ -517,8 +586,8 @@ async def submit_verdict(
     ctx: Context, urls: list[str], verdict: Verdict, timeout_s: float = TRACKER_TIMEOUT_S,
 ) -> dict[str, str]:
     """Hand a signed verdict to every tracker at once; return {url: error} for those that did not take it
-    (refused: `invalid`, `not_admitted`, `capacity`, `storage`; or unreachable). A tracker that held one
-    for this (verifier, seed, epoch) already counts as having taken it."""
+    (refused: `invalid`, `stale`, `not_admitted`, `equivocated`, `rate`, `capacity`, `storage`; or
+    unreachable). A tracker that held this verdict already counts as having taken it."""
     clients = [TrackerClient(ctx, url, timeout_s) for url in urls]
 
     async def submit(client: TrackerClient) -> None:

@@ -344,6 +344,45 @@ def list_peers(settings: NodeSettings, model: str | None = None) -> tuple[list[P
 
 
 @dataclass(frozen=True)
+class TrustSet:
+    """Whose verdicts count, and why (the same rule for the peers list, a peer's history and asks):
+    the verifiers the user named (--verifier / GTORRENT_VERIFIERS), else those more than half of the
+    reached trackers admit (discovery.admitted_by_majority, `Discovery.admitted`: never a union, so one
+    lying tracker's Sybil verifiers do not count), else any verifier when more than half of the reached
+    trackers admit any (a tracker with no --verifier names none of its own); when no tracker answered,
+    none. With one tracker, its list (or any verifier) as it is."""
+
+    verifiers: frozenset[str] | None  # None: any verifier
+    source: str  # "config" | "trackers" | "any" | "none"
+    detail: str = ""  # for "none": why no tracker could say
+
+    @classmethod
+    def of(cls, configured: frozenset[str] | None, admitted: frozenset[str] | None, reached: bool,
+           detail: str = "") -> TrustSet:
+        if configured is not None:
+            return cls(frozenset(configured), "config")
+        if not reached:
+            return cls(frozenset(), "none", detail)
+        return cls(None, "any") if admitted is None else cls(frozenset(admitted), "trackers")
+
+    def describe(self) -> str:
+        if self.source == "config":
+            return f"verdicts of the {len(self.verifiers or ())} verifier(s) named by --verifier / GTORRENT_VERIFIERS count"
+        if self.source == "trackers" and not self.verifiers:
+            return "no verdict counts: no verifier is admitted by more than half of the trackers that answered"
+        if self.source == "trackers":
+            return (f"verdicts of the {len(self.verifiers or ())} verifier(s) the trackers admit count "
+                    "(each admitted by more than half of the trackers that answered)")
+        if self.source == "any":
+            return "verdicts of any verifier count (the trackers admit any)"
+        return f"no verdict counts: no tracker answered ({self.detail}), so none says which verifiers to trust"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"source": self.source, "verifiers": None if self.verifiers is None else sorted(self.verifiers),
+                "detail": self.detail or None}
+
+
+@dataclass(frozen=True)
 class PeerHistory:
     """One peer's verdict history from the local store (`gtorrent peers PEER_ID`)."""
 
@@ -353,6 +392,7 @@ class PeerHistory:
     epochs: list[EpochConsensus]  # oldest first: C per verifier, consensus, R after
     verdicts: list[Verdict]  # every verdict held, trusted verifiers' or not, with signatures
     untrusted_verifiers: list[str]  # verifiers whose verdicts are held but do not count
+    trust: TrustSet = field(default_factory=lambda: TrustSet(None, "any"))  # whose verdicts counted, and why
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -360,23 +400,31 @@ class PeerHistory:
             "state": self.state,
             "reputation": self.reputation,
             "epochs": [
-                {"epoch": e.epoch, "credibilities": e.credibilities, "consensus": e.consensus, "agreed": e.agreed,
-                 "verifiers": e.verifiers, "reputation": e.reputation}
+                {"epoch": e.epoch, "model_id": e.model_id, "credibilities": e.credibilities, "consensus": e.consensus,
+                 "agreed": e.agreed, "verifiers": e.verifiers, "reputation": e.reputation,
+                 "model_reputation": e.model_reputation}
                 for e in self.epochs
             ],
             "verdicts": [v.to_wire() for v in self.verdicts],
             "untrusted_verifiers": self.untrusted_verifiers,
+            "trust": self.trust.as_json(),
         }
 
 
 def peer_history(settings: NodeSettings, peer: str, trusted_verifiers: set[str] | None = None) -> PeerHistory:
     """The verdict history of the peer whose id is or starts with `peer` (the table's short id will do),
-    from the local store only: no tracker is asked."""
+    from the local store, counting the verdicts of the same verifiers as the peers list (`TrustSet`):
+    `trusted_verifiers` (else `settings.verifiers`) when given, and then no tracker is asked; else the
+    trackers are asked which verifiers they admit (a peer query, whose verdicts on the peer are kept
+    too)."""
+    from .asker import ingest_verdicts
+    from .discovery import TrackerUnreachable
     from .errors import UsageError
     from .reputation import consensus_history, state_of
     from .store import Store
 
-    store = Store.open(settings.home, trusted_verifiers)
+    configured = frozenset(trusted_verifiers) if trusted_verifiers is not None else settings.verifiers
+    store = Store.open(settings.home)
     try:
         ids = {r.peer_id for r in store.known_records()} | set(store.verdict_seeds())
         matches = sorted(i for i in ids if i == peer) or sorted(i for i in ids if i.startswith(peer))
@@ -387,13 +435,31 @@ def peer_history(settings: NodeSettings, peer: str, trusted_verifiers: set[str] 
             raise UsageError(f"{peer!r} starts {len(matches)} peer ids ({', '.join(m[:12] for m in matches[:4])}…)",
                              hint="give more characters of the peer id")
         (peer_id,) = matches
+        if configured is not None:
+            trust = TrustSet.of(configured, None, True)
+        else:
+
+            async def query() -> TrustSet:
+                ctx = new_context()
+                try:
+                    found = await discover(ctx, settings.trackers, peers=[peer_id], verdicts=True)
+                except TrackerUnreachable as exc:
+                    return TrustSet.of(None, None, False, exc.message)
+                finally:
+                    ctx.destroy(linger=0)
+                ingest_verdicts(store, found)  # as the list view does: the store then trusts the admitted set
+                return TrustSet.of(None, found.admitted, True)  # the majority's, as ingest_verdicts trusts
+
+            trust = asyncio.run(query())
         verdicts = store.verdicts(peer_id)
+        judges = store.judges({v.model_id for v in verdicts})
     finally:
         store.close()
-    epochs = consensus_history(verdicts, trusted_verifiers)
+    counted = None if trust.verifiers is None else set(trust.verifiers)
+    epochs = consensus_history(verdicts, counted, judges)
     reputation = epochs[-1].reputation if epochs else None
-    untrusted = sorted({v.verifier for v in verdicts if trusted_verifiers is not None and v.verifier not in trusted_verifiers})
-    return PeerHistory(peer_id, state_of(reputation), reputation, epochs, verdicts, untrusted)
+    untrusted = sorted({v.verifier for v in verdicts if counted is not None and v.verifier not in counted})
+    return PeerHistory(peer_id, state_of(reputation), reputation, epochs, verdicts, untrusted, trust)
 
 
 def guards(settings: NodeSettings, *, reset: bool = False) -> list[Guard]:

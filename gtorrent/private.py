@@ -17,14 +17,19 @@ reported the failure along with the accused, so that a relay cannot frame honest
   before it that could have sent the destroy or swallowed the EXTEND: relays 0..i for a silence or a
   destroy, relays i-1 and i for a spoilt key proof (circuit.CircuitError.first), relay 0 alone when
   our link to it broke. When hop i is the seed, the seed is at fault if no path reached it at all
-  (SeedFailed: written to the store, not asked again; no relay is blamed), else that path's relays
+  (SeedFailed with `reached` False: written to the store, not asked again; no relay is blamed; a
+  verifier does not count it against the seed, which may simply be down), else that path's relays
   are suspects by the same rule (the seed answered on other paths);
-- paths that break mid-answer: if every path breaks, the seed (the one node they share) is at fault;
-  if some live on, every relay of a broken path is a suspect (relay 0 alone when our link to it broke);
+- paths that break mid-answer: if every path breaks, the seed (the one node they share) is at fault
+  (SeedFailed with `stopped`: a verifier treats it as silence, as relays on every path could break
+  them, verifier.py); if some live on, every relay of a broken path is a suspect (relay 0 alone when
+  our link to it broke);
 - an answer that stops (the first-token or between-token timer expires): when some paths delivered
   more of it than others, the seed answered and the relays of the paths left behind dropped cells
   (RouteFailed, they are suspects); when every live path is equally far along (nothing at all, or the
-  seed stopped mid-answer on all of them) the seed is at fault (SeedFailed, "timeout"). Residuals: relays
+  seed stopped mid-answer on all of them) the seed is at fault (SeedFailed, "timeout", `stopped`;
+  `answered` False when nothing of its came back at all; a verifier re-sends either on fresh paths
+  before counting it, verifier.py). Residuals: relays
   on more than n-k paths dropping the forward cloves (the seed never gets the request), or relays on
   every path dropping at the same point, still look like a silent seed; a seed that answers on some
   paths only makes the other paths' relays suspects (for that ask) and costs a retry;
@@ -53,6 +58,7 @@ from .asker import (
     AskResult,
     AskTimeouts,
     ModelChoice,
+    RequestRefused,
     RouteFailed,
     SeedFailed,
     check_answer,
@@ -292,7 +298,7 @@ async def build_paths(
         if not built and seed_misses:
             raise SeedFailed(
                 f"seed {short_id(seed.peer_id)} did not answer on any path ({len(seed_misses)} got as far as it)",
-                "timeout",
+                "timeout", reached=False,
             )
         # the seed answered on other paths: a relay of this path did not extend (or lied about it)
         for circuit, first in seed_misses:
@@ -401,7 +407,8 @@ async def _receive(
         most = max(delivered)
         behind = [path for path in range(len(built)) if path not in dead and delivered[path] < most]
         if not behind:  # every live path is as far along as any: the seed went silent
-            return SeedFailed(f"no answer over the paths to seed {short_id(seed.peer_id)} in {wait_s:g} s", "timeout")
+            return SeedFailed(f"no answer over the paths to seed {short_id(seed.peer_id)} in {wait_s:g} s", "timeout",
+                              answered=most > 0, stopped=True)
         for path in behind:
             suspects.update(built[path].route[:-1])
         return RouteFailed(f"{len(behind)} of {len(built)} paths went silent ({wait_s:g} s) while the seed "
@@ -420,7 +427,8 @@ async def _receive(
                 dead.add(path)
                 suspects.update(_broken_suspects(built[path], error))
         if len(dead) == len(built):
-            return SeedFailed(f"every path to seed {short_id(seed.peer_id)} broke ({reason})")
+            return SeedFailed(f"every path to seed {short_id(seed.peer_id)} broke ({reason})", answered=max(delivered) > 0,
+                              stopped=True)
         return RouteFailed(reason, set(suspects))
 
     try:
@@ -459,8 +467,9 @@ async def _receive(
                     sink.add(piece, ids)
                 elif "error" in chunk:
                     if chunk["error"] == "bad_request":
-                        raise UsageError(f"the seed refused the request: {chunk.get('message', '')}")
-                    raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {chunk.get('message', chunk['error'])}")
+                        raise RequestRefused(f"the seed refused the request: {chunk.get('message', '')}")
+                    raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {chunk.get('message', chunk['error'])}",
+                                     code=str(chunk["error"]))
                 elif "done" in chunk:
                     info = chunk["done"]
                     if not isinstance(info, dict):

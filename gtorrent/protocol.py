@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,7 +26,8 @@ from .identity import Identity, PeerId, b64, peer_id_for, unb64, verify_signatur
 
 # 2: ntor handshake with rotating onion keys (create/created/EXTEND changed)
 # 3: signed answers: `token` carries the piece's token ids, `done` the seed's transcript v2 signature
-PROTOCOL_VERSION = 3
+# 4: verdicts v2 (integer millionths, the epoch's signed times, one per model) and equivocation proofs
+PROTOCOL_VERSION = 4
 MAX_MESSAGE_BYTES = 256 * 1024  # one JSON frame
 MAX_FRAMES = 8
 MAX_RECORD_TTL_S = 3600.0  # a record may not claim to stay valid longer than this
@@ -37,6 +39,7 @@ MAX_PROMPT_CHARS = 64 * 1024
 MAX_TOKEN_IDS_PER_MESSAGE = 4096  # ids in one `token` message (~40 KiB of JSON at most)
 MAX_ADMITTED_VERIFIERS = 64  # verifiers a tracker may name in its `hello_ok`
 MAX_VERDICTS_PER_ANSWER = 256  # verdicts in one `peers` answer (each ~0.5 KiB; the tracker's budget is smaller)
+MAX_EQUIVOCATIONS_PER_ANSWER = 16  # equivocation proofs in one `peers` answer (each ~1.1 KiB)
 
 
 ENDPOINT_RE = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}")  # a peer's endpoint; use fullmatch
@@ -192,10 +195,15 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "next": Field(int, required=False, minimum=0, maximum=1 << 32),  # offset of the next page; absent: none left
         # sent when the query asked for them: Verdict wire objects on the page's peers (each checked by the client)
         "verdicts": Field(list, required=False, max_len=MAX_VERDICTS_PER_ANSWER, items=Field(dict, max_len=16)),
+        # sent with `verdicts` when the tracker holds any: proofs that verifiers equivocated (Equivocation)
+        "equivocations": Field(list, required=False, max_len=MAX_EQUIVOCATIONS_PER_ANSWER,
+                               items=Field(list, max_len=2, items=Field(dict, max_len=16))),
     },
     # a verifier hands a tracker its signed verdict (docs/PROTOCOL.md §12)
     "verdict": {"verdict": Field(dict, max_len=16)},
-    "verdict_ok": {"stored": Field(bool)},  # False: the tracker held one for this (verifier, seed, epoch) already
+    # False: the tracker held this verdict already. Refusals are `error` with code invalid, stale,
+    # not_admitted, equivocated, rate, capacity or storage (docs/PROTOCOL.md §12.1)
+    "verdict_ok": {"stored": Field(bool)},
     "error": {"code": Field(str, max_len=64), "message": Field(str, max_len=1024), "id": Field(str, required=False, max_len=64)},
     # seed
     "generate": {
@@ -472,11 +480,23 @@ def _check_schema_record(doc: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- verdicts
 
-VERDICT_LABEL = b"gtorrent/verdict/v1\n"
+# v2: credibility in integer millionths (no floats in signed bytes: JSON writers differ on their spelling)
+# and the epoch placed in time (epoch_start_ms, epoch_ms), so trackers and clients can refuse verdicts
+# from the future or older than they keep
+VERDICT_LABEL = b"gtorrent/verdict/v2\n"
 MAX_VERDICT_EPOCH = (1 << 53) - 1  # an exact integer in every JSON reader
 MAX_VERDICT_CHALLENGES = 1000
+CREDIBILITY_SCALE = 1_000_000  # the wire carries C as an integer number of millionths
+MAX_VERDICT_TIME_MS = (1 << 53) - 1  # unix milliseconds (~285,000 years)
+MAX_VERDICT_EPOCH_MS = 7 * 86_400_000  # an epoch lasts at most a week
+DEFAULT_VERDICT_EPOCH_MS = 60_000  # what Verdict.sign assumes when the caller names no epoch length
+VERDICT_CLOCK_SKEW_S = 60.0  # an epoch may start this far in the receiver's future (clocks that run ahead)
+# an epoch that ended longer ago than this is stale: trackers forget verdicts that old, so one served or
+# submitted now is a replay, and clients ignore it too
+VERDICT_MAX_AGE_S = 86_400.0
 VERDICT_KEYS = frozenset(
-    {"verifier", "verifier_key", "seed", "model_id", "epoch", "credibility", "challenges", "evidence", "signature"}
+    {"verifier", "verifier_key", "seed", "model_id", "epoch", "epoch_start_ms", "epoch_ms", "credibility",
+     "challenges", "evidence", "signature"}
 )
 _PEER_ID_RE = re.compile(r"[a-z2-7]{26}")  # identity.peer_id_for: 26 lower-case base32 characters
 PEER_ID_RE = _PEER_ID_RE  # use fullmatch
@@ -484,26 +504,48 @@ _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _B64_KEY_RE = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 bytes, base64url without padding
 _B64_SIGNATURE_RE = re.compile(r"[A-Za-z0-9_-]{86}")  # 64 bytes
 
+VerdictKey = tuple[str, str, str, int]  # (verifier, seed, model_id, epoch): one verdict each
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high  # type(): a bool is no integer here
+
 
 @dataclass(frozen=True)
 class Verdict:
-    """A verifier's signed finding about one seed for one epoch (issue 8; docs/PROTOCOL.md "Verdicts").
+    """A verifier's signed finding about one model of one seed for one epoch (issue 8; docs/PROTOCOL.md §12).
 
     Signed with the verifier's Ed25519 key over VERDICT_LABEL + the canonical JSON of every field but
     the signature; it carries the verifier's public key, and the verifier's peer id must be that key's
     fingerprint, so anyone can check a verdict without trusting whoever handed it over (a tracker, a
-    store). Build with `Verdict.sign`; parse with `from_wire`, which verifies. `credibility` is always a
-    float in the signed bytes (1 and 1.0 would encode differently)."""
+    store). Build with `Verdict.sign`; parse with `from_wire`, which verifies. `credibility` is a float
+    here and an integer number of millionths on the wire and in the signed bytes (`millionths`): a float
+    is spelled differently by different JSON writers, so it has no place in signed bytes. One verdict
+    per `key` (verifier, seed, model id, epoch): two different ones are an equivocation."""
 
     verifier: PeerId
     verifier_key: bytes = field(repr=False)
     seed: PeerId
     model_id: str  # hex SHA-256 of the model, as seeds announce it
     epoch: int  # the verifier's epoch number; several verifiers' verdicts are combined per epoch
-    credibility: float  # C(T) of the epoch, in [0, 1]
+    credibility: float  # C(T) of the epoch, in [0, 1], a whole number of millionths
     challenges: int  # challenges scored for it
     evidence: str  # hex SHA-256 of the evidence kept (signed transcripts of low-scoring challenges)
     signature: bytes = field(default=b"", repr=False)
+    epoch_start_ms: int = 0  # when the epoch began, unix milliseconds
+    epoch_ms: int = DEFAULT_VERDICT_EPOCH_MS  # the epoch's length, milliseconds
+
+    @property
+    def millionths(self) -> int:
+        return round(self.credibility * CREDIBILITY_SCALE)
+
+    @property
+    def key(self) -> VerdictKey:
+        return (self.verifier, self.seed, self.model_id, self.epoch)
+
+    @property
+    def epoch_end_ms(self) -> int:
+        return self.epoch_start_ms + self.epoch_ms
 
     def unsigned_wire(self) -> dict[str, Any]:
         return {
@@ -512,7 +554,9 @@ class Verdict:
             "seed": self.seed,
             "model_id": self.model_id,
             "epoch": self.epoch,
-            "credibility": float(self.credibility),
+            "epoch_start_ms": self.epoch_start_ms,
+            "epoch_ms": self.epoch_ms,
+            "credibility": self.millionths,
             "challenges": self.challenges,
             "evidence": self.evidence,
         }
@@ -523,15 +567,37 @@ class Verdict:
     def to_wire(self) -> dict[str, Any]:
         return {**self.unsigned_wire(), "signature": b64(self.signature)}
 
+    def time_problem(
+        self, now: float, max_age_s: float = VERDICT_MAX_AGE_S, skew_s: float = VERDICT_CLOCK_SKEW_S,
+    ) -> tuple[str, str] | None:
+        """(code, why) when this verdict's epoch cannot be taken at unix time `now`: it starts more than
+        `skew_s` ahead ("invalid") or ended more than `max_age_s` ago ("stale"); None when it can."""
+        now_ms = now * 1000.0
+        if self.epoch_start_ms > now_ms + skew_s * 1000.0:
+            return "invalid", (f"verdict: epoch {self.epoch} starts {(self.epoch_start_ms - now_ms) / 1000:.0f} s in "
+                               "the future (check the verifier's clock)")
+        if self.epoch_end_ms < now_ms - max_age_s * 1000.0:
+            return "stale", f"verdict: epoch {self.epoch} ended more than {max_age_s:g} s ago"
+        return None
+
     @classmethod
     def sign(
         cls, identity: Identity, *, seed: PeerId, model_id: str, epoch: int, credibility: float, challenges: int,
-        evidence: str,
+        evidence: str, epoch_ms: int = DEFAULT_VERDICT_EPOCH_MS, epoch_start_ms: int | None = None,
+        now: float | None = None,
     ) -> Verdict:
         """A verdict signed by `identity`; the same checks as `from_wire` apply (a verifier never signs
-        what clients would refuse)."""
-        verdict = cls(identity.peer_id, identity.signing_public, seed, model_id, epoch, float(credibility), challenges,
-                      evidence)
+        what clients would refuse). `credibility` is rounded to millionths. `epoch_start_ms` None: the
+        start of the `epoch_ms`-long epoch under way at `now` (default: the current time), so callers that
+        name no time sign a verdict of the present."""
+        if not (type(credibility) in (int, float) and 0.0 <= credibility <= 1.0):  # NaN fails the comparison
+            raise ProtocolError("verdict.credibility: not in [0, 1]")
+        if epoch_start_ms is None:
+            now_ms = int((time.time() if now is None else now) * 1000)
+            epoch_start_ms = now_ms - now_ms % epoch_ms if type(epoch_ms) is int and epoch_ms > 0 else now_ms
+        verdict = cls(identity.peer_id, identity.signing_public, seed, model_id, epoch,
+                      round(credibility * CREDIBILITY_SCALE) / CREDIBILITY_SCALE, challenges, evidence,
+                      epoch_start_ms=epoch_start_ms, epoch_ms=epoch_ms)
         signed = replace(verdict, signature=identity.sign(verdict.signed_bytes()))
         return cls.from_wire(signed.to_wire())
 
@@ -550,13 +616,16 @@ class Verdict:
         for name in ("model_id", "evidence"):
             if type(doc[name]) is not str or not _HEX64_RE.fullmatch(doc[name]):
                 raise ProtocolError(f"verdict.{name}: not 64 lower-case hex digits")
-        epoch, challenges, credibility = doc["epoch"], doc["challenges"], doc["credibility"]
-        if type(epoch) is not int or not 0 <= epoch <= MAX_VERDICT_EPOCH:
+        if not _int_in(doc["epoch"], 0, MAX_VERDICT_EPOCH):
             raise ProtocolError("verdict.epoch: out of range")
-        if type(challenges) is not int or not 1 <= challenges <= MAX_VERDICT_CHALLENGES:
+        if not _int_in(doc["epoch_start_ms"], 0, MAX_VERDICT_TIME_MS):
+            raise ProtocolError("verdict.epoch_start_ms: out of range")
+        if not _int_in(doc["epoch_ms"], 1, MAX_VERDICT_EPOCH_MS):
+            raise ProtocolError(f"verdict.epoch_ms: not 1 to {MAX_VERDICT_EPOCH_MS}")
+        if not _int_in(doc["challenges"], 1, MAX_VERDICT_CHALLENGES):
             raise ProtocolError(f"verdict.challenges: not 1 to {MAX_VERDICT_CHALLENGES}")
-        if type(credibility) not in (int, float) or not 0.0 <= credibility <= 1.0:  # NaN fails the comparison
-            raise ProtocolError("verdict.credibility: not in [0, 1]")
+        if not _int_in(doc["credibility"], 0, CREDIBILITY_SCALE):  # a float (even 1.0) is refused
+            raise ProtocolError(f"verdict.credibility: not an integer 0 to {CREDIBILITY_SCALE} (millionths)")
         key_text, signature_text = doc["verifier_key"], doc["signature"]
         if type(key_text) is not str or not _B64_KEY_RE.fullmatch(key_text):
             raise ProtocolError("verdict.verifier_key: not a base64url Ed25519 key")
@@ -567,8 +636,46 @@ class Verdict:
             raise ProtocolError("verdict: non-canonical base64")
         if peer_id_for(key) != doc["verifier"]:
             raise ProtocolError("verdict: verifier id does not match its signing key")
-        verdict = cls(doc["verifier"], key, doc["seed"], doc["model_id"], epoch, float(credibility), challenges,
-                      doc["evidence"], signature)
+        verdict = cls(doc["verifier"], key, doc["seed"], doc["model_id"], doc["epoch"],
+                      doc["credibility"] / CREDIBILITY_SCALE, doc["challenges"], doc["evidence"], signature,
+                      epoch_start_ms=doc["epoch_start_ms"], epoch_ms=doc["epoch_ms"])
         if not verify_signature(key, signature, verdict.signed_bytes()):
             raise ProtocolError("verdict: bad signature")
         return verdict
+
+
+@dataclass(frozen=True)
+class Equivocation:
+    """Proof that a verifier lies: two different verdicts it signed for one (verifier, seed, model, epoch).
+
+    Only the verifier's key can make one (each verdict verifies on its own signature), so anyone who
+    holds one may drop every verdict of that verifier. `first` is the one the finder held first. Wire
+    form: a list of the two verdicts' wire objects. Build with `of` or `from_wire`, which check it."""
+
+    first: Verdict
+    second: Verdict
+
+    @property
+    def verifier(self) -> PeerId:
+        return self.first.verifier
+
+    @classmethod
+    def of(cls, first: Verdict, second: Verdict) -> Equivocation | None:
+        """The proof these two verified verdicts make, or None (another key, or the same signed claim:
+        a copy, or the same bytes signed again, is no lie)."""
+        if first.key != second.key or first.signed_bytes() == second.signed_bytes():
+            return None
+        return cls(first, second)
+
+    def to_wire(self) -> list[dict[str, Any]]:
+        return [self.first.to_wire(), self.second.to_wire()]
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Equivocation:
+        """Parse and check a proof: two verdicts that verify, with one key and different signed bytes."""
+        if type(doc) is not list or len(doc) != 2:
+            raise ProtocolError("equivocation: not a list of two verdicts")
+        proof = cls.of(Verdict.from_wire(doc[0]), Verdict.from_wire(doc[1]))
+        if proof is None:
+            raise ProtocolError("equivocation: the two verdicts are not two claims on one (verifier, seed, model, epoch)")
+        return proof

@@ -5,15 +5,21 @@ One database per home, `gtorrent.db`. Migrations are a list of functions applied
 (sqlite-utils `Migrations`); the database runs in WAL mode and every write is a transaction, so a
 crash never loses a committed row. Reputation is derived from the verdicts and observations on read
 (`reputation.py` holds the rules), never stored as a number that could drift from its evidence.
-Verdicts are stored only once verified, with their signatures, one per (verifier, seed, epoch) (the
-first stays), and at most the newest VERDICT_EPOCHS_KEPT epochs per (verifier, seed).
+Verdicts are stored only once verified, with their signatures, one per (verifier, seed, model, epoch)
+(the first stays); only from verifiers this client trusts (when it knows which) and within time bounds
+(Verdict.time_problem); at most the newest VERDICT_EPOCHS_KEPT epochs per (verifier, seed, model),
+MAX_VERDICTS_PER_SEED per seed and MAX_VERDICTS_KEPT in all, taken from the verifiers holding the most
+rows first (their oldest epochs first), so one verifier cannot push out the others' history. A verifier
+seen signing two different verdicts for one key is an equivocator: the proof is kept (bounded), its
+verdicts are deleted and no further ones are taken, so it counts for nothing.
 
 Many processes may use one store at once (several asks sharing a home). So every connection waits
 for another's write lock (busy timeout) instead of failing; every write is one short `BEGIN
 IMMEDIATE` transaction, which takes the write lock up front: a deferred transaction that reads and
 then writes must upgrade its read snapshot, and in WAL mode that fails at once (SQLITE_BUSY, no
-waiting) whenever another process committed in between. No write reads first (upserts are single
-`INSERT … ON CONFLICT` statements). Migrations run inside one such transaction and re-read what is
+waiting) whenever another process committed in between. Upserts are single `INSERT … ON CONFLICT`
+statements; the writes that must read (verdicts compared with those held, guards counted) read inside
+their IMMEDIATE transaction, under the lock. Migrations run inside one such transaction and re-read what is
 pending there, so processes opening a new home together apply each migration exactly once. A
 transaction that still meets SQLITE_BUSY is retried a few times with jittered backoff. Any other
 SQLite failure (full disk, read-only or damaged file) becomes a `StoreError` naming the file.
@@ -39,14 +45,17 @@ from . import reputation
 from .errors import StoreError
 from .guards import Guard
 from .paths import HOME_ENV, create_private, ensure_private_dir
-from .protocol import PeerRecord, ProtocolError, Verdict
+from .protocol import CREDIBILITY_SCALE, Equivocation, PeerRecord, ProtocolError, Verdict
 
 DB_NAME = "gtorrent.db"
 OUTCOMES = ("ok", "failed", "timeout")
 RECENT_OBSERVATIONS = 50  # per peer, for reliability and medians
-# verdicts kept per (verifier, seed): the newest epochs. R forgets its past by ALPHA = 0.4 per epoch, so
-# what older epochs would add is below 0.4**64 (~1e-26): the bound costs no precision
+# verdicts kept per (verifier, seed, model): the newest epochs. R forgets its past by ALPHA = 0.4 per epoch,
+# so what older epochs would add is below 0.4**64 (~1e-26): the bound costs no precision
 VERDICT_EPOCHS_KEPT = 64
+MAX_VERDICTS_PER_SEED = 1024  # rows on one seed (e.g. 16 verifiers x 64 epochs); the oldest epochs go first
+MAX_VERDICTS_KEPT = 50_000  # rows in all (~0.4 KiB each); the oldest epochs go first
+MAX_EQUIVOCATIONS_KEPT = 1024  # proofs kept (one per verifier; ~1.1 KiB each); the oldest go first
 BUSY_TIMEOUT_S = 5.0  # one statement waits this long for another process's lock before SQLITE_BUSY
 BUSY_ATTEMPTS = 4  # a transaction that still meets SQLITE_BUSY runs again, this many times in all
 BUSY_BACKOFF_S = 0.05  # mean pause before the first retry; doubles for each further one (jittered)
@@ -111,6 +120,41 @@ def m004_signed_verdicts(db: Database) -> None:
         pk=("verifier", "seed", "epoch"),
     )
     db.table("verdicts").create_index(["seed", "epoch"])
+
+
+@migrations()
+def m005_verdicts_per_model(db: Database) -> None:
+    # verdicts v2 (docs/PROTOCOL.md §12): credibility in integer millionths and the epoch placed in time,
+    # signed under a new label, so m004's rows (v1 signatures) can never verify again and are dropped.
+    # One per (verifier, seed, model, epoch): a verdict is about one model of one seed.
+    db.table("verdicts").drop()
+    db.table("verdicts").create(
+        {"verifier": str, "seed": str, "model_id": str, "epoch": int, "verifier_key": str, "credibility": int,
+         "challenges": int, "evidence": str, "epoch_start_ms": int, "epoch_ms": int, "signature": str,
+         "received_at": float},
+        pk=("verifier", "seed", "model_id", "epoch"),
+    )
+    db.table("verdicts").create_index(["seed", "epoch"])
+    db.table("verdicts").create_index(["epoch_start_ms", "received_at"])  # pruning the oldest
+    # proofs that a verifier signed two different verdicts for one key: its verdicts count for nothing
+    db.table("verdict_equivocations").create(
+        {"verifier": str, "first": str, "second": str, "seen_at": float}, pk="verifier",
+    )
+
+
+@migrations()
+def m006_verdict_judges(db: Database) -> None:
+    # which verifiers judge a model (Store.judges): the quorum of an epoch counts per model
+    db.table("verdicts").create_index(["model_id", "verifier"])
+
+
+_VERDICT_COLUMNS = ("verifier", "verifier_key", "seed", "model_id", "epoch", "epoch_start_ms", "epoch_ms",
+                    "credibility", "challenges", "evidence", "signature")  # as in the wire form
+
+
+def _verdict_row(verdict: Verdict, now: float) -> tuple[Any, ...]:
+    wire = verdict.to_wire()
+    return (*(wire[name] for name in _VERDICT_COLUMNS), now)
 
 
 P = ParamSpec("P")
@@ -270,41 +314,144 @@ class Store:
         """Keep these verdicts with their signatures; returns how many were new.
 
         Each is verified again first (a `Verdict` can be built without `from_wire`): one that fails
-        raises ProtocolError and nothing is written. A second verdict for a (verifier, seed, epoch)
-        already held is ignored, not stored over the first: the same verdict arrives through every
-        tracker (so ingesting is idempotent), and a verifier that signs two different ones has
-        equivocated; letting the later win would let it rewrite an epoch after seeing how the others
-        voted, and a replayed old copy could undo a newer one. Only the newest VERDICT_EPOCHS_KEPT epochs
-        per (verifier, seed) are kept."""
+        raises ProtocolError and nothing is written. Left out, silently: verdicts of verifiers this
+        store does not trust (`trusted_verifiers`, when known: a flood from unknown identities costs
+        nothing), of proven equivocators, and those whose epoch is in the future or stale
+        (Verdict.time_problem). A second verdict for a (verifier, seed, model, epoch) already held is
+        not stored over the first: the same verdict arrives through every tracker (so ingesting is
+        idempotent), and a different one is an equivocation (letting the later win would let a verifier
+        rewrite an epoch after seeing how the others voted): its proof is kept and the verifier's
+        verdicts are deleted. Then the bounds apply (module docstring)."""
         now = time.time() if now is None else now
-        rows = []
+        checked: list[Verdict] = []
         for verdict in verdicts:
             if not isinstance(verdict, Verdict):
                 raise TypeError("add_verdicts takes protocol.Verdict objects")
-            checked = Verdict.from_wire(verdict.to_wire())  # raises ProtocolError
-            wire = checked.to_wire()
-            rows.append((checked.verifier, checked.seed, checked.epoch, wire["verifier_key"], checked.model_id,
-                         checked.credibility, checked.challenges, checked.evidence, wire["signature"], now))
-        pairs = sorted({(row[0], row[1]) for row in rows})
+            checked.append(Verdict.from_wire(verdict.to_wire()))  # raises ProtocolError
+        trusted = self.trusted_verifiers
+        kept = [v for v in checked if (trusted is None or v.verifier in trusted) and v.time_problem(now) is None]
+        if not kept:
+            return 0
 
         def body() -> int:
             conn = self.db.conn
+            liars = self._equivocators(conn)
             added = 0
-            for row in rows:
-                added += conn.execute(
-                    "insert or ignore into verdicts (verifier, seed, epoch, verifier_key, model_id, credibility, "
-                    "challenges, evidence, signature, received_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    row,
-                ).rowcount
-            for verifier, seed in pairs:
+            touched: set[tuple[str, str, str]] = set()
+            for verdict in kept:
+                if verdict.verifier in liars:
+                    continue
+                held = self._held_verdict(conn, verdict)
+                if held is not None:
+                    proof = Equivocation.of(held, verdict)
+                    if proof is not None:
+                        self._keep_proof(conn, proof, now)
+                        liars.add(verdict.verifier)
+                    continue
+                conn.execute(f"insert into verdicts ({', '.join(_VERDICT_COLUMNS)}, received_at) "
+                             f"values ({', '.join('?' * (len(_VERDICT_COLUMNS) + 1))})", _verdict_row(verdict, now))
+                added += 1
+                touched.add((verdict.verifier, verdict.seed, verdict.model_id))
+            for verifier, seed, model_id in sorted(touched):
                 conn.execute(
-                    "delete from verdicts where verifier = ? and seed = ? and epoch not in "
-                    "(select epoch from verdicts where verifier = ? and seed = ? order by epoch desc limit ?)",
-                    (verifier, seed, verifier, seed, VERDICT_EPOCHS_KEPT),
+                    "delete from verdicts where verifier = ? and seed = ? and model_id = ? and epoch not in "
+                    "(select epoch from verdicts where verifier = ? and seed = ? and model_id = ? "
+                    "order by epoch desc limit ?)",
+                    (verifier, seed, model_id, verifier, seed, model_id, VERDICT_EPOCHS_KEPT),
                 )
+            for seed in sorted({seed for _, seed, _ in touched}):
+                self._prune(conn, "seed = ?", (seed,), MAX_VERDICTS_PER_SEED)
+            self._prune(conn, "1", (), MAX_VERDICTS_KEPT)
             return added
 
-        return self._write(body) if rows else 0
+        return self._write(body)
+
+    def add_equivocations(self, proofs: Iterable[Equivocation], now: float | None = None) -> int:
+        """Keep these proofs (re-checked: one that fails raises ProtocolError and nothing is written) of
+        verifiers this store trusts (when known) and delete the verdicts of each; returns how many verifiers
+        were newly proven to equivocate."""
+        now = time.time() if now is None else now
+        checked = []
+        for proof in proofs:
+            if not isinstance(proof, Equivocation):
+                raise TypeError("add_equivocations takes protocol.Equivocation objects")
+            checked.append(Equivocation.from_wire(proof.to_wire()))
+        trusted = self.trusted_verifiers
+        kept = [p for p in checked if trusted is None or p.verifier in trusted]
+        if not kept:
+            return 0
+
+        def body() -> int:
+            conn = self.db.conn
+            liars = self._equivocators(conn)
+            new = 0
+            for proof in kept:
+                if proof.verifier not in liars:
+                    self._keep_proof(conn, proof, now)
+                    liars.add(proof.verifier)
+                    new += 1
+            return new
+
+        return self._write(body)
+
+    @staticmethod
+    def _prune(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], cap: int) -> None:
+        """Bring the rows matching `where` down to `cap`, taking from the verifiers that hold the most of
+        them (each one's oldest epochs first) until they hold no more than the others: one verifier (a
+        trusted liar signing many epoch numbers, models or seeds) can push out only its own rows, never
+        the other verifiers' history. Inside a write transaction."""
+        (held,) = conn.execute(f"select count(*) from verdicts where {where}", params).fetchone()
+        if held <= cap:  # the usual case: one count, no grouping
+            return
+        counts = dict(conn.execute(f"select verifier, count(*) from verdicts where {where} group by verifier",
+                                   params).fetchall())
+        excess = sum(counts.values()) - cap
+
+        def above(level: int) -> int:
+            return sum(max(0, count - level) for count in counts.values())
+
+        low, high = 0, max(counts.values())  # the lowest level L with above(L) <= excess
+        while low < high:
+            middle = (low + high) // 2
+            if above(middle) <= excess:
+                high = middle
+            else:
+                low = middle + 1
+        cut = {verifier: max(0, count - low) for verifier, count in counts.items()}
+        extra = excess - above(low)  # fewer than the verifiers at the level: one more row each from some
+        for verifier in sorted(v for v, count in counts.items() if count >= low and count > 0)[:extra]:
+            cut[verifier] += 1
+        for verifier, rows in sorted(cut.items()):
+            if rows:
+                conn.execute(f"delete from verdicts where rowid in (select rowid from verdicts where {where} and "
+                             "verifier = ? order by epoch_start_ms, received_at limit ?)", (*params, verifier, rows))
+
+    @staticmethod
+    def _equivocators(conn: sqlite3.Connection) -> set[str]:
+        return {row[0] for row in conn.execute("select verifier from verdict_equivocations").fetchall()}
+
+    @staticmethod
+    def _held_verdict(conn: sqlite3.Connection, verdict: Verdict) -> Verdict | None:
+        row = conn.execute(
+            f"select {', '.join(_VERDICT_COLUMNS)} from verdicts where verifier = ? and seed = ? and model_id = ? "
+            "and epoch = ?", verdict.key,
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            return Verdict.from_wire(dict(zip(_VERDICT_COLUMNS, row, strict=True)))
+        except ProtocolError:  # a damaged row: the new verdict cannot be compared with it, and is not stored
+            return verdict
+
+    @staticmethod
+    def _keep_proof(conn: sqlite3.Connection, proof: Equivocation, now: float) -> None:
+        """Record the proof and delete the equivocator's verdicts (inside a write transaction)."""
+        first, second = (json.dumps(v.to_wire()) for v in (proof.first, proof.second))
+        conn.execute("insert or ignore into verdict_equivocations (verifier, first, second, seen_at) values (?, ?, ?, ?)",
+                     (proof.verifier, first, second, now))
+        conn.execute("delete from verdicts where verifier = ?", (proof.verifier,))
+        conn.execute("delete from verdict_equivocations where rowid in (select rowid from verdict_equivocations "
+                     "order by seen_at desc, rowid desc limit -1 offset ?)", (MAX_EQUIVOCATIONS_KEPT,))
 
     def add_guards(self, swarm: str, guards: Iterable[Guard], limit: int) -> None:
         """Add these guards to the swarm's set while it holds fewer than `limit`.
@@ -389,23 +536,58 @@ class Store:
         return held
 
     @_guarded
-    def verdicts(self, seed: str, epoch: int | None = None) -> list[Verdict]:
-        """The verdicts held on `seed` (for one `epoch`, or all), oldest epoch first, then by verifier; each
-        re-verified: they are shown and handed on with their signatures, so a damaged row is left out,
-        never passed along."""
+    def verdicts(self, seed: str, epoch: int | None = None, *, model_id: str | None = None) -> list[Verdict]:
+        """The verdicts held on `seed` (for one `epoch` and one `model_id`, or all), oldest epoch first, then
+        by verifier and model; each re-verified: they are shown and handed on with their signatures, so a
+        damaged row is left out, never passed along."""
         held = []
         for row in self.db.execute(
-            "select verifier, verifier_key, seed, model_id, epoch, credibility, challenges, evidence, signature "
-            "from verdicts where seed = ? and (? is null or epoch = ?) order by epoch, verifier",
-            (seed, epoch, epoch),
+            f"select {', '.join(_VERDICT_COLUMNS)} from verdicts where seed = ? and (? is null or epoch = ?) "
+            "and (? is null or model_id = ?) order by epoch, verifier, model_id",
+            (seed, epoch, epoch, model_id, model_id),
         ).fetchall():
-            doc = dict(zip(("verifier", "verifier_key", "seed", "model_id", "epoch", "credibility", "challenges",
-                            "evidence", "signature"), row, strict=True))
             try:
-                held.append(Verdict.from_wire(doc))
+                held.append(Verdict.from_wire(dict(zip(_VERDICT_COLUMNS, row, strict=True))))
             except ProtocolError:
                 continue
         return held
+
+    @_guarded
+    def judges(self, model_ids: Iterable[str]) -> dict[str, set[str]]:
+        """model id -> the verifiers with a verdict held on that model, on any seed (the quorum of an
+        epoch counts over those of them a client trusts, reputation.consensus_history)."""
+        return self._judges(self.db.conn, set(model_ids))
+
+    @staticmethod
+    def _judges(conn: sqlite3.Connection, model_ids: set[str]) -> dict[str, set[str]]:
+        # a skip scan over the (model_id, verifier) index: one lookup per verifier, not one per row (a
+        # plain `select distinct` reads every verdict of the model: ~7 ms at 50 000, on every standing)
+        found: dict[str, set[str]] = {}
+        for model_id in sorted(model_ids):
+            found[model_id] = {row[0] for row in conn.execute(
+                "with recursive judge(verifier) as (select min(verifier) from verdicts where model_id = ?1 "
+                "union all select (select min(verifier) from verdicts where model_id = ?1 and verifier > "
+                "judge.verifier) from judge where judge.verifier is not null) "
+                "select verifier from judge where verifier is not null", (model_id,)).fetchall()}
+        return found
+
+    @_guarded
+    def equivocators(self) -> set[str]:
+        """The verifiers proven to have equivocated (their verdicts are gone and none is taken again)."""
+        return self._equivocators(self.db.conn)
+
+    @_guarded
+    def equivocations(self) -> list[Equivocation]:
+        """The proofs held, newest first, re-checked (a damaged one is left out)."""
+        proofs = []
+        for first, second in self.db.execute(
+            "select first, second from verdict_equivocations order by seen_at desc, rowid desc"
+        ).fetchall():
+            try:
+                proofs.append(Equivocation.from_wire([json.loads(first), json.loads(second)]))
+            except (ProtocolError, ValueError):
+                continue
+        return proofs
 
     @_guarded
     def verdict_seeds(self) -> list[str]:
@@ -443,14 +625,18 @@ class Store:
             consecutive += 1
             last_failure = last_failure or row["at"]
         # the numbers only: every row was verified on its way in (add_verdicts), and seeds are ranked
-        # often; `verdicts()` re-verifies what is shown or handed on
+        # often; `verdicts()` re-verifies what is shown or handed on. Within an epoch and verifier the
+        # lowest C of the seed's models comes first, so a rule that takes one per verifier and epoch
+        # takes its worst model: a good model never launders a bad one (equivocators' rows are deleted)
         scored = [
-            _Scored(row[0], int(row[1]), float(row[2]))
+            _Scored(row[0], int(row[1]), int(row[2]) / CREDIBILITY_SCALE, row[3])
             for row in self.db.execute(
-                "select verifier, epoch, credibility from verdicts where seed = ? order by epoch, verifier", (peer_id,)
+                "select verifier, epoch, credibility, model_id from verdicts where seed = ? "
+                "order by epoch, verifier, credibility, model_id", (peer_id,)
             ).fetchall()
         ]
-        history = reputation.consensus_history(scored, self.trusted_verifiers)
+        history = reputation.consensus_history(scored, self.trusted_verifiers,
+                                               self._judges(self.db.conn, {s.model_id for s in scored}))
         reliability = reputation.reliability_from_outcomes(row["outcome"] == "ok" for row in rows)
         ok_rows = [row for row in rows if row["outcome"] == "ok"]
         ttfts = [row["ttft_s"] for row in ok_rows if row["ttft_s"] is not None]
@@ -477,3 +663,4 @@ class _Scored:
     verifier: str
     epoch: int
     credibility: float
+    model_id: str = ""  # the model the verdict is about (a seed may serve several)

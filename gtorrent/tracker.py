@@ -26,9 +26,12 @@ Rules (`TrackerTable`, pure over an injected clock):
 - a failed flush keeps the dirty marks for the next try, and never stops the tracker: it logs, refuses
   announces with `storage` and keeps answering queries from memory;
 - verdicts (`VerdictTable`, docs/PROTOCOL.md §12): accepted only verified, from an admitted verifier
-  (`--verifier`; none named: any), on a peer listed here; one per (verifier, seed, epoch), the first
-  stays; bounded per (verifier, seed), per seed and in all; saved before `verdict_ok`; served with a
-  query that asks for them (`verdicts: true`), within their own byte budget.
+  (`--verifier`; none named: any) that never equivocated, about an epoch neither in the future nor
+  stale, on a model that a peer listed here announces; one per (verifier, seed, model, epoch), the first
+  stays, and a different second one is kept with it as a proof of equivocation (the verifier is refused
+  from then on, its verdicts dropped); bounded per (verifier, seed, model), per seed, per verifier and in
+  all, rate-limited per verifier and in all; saved before `verdict_ok`; served with a query that asks
+  for them (`verdicts: true`) together with the proofs, within their own byte budget.
 
 Ports: the tracker's protocol runs over CurveZMQ like every link, but a client given only
 `tcp://host:port` cannot know the tracker's key yet. So the URL's port is a plain bootstrap socket that
@@ -62,12 +65,17 @@ from .paths import create_private, ensure_private_dir
 from .pow import MAX_POW_BITS, work
 from .protocol import (
     MAX_ADMITTED_VERIFIERS,
+    MAX_EQUIVOCATIONS_PER_ANSWER,
+    MAX_MODELS_PER_RECORD,
     MAX_RECORD_TTL_S,
     MAX_VERDICTS_PER_ANSWER,
+    VERDICT_MAX_AGE_S,
+    Equivocation,
     Message,
     PeerRecord,
     ProtocolError,
     Verdict,
+    VerdictKey,
 )
 from .transport import Reply, Server, new_context
 
@@ -89,11 +97,19 @@ STORAGE_LOG_INTERVAL_S = 60.0  # at most one log line per this many seconds whil
 QUERY_BUDGET_BYTES = 192 * 1024  # an answer stays well under the message limit
 # verdicts (docs/PROTOCOL.md §12): a query that asks for them gets its records within QUERY_BUDGET_BYTES -
 # VERDICT_BUDGET_BYTES and the verdicts within VERDICT_BUDGET_BYTES, so the answer stays as large as before
-VERDICT_BUDGET_BYTES = 48 * 1024  # ~100 verdicts
-VERDICT_EPOCHS_HELD = 8  # per (verifier, seed): the newest epochs held (clients keep the history they saw)
+VERDICT_BUDGET_BYTES = 48 * 1024  # ~100 verdicts, equivocation proofs included
+PROOF_BUDGET_BYTES = 16 * 1024  # of which proofs take at most this (~14 proofs); verdicts get the rest
+VERDICT_EPOCHS_HELD = 8  # per (verifier, seed, model): the newest epochs held (clients keep the history they saw)
 MAX_VERIFIERS_PER_SEED = 16  # verifiers with verdicts held on one seed; a further one waits for a slot
-MAX_VERDICTS = 100_000  # verdicts held in all (~0.5 KiB each)
-VERDICT_KEEP_S = 86_400.0  # a verdict is forgotten this long after it arrived (frees stale verifiers' slots)
+MAX_VERDICTS = 100_000  # verdicts held in all (~0.6 KiB on disk, ~1.3 KiB of memory each)
+MAX_VERDICTS_PER_VERIFIER = 20_000  # held of one verifier (2,500 seeds x 8 epochs): 5 identities fill no table
+VERDICT_KEEP_S = VERDICT_MAX_AGE_S  # a verdict is forgotten this long after it arrived or its epoch ended
+# new verdicts taken, as (per second, burst) token buckets: per verifier, a verifier of 1,000 seeds with
+# 60-s epochs sends ~17/s; in all, what bounds the tracker's disk writes (one small transaction each)
+VERIFIER_VERDICT_RATE = (20.0, 2000.0)
+TOTAL_VERDICT_RATE = (200.0, 10_000.0)
+MAX_EQUIVOCATION_PROOFS = 1024  # verifiers proven to equivocate, remembered (~1.1 KiB each); the oldest go
+PROOF_KEEP_S = 30 * 86_400.0  # a proof is kept this long (its verifier is refused meanwhile)
 
 
 def within_budget(records: list[dict[str, Any]], budget: int = QUERY_BUDGET_BYTES) -> list[dict[str, Any]]:
@@ -364,105 +380,249 @@ class TrackerTable:
 @dataclass(frozen=True)
 class _HeldVerdict:
     verdict: Verdict
-    wire: dict[str, Any]  # its wire form, encoded once
-    size: int  # bytes of that form in an answer
+    size: int  # bytes of its wire form in an answer
     received_at: float  # tracker clock
+    expires_at: float  # tracker clock: keep_s after it arrived or after its epoch ended, whichever is first
+
+
+@dataclass(frozen=True)
+class _HeldProof:
+    proof: Equivocation
+    wire: list[dict[str, Any]]
+    size: int
+    recorded_at: float  # tracker clock
+
+
+class _Bucket:
+    """A token bucket: `burst` tokens, refilled at `rate_per_s`; each accepted verdict takes one."""
+
+    def __init__(self, rate_per_s: float, burst: float, now: float) -> None:
+        self.rate_per_s, self.burst, self.tokens, self.at = rate_per_s, burst, burst, now
+
+    def level(self, now: float) -> float:
+        return min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate_per_s)
+
+    def take(self, now: float) -> bool:
+        self.tokens, self.at = self.level(now), max(now, self.at)
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+Models = dict[str, dict[int, _HeldVerdict]]  # model id -> epoch -> verdict
 
 
 class VerdictTable:
     """Signed verdicts by seed, with the admission and bounds of docs/PROTOCOL.md §12 (pure over a clock).
 
-    Invariants: only verdicts that passed `Verdict.from_wire` and came from an admitted verifier are held
-    (`admitted` None: any verifier); one per (verifier, seed, epoch), the first (a second is not stored
-    over it); per (verifier, seed) the newest VERDICT_EPOCHS_HELD epochs; per seed at most
-    `max_verifiers` verifiers; in all at most `max_verdicts`; each forgotten VERDICT_KEEP_S after it
-    arrived. `dirty` names the (verifier, seed, epoch) keys changed since the last flush."""
+    Invariants: only verdicts that passed `Verdict.from_wire`, came from an admitted verifier (`admitted`
+    None: any verifier) that is not a proven equivocator, and whose epoch is neither in the future nor
+    older than `keep_s` (Verdict.time_problem) are held; one per (verifier, seed, model, epoch), the first
+    (a different second one is an equivocation: its proof is kept, the verifier's verdicts are dropped and
+    none is taken again); per (verifier, seed, model) the newest `epochs_held` epochs, per (verifier, seed)
+    at most MAX_MODELS_PER_RECORD models; per seed at most `max_verifiers` verifiers; per verifier at most
+    `max_per_verifier` and in all at most `max_verdicts`; new verdicts are taken at most at `verifier_rate`
+    per verifier and `total_rate` in all (token buckets); each is forgotten `keep_s` after it arrived or
+    after its epoch ended, whichever comes first. Proofs: one per verifier, at most `max_proofs` (the
+    oldest goes), each kept PROOF_KEEP_S. `dirty` names the verdict keys and `dirty_proofs` the
+    verifiers whose rows changed since the last flush."""
 
     def __init__(
         self, clock: Callable[[], float] = time.time, admitted: frozenset[str] | None = None, *,
         max_verdicts: int = MAX_VERDICTS, max_verifiers: int = MAX_VERIFIERS_PER_SEED,
         epochs_held: int = VERDICT_EPOCHS_HELD, keep_s: float = VERDICT_KEEP_S,
+        max_per_verifier: int = MAX_VERDICTS_PER_VERIFIER, max_proofs: int = MAX_EQUIVOCATION_PROOFS,
+        verifier_rate: tuple[float, float] = VERIFIER_VERDICT_RATE, total_rate: tuple[float, float] = TOTAL_VERDICT_RATE,
     ) -> None:
         self.clock = clock
         self.admitted = admitted
         self.max_verdicts, self.max_verifiers, self.epochs_held, self.keep_s = max_verdicts, max_verifiers, epochs_held, keep_s
-        self.by_seed: dict[str, dict[str, dict[int, _HeldVerdict]]] = {}  # seed -> verifier -> epoch -> verdict
+        self.max_per_verifier, self.max_proofs = max_per_verifier, max_proofs
+        self.verifier_rate, self.total_rate = verifier_rate, total_rate
+        self.by_seed: dict[str, dict[str, Models]] = {}  # seed -> verifier -> model -> epoch -> verdict
         self.count = 0
-        self.dirty: set[tuple[str, str, int]] = set()
+        self.per_verifier: dict[str, int] = {}
+        self.seeds_of: dict[str, set[str]] = {}  # verifier -> the seeds it has verdicts held on
+        self.proofs: dict[str, _HeldProof] = {}  # verifier -> the proof that it equivocated (insertion: oldest first)
+        self.buckets: dict[str, _Bucket] = {}
+        self.total_bucket = _Bucket(*total_rate, clock())
+        self.dirty: set[VerdictKey] = set()
+        self.dirty_proofs: set[str] = set()
 
     def check(self, doc: Any) -> Verdict:
-        """The verdict in `doc`, verified (one signature) and from an admitted verifier; else Rejected."""
+        """The verdict in `doc`, verified (one signature), from an admitted verifier that never
+        equivocated, about an epoch in the time bounds; else Rejected."""
         try:
             verdict = Verdict.from_wire(doc)
         except ProtocolError as exc:
             raise Rejected("invalid", str(exc)[:500]) from exc
         if self.admitted is not None and verdict.verifier not in self.admitted:
             raise Rejected("not_admitted", f"verifier {verdict.verifier} is not admitted by this tracker")
+        if verdict.verifier in self.proofs:
+            raise Rejected("equivocated", f"verifier {verdict.verifier} signed two different verdicts for one "
+                           "seed, model and epoch; this tracker takes none of its verdicts")
+        problem = verdict.time_problem(self.clock(), max_age_s=self.keep_s)
+        if problem is not None:
+            raise Rejected(*problem)
         return verdict
 
-    def accept(self, verdict: Verdict, received_at: float | None = None) -> bool:
-        """Hold a checked verdict; False when one for its (verifier, seed, epoch) is held already (the
-        first stays). Raises Rejected("capacity") when a bound leaves it no room."""
+    def accept(self, verdict: Verdict, received_at: float | None = None, *, rated: bool = True) -> bool:
+        """Hold a checked verdict; False when it is held already. Raises Rejected: "equivocated" when a
+        different one for its key is held (the proof is recorded first), "rate" when its verifier or all
+        verifiers together sent too many lately (not with `rated` False: a restart reloading), "capacity"
+        when a bound leaves it no room."""
         now = self.clock() if received_at is None else received_at
         verifiers = self.by_seed.get(verdict.seed, {})
-        epochs = verifiers.get(verdict.verifier, {})
-        if verdict.epoch in epochs:
-            return False
-        if not epochs and len(verifiers) >= self.max_verifiers:
+        models = verifiers.get(verdict.verifier, {})
+        epochs = models.get(verdict.model_id, {})
+        held = epochs.get(verdict.epoch)
+        if held is not None:
+            proof = Equivocation.of(held.verdict, verdict)
+            if proof is None:
+                return False
+            self.record_proof(proof, now)
+            raise Rejected("equivocated", f"verifier {verdict.verifier} signed another verdict for seed "
+                           f"{verdict.seed}, model {verdict.model_id[:12]}, epoch {verdict.epoch}: proof kept")
+        if not models and len(verifiers) >= self.max_verifiers:
             raise Rejected("capacity", f"this tracker holds verdicts of {self.max_verifiers} verifiers on seed "
                            f"{verdict.seed} already")
+        if not epochs and len(models) >= MAX_MODELS_PER_RECORD:
+            raise Rejected("capacity", f"this tracker holds verdicts of verifier {verdict.verifier} on "
+                           f"{MAX_MODELS_PER_RECORD} models of seed {verdict.seed} already")
+        replaces = None
         if len(epochs) >= self.epochs_held:
-            oldest = min(epochs)
-            if verdict.epoch < oldest:  # older than every epoch held: it would be dropped at once
+            replaces = min(epochs)
+            if verdict.epoch < replaces:  # older than every epoch held: it would be dropped at once
                 raise Rejected("capacity", f"epoch {verdict.epoch} is older than the {self.epochs_held} held")
-            self._drop(verdict.seed, verdict.verifier, oldest)
         elif self.count >= self.max_verdicts:
             raise Rejected("capacity", f"this tracker holds its maximum of {self.max_verdicts} verdicts")
-        wire = verdict.to_wire()
-        size = len(json.dumps(wire, separators=(",", ":"))) + 1
-        self.by_seed.setdefault(verdict.seed, {}).setdefault(verdict.verifier, {})[verdict.epoch] = _HeldVerdict(
-            verdict, wire, size, now)
+        elif self.per_verifier.get(verdict.verifier, 0) >= self.max_per_verifier:
+            raise Rejected("capacity", f"this tracker holds {self.max_per_verifier} verdicts of verifier "
+                           f"{verdict.verifier} already")
+        if rated:
+            self._take_rate(verdict.verifier, now)
+        if replaces is not None:
+            self._drop(verdict.seed, verdict.verifier, verdict.model_id, replaces)
+        size = len(json.dumps(verdict.to_wire(), separators=(",", ":"))) + 1
+        expires_at = min(now, verdict.epoch_end_ms / 1000.0) + self.keep_s
+        self.by_seed.setdefault(verdict.seed, {}).setdefault(verdict.verifier, {}).setdefault(
+            verdict.model_id, {})[verdict.epoch] = _HeldVerdict(verdict, size, now, expires_at)
         self.count += 1
-        self.dirty.add((verdict.verifier, verdict.seed, verdict.epoch))
+        self.per_verifier[verdict.verifier] = self.per_verifier.get(verdict.verifier, 0) + 1
+        self.seeds_of.setdefault(verdict.verifier, set()).add(verdict.seed)
+        self.dirty.add(verdict.key)
         return True
 
-    def _drop(self, seed: str, verifier: str, epoch: int) -> None:
+    def _take_rate(self, verifier: str, now: float) -> None:
+        # a new verifier's bucket is kept only once a verdict of its is taken: fresh identities refused
+        # while the shared bucket is empty leave nothing behind
+        bucket = self.buckets.get(verifier) or _Bucket(*self.verifier_rate, now)
+        # the verifier's own bucket first: one noisy verifier must not drain the shared one
+        if bucket.level(now) < 1.0:
+            raise Rejected("rate", f"verifier {verifier} sent more than {self.verifier_rate[0]:g} verdicts/s "
+                           "lately; try again later")
+        if not self.total_bucket.take(now):
+            raise Rejected("rate", "this tracker takes no more verdicts for now (too many lately); try again later")
+        bucket.take(now)
+        self.buckets[verifier] = bucket
+
+    def record_proof(self, proof: Equivocation, now: float | None = None) -> None:
+        """Keep the proof that `proof.verifier` equivocated (the first kept stays), drop its verdicts."""
+        now = self.clock() if now is None else now
+        verifier = proof.verifier
+        if verifier not in self.proofs:
+            wire = proof.to_wire()
+            size = len(json.dumps(wire, separators=(",", ":"))) + 1
+            self.proofs[verifier] = _HeldProof(proof, wire, size, now)
+            self.dirty_proofs.add(verifier)
+            while len(self.proofs) > self.max_proofs:  # the oldest goes (dicts keep insertion order)
+                oldest = next(iter(self.proofs))
+                del self.proofs[oldest]
+                self.dirty_proofs.add(oldest)
+        for seed in list(self.seeds_of.get(verifier, ())):
+            for model_id, epochs in list(self.by_seed[seed][verifier].items()):
+                for epoch in list(epochs):
+                    self._drop(seed, verifier, model_id, epoch)
+
+    def _drop(self, seed: str, verifier: str, model_id: str, epoch: int) -> None:
         verifiers = self.by_seed[seed]
-        del verifiers[verifier][epoch]
-        if not verifiers[verifier]:
+        models = verifiers[verifier]
+        del models[model_id][epoch]
+        if not models[model_id]:
+            del models[model_id]
+        if not models:
             del verifiers[verifier]
+            self.seeds_of[verifier].discard(seed)
+            if not self.seeds_of[verifier]:
+                del self.seeds_of[verifier]
         if not verifiers:
             del self.by_seed[seed]
         self.count -= 1
-        self.dirty.add((verifier, seed, epoch))
+        self.per_verifier[verifier] -= 1
+        if not self.per_verifier[verifier]:
+            del self.per_verifier[verifier]
+        self.dirty.add((verifier, seed, model_id, epoch))
 
-    def held(self, verifier: str, seed: str, epoch: int) -> _HeldVerdict | None:
-        return self.by_seed.get(seed, {}).get(verifier, {}).get(epoch)
+    def held(self, verifier: str, seed: str, model_id: str, epoch: int) -> _HeldVerdict | None:
+        return self.by_seed.get(seed, {}).get(verifier, {}).get(model_id, {}).get(epoch)
 
     def for_seeds(self, seeds: list[str], budget: int = VERDICT_BUDGET_BYTES) -> list[dict[str, Any]]:
         """Wire verdicts on these seeds within `budget` bytes: every seed's newest epoch of each verifier
-        first (seeds in the given order, which no peer steers), then the next newest, and so on."""
-        ranked: list[tuple[int, int, str, _HeldVerdict]] = []
-        for position, seed in enumerate(dict.fromkeys(seeds)):
-            for verifier, epochs in self.by_seed.get(seed, {}).items():
-                for rank, epoch in enumerate(sorted(epochs, reverse=True)):
-                    ranked.append((rank, position, verifier, epochs[epoch]))
-        ranked.sort(key=lambda item: item[:3])
+        and model first (seeds in the given order, which no peer steers; verifiers, then models, in id
+        order), then the next newest, and so on. Walked rank by rank and stopped once the budget is full,
+        so a query costs about what its answer holds, not the table's size: ranking every verdict held on
+        a page first took ~0.4 s of the tracker's CPU per query with the table full."""
+        order = [seed for seed in dict.fromkeys(seeds) if seed in self.by_seed]
         chosen: list[dict[str, Any]] = []
+        used, rank, left = 0, 0, True
+        while left:
+            left = False
+            for seed in order:
+                verifiers = self.by_seed[seed]
+                for verifier in sorted(verifiers):
+                    models = verifiers[verifier]
+                    for model_id in sorted(models):
+                        epochs = models[model_id]
+                        if len(epochs) <= rank:
+                            continue
+                        left = True
+                        held = epochs[sorted(epochs, reverse=True)[rank]]
+                        if used + held.size > budget or len(chosen) >= MAX_VERDICTS_PER_ANSWER:
+                            return chosen
+                        chosen.append(held.verdict.to_wire())
+                        used += held.size
+            rank += 1
+        return chosen
+
+    def proofs_for(self, seeds: list[str], budget: int = PROOF_BUDGET_BYTES) -> list[list[dict[str, Any]]]:
+        """Proofs within `budget` bytes, at most MAX_EQUIVOCATIONS_PER_ANSWER: those about these seeds first,
+        then the newest (a flood of fresh equivocators can crowd out old proofs here, not on the seeds asked
+        about, and clients keep the proofs they saw)."""
+        wanted = set(seeds)
+        ordered = sorted(self.proofs.values(), key=lambda p: (p.proof.first.seed not in wanted, -p.recorded_at))
+        chosen: list[list[dict[str, Any]]] = []
         used = 0
-        for *_, held in ranked:
-            if used + held.size > budget or len(chosen) >= MAX_VERDICTS_PER_ANSWER:
+        for held in ordered:
+            if used + held.size > budget or len(chosen) >= MAX_EQUIVOCATIONS_PER_ANSWER:
                 break
             chosen.append(held.wire)
             used += held.size
         return chosen
 
     def expire(self) -> int:
-        cutoff = self.clock() - self.keep_s
-        gone = [(seed, verifier, epoch) for seed, verifiers in self.by_seed.items()
-                for verifier, epochs in verifiers.items() for epoch, held in epochs.items() if held.received_at <= cutoff]
-        for seed, verifier, epoch in gone:
-            self._drop(seed, verifier, epoch)
+        now = self.clock()
+        gone = [(seed, verifier, model_id, epoch) for seed, verifiers in self.by_seed.items()
+                for verifier, models in verifiers.items() for model_id, epochs in models.items()
+                for epoch, held in epochs.items() if held.expires_at <= now]
+        for seed, verifier, model_id, epoch in gone:
+            self._drop(seed, verifier, model_id, epoch)
+        for verifier in [v for v, held in self.proofs.items() if held.recorded_at + PROOF_KEEP_S <= now]:
+            del self.proofs[verifier]
+            self.dirty_proofs.add(verifier)
+        # buckets that have refilled are as good as new: forget them (fresh identities leave none behind)
+        for verifier in [v for v, bucket in self.buckets.items() if bucket.level(now) >= bucket.burst]:
+            del self.buckets[verifier]
         return len(gone)
 
 
@@ -496,6 +656,18 @@ def t004_verdicts(db: Database) -> None:
         {"verifier": str, "seed": str, "epoch": int, "verdict": str, "received_at": float},
         pk=("verifier", "seed", "epoch"),
     )
+
+
+@tracker_migrations()
+def t005_verdicts_per_model(db: Database) -> None:
+    # verdicts v2 (new signed label: t004's rows can never verify again) kept per (verifier, seed, model,
+    # epoch); and the proofs of verifiers that equivocated (VerdictTable.proofs), as wire JSON
+    db.table("tracker_verdicts").drop()
+    db.table("tracker_verdicts").create(
+        {"verifier": str, "seed": str, "model_id": str, "epoch": int, "verdict": str, "received_at": float},
+        pk=("verifier", "seed", "model_id", "epoch"),
+    )
+    db.table("tracker_equivocations").create({"verifier": str, "proof": str, "recorded_at": float}, pk="verifier")
 
 
 class TrackerDatabase:
@@ -561,42 +733,63 @@ class TrackerDatabase:
         table.dirty -= dirty  # flush is synchronous: nothing was marked in between
 
     def load_verdicts(self, verdicts: VerdictTable) -> int:
-        """Hold the saved verdicts again, each re-verified (a damaged row is dropped, never served); the
-        tracker's current admission and bounds apply (a verifier no longer admitted is dropped too)."""
+        """Hold the saved proofs and verdicts again, each re-checked (a damaged row is dropped, never
+        served); the tracker's current admission, time bounds and bounds apply (a verifier no longer
+        admitted is dropped too)."""
+        for verifier, text, recorded_at in self.db.execute(
+            "select verifier, proof, recorded_at from tracker_equivocations order by recorded_at"
+        ).fetchall():
+            try:
+                proof = Equivocation.from_wire(json.loads(text))
+                if proof.verifier != verifier:
+                    raise ProtocolError("row does not match its proof")
+                verdicts.record_proof(proof, float(recorded_at))
+            except (ProtocolError, ValueError):
+                verdicts.dirty_proofs.add(verifier)  # deleted by the flush below
+        verdicts.dirty_proofs = {v for v in verdicts.dirty_proofs if v not in verdicts.proofs}
         loaded, rows = 0, self.db.execute(
-            "select verifier, seed, epoch, verdict, received_at from tracker_verdicts order by received_at"
+            "select verifier, seed, model_id, epoch, verdict, received_at from tracker_verdicts order by received_at"
         ).fetchall()
-        for verifier, seed, epoch, text, received_at in rows:
+        for verifier, seed, model_id, epoch, text, received_at in rows:
             try:
                 verdict = verdicts.check(json.loads(text))
-                if (verdict.verifier, verdict.seed, verdict.epoch) != (verifier, seed, epoch):
+                if verdict.key != (verifier, seed, model_id, epoch):
                     raise Rejected("invalid", "row does not match its verdict")
-                verdicts.accept(verdict, float(received_at))
+                verdicts.accept(verdict, float(received_at), rated=False)
                 loaded += 1
             except (Rejected, ValueError):
-                verdicts.dirty.add((verifier, seed, epoch))  # deleted by the flush below
+                verdicts.dirty.add((verifier, seed, model_id, epoch))  # deleted by the flush below
         verdicts.dirty = {key for key in verdicts.dirty if verdicts.held(*key) is None}  # the rest is on disk
         verdicts.expire()
         self.flush_verdicts(verdicts)
         return loaded
 
     def flush_verdicts(self, verdicts: VerdictTable) -> None:
-        """Write the changed verdicts in one transaction; the dirty marks clear only once it committed."""
-        if not verdicts.dirty:
+        """Write the changed verdicts and proofs in one transaction; the dirty marks clear only once it
+        committed."""
+        if not verdicts.dirty and not verdicts.dirty_proofs:
             return
-        dirty = set(verdicts.dirty)
+        dirty, dirty_proofs = set(verdicts.dirty), set(verdicts.dirty_proofs)
         with self.db.atomic():
-            for verifier, seed, epoch in dirty:
-                held = verdicts.held(verifier, seed, epoch)
+            for verifier in dirty_proofs:
+                proof = verdicts.proofs.get(verifier)
+                if proof is None:
+                    self.db.execute("delete from tracker_equivocations where verifier = ?", (verifier,))
+                else:
+                    self.db.execute("insert or replace into tracker_equivocations (verifier, proof, recorded_at) "
+                                    "values (?, ?, ?)", (verifier, json.dumps(proof.wire), proof.recorded_at))
+            for key in dirty:
+                held = verdicts.held(*key)
                 if held is None:
-                    self.db.execute("delete from tracker_verdicts where verifier = ? and seed = ? and epoch = ?",
-                                    (verifier, seed, epoch))
+                    self.db.execute("delete from tracker_verdicts where verifier = ? and seed = ? and model_id = ? "
+                                    "and epoch = ?", key)
                 else:
                     self.db.execute(
-                        "insert or replace into tracker_verdicts (verifier, seed, epoch, verdict, received_at) "
-                        "values (?, ?, ?, ?, ?)", (verifier, seed, epoch, json.dumps(held.wire), held.received_at),
+                        "insert or replace into tracker_verdicts (verifier, seed, model_id, epoch, verdict, received_at) "
+                        "values (?, ?, ?, ?, ?, ?)", (*key, json.dumps(held.verdict.to_wire()), held.received_at),
                     )
         verdicts.dirty -= dirty
+        verdicts.dirty_proofs -= dirty_proofs
 
     def close(self) -> None:
         self.db.close()
@@ -705,7 +898,12 @@ class TrackerService:
             )
             body: dict[str, object] = {"records": [r.to_wire() for r in page.records]}
             if with_verdicts:  # only when asked: older clients refuse unknown fields
-                body["verdicts"] = self.verdicts.for_seeds([r.peer_id for r in page.records])
+                seeds = [r.peer_id for r in page.records]
+                proofs = self.verdicts.proofs_for(seeds)
+                if proofs:
+                    body["equivocations"] = proofs
+                used = sum(len(json.dumps(p, separators=(",", ":"))) + 1 for p in proofs)
+                body["verdicts"] = self.verdicts.for_seeds(seeds, VERDICT_BUDGET_BYTES - used)
             if sample is not None:  # a client that pages knows the paging fields; older ones refuse unknown fields
                 body["listed_s"] = [round(age, 3) for age in page.listed_s]
                 body["total"] = page.total
@@ -719,22 +917,31 @@ class TrackerService:
 
     def _on_verdict(self, message: Message) -> tuple[str, dict[str, object]]:
         """Check, hold and save one verdict: one signature check, a few dict operations and one small
-        transaction (the bounds are VerdictTable's); a verdict whose save fails is not held."""
+        transaction (the bounds are VerdictTable's); a verdict whose save fails is not held. A proof of
+        equivocation found on the way is saved too (or on a later sweep, if this save fails)."""
         try:
             verdict = self.verdicts.check(message["verdict"])
-            if verdict.seed not in self.table.entries or self.table.entries[verdict.seed].record is None:
+            entry = self.table.entries.get(verdict.seed)
+            if entry is None or entry.record is None:
                 # only verdicts on peers listed here: a flood of verdicts on made-up seeds holds nothing
                 raise Rejected("invalid", f"seed {verdict.seed} is not listed by this tracker")
+            if not any(info.model_id == verdict.model_id for info in entry.record.models):
+                raise Rejected("invalid", f"seed {verdict.seed} does not announce model {verdict.model_id[:12]} here")
             stored = self.verdicts.accept(verdict)
         except Rejected as exc:
             self.server.counters["dropped"] += 1
+            if exc.code == "equivocated" and self.database is not None and self.verdicts.dirty_proofs:
+                try:
+                    self.database.flush_verdicts(self.verdicts)
+                except Exception as failure:  # noqa: BLE001 - kept in memory, saved by a later sweep
+                    self._storage_failed(failure, "cannot save a proof of equivocation; will retry")
             return "error", {"code": exc.code, "message": str(exc)[:1000]}
         if stored and self.database is not None:
             try:
                 self.database.flush_verdicts(self.verdicts)
             except Exception as exc:  # noqa: BLE001 - refuse it rather than claim durability
-                self.verdicts._drop(verdict.seed, verdict.verifier, verdict.epoch)
-                self.verdicts.dirty.discard((verdict.verifier, verdict.seed, verdict.epoch))
+                self.verdicts._drop(verdict.seed, verdict.verifier, verdict.model_id, verdict.epoch)
+                self.verdicts.dirty.discard(verdict.key)
                 self._storage_failed(exc, "refused a verdict")
                 return "error", {"code": "storage", "message": f"{storage_problem(exc)}: the verdict was not stored"}
         return "verdict_ok", {"stored": stored}
@@ -787,7 +994,7 @@ class TrackerService:
         """Forget expired entries and save what is unsaved; a failed save is logged and retried later."""
         self.table.expire()
         self.verdicts.expire()
-        if self.database is not None and self.verdicts.dirty:
+        if self.database is not None and (self.verdicts.dirty or self.verdicts.dirty_proofs):
             try:
                 self.database.flush_verdicts(self.verdicts)
             except Exception as exc:  # noqa: BLE001 - the tracker keeps serving from memory

@@ -17,6 +17,11 @@ tokenizers, onnx and numpy; onnxruntime is not needed here):
             A tiny GPT-2 (n_embd 64, 2 layers) trained ~45 s, exported with KV cache in GPT-2
             input order to OUT, without cache to OUT-nocache, and with KV cache but no
             position_ids input to OUT-nopos. About 1 minute.
+  llama-small --out tests/models/llama-small [--steps 1000 | --seconds S]
+            A small Llama (hidden 96, 2 layers, FFN 256) with the demo model's architecture,
+            tokenizer and context, trained ~1 minute on the same corpus and exported like the
+            demo (KV cache, Llama input order), weights inside model.onnx (~1.7 MB). The tests'
+            "smaller model under the honest id" cheater (tests/cheaters.py). About 1 minute.
   fixtures  --out tests/models
             Hand-built ONNX graphs for error tests: not-an-lm/ and legacy-merged/. Instant.
   random    --out DIR [--preset 100m|tiny]
@@ -64,6 +69,7 @@ EXTERNAL_DATA_NAME = "model.onnx_data"
 OPSET = 17
 DEMO_STEPS = 1400  # 2 x 256 tokens each: ~0.7M tokens, ~4 min on 2 cores
 GPT2_STEPS = 700  # 16 x 128 tokens each: ~45 s on 2 cores
+LLAMA_SMALL_STEPS = 1000  # 4 x 256 tokens each: ~1 min on 2 cores
 
 # HF-style chat template. Any role other than "assistant" (user, system, tool) is rendered
 # with the user marker so that no content is dropped.
@@ -824,6 +830,64 @@ def cmd_gpt2_test(a: argparse.Namespace) -> None:
         list_dir(target)
 
 
+def cmd_llama_small(a: argparse.Namespace) -> None:
+    """The demo model's architecture (LlamaForCausalLM, RoPE, GQA, tied embeddings), tokenizer and
+    context length at a fraction of its size: what a seed passing a cheaper model off as the demo
+    would serve."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(a.out)
+    seed_everything()
+    tok, tok_file = load_or_train_tokenizer(tokenizer_source(a))
+    eot = special_ids(tok)[EOT]
+    stream = token_stream(tok)
+    seed_everything()
+    max_pos = 512  # the demo's, so the same prompts and answer lengths fit
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_pos,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        initializer_range=0.02,
+    )
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: Llama hidden 96, 2 layers, 4 heads / 2 kv heads, FFN 256, {humanize(n_params)} params")
+    steps = None if a.seconds is not None else a.steps
+    stats = train(
+        model, stream, seq_len=256, batch_size=4, lr=3e-3, budget_s=a.seconds or 0, steps=steps, log_every=100
+    )
+    log("sample (torch, greedy): " + repr(torch_greedy(model, tok, 'The "for" statement', 30)))
+    save_checkpoint(model, a.save_checkpoint)
+    export_onnx(model, out, with_cache=True, order="llama", external_data=False)
+    write_tokenizer(tok, tok_file, out)
+    source = tokenizer_source(a)
+    if source is not None and (source / "tokenizer_config.json").is_file():  # the same chat template
+        shutil.copyfile(source / "tokenizer_config.json", out / "tokenizer_config.json")
+    else:
+        write_json(out / "tokenizer_config.json", tokenizer_config(max_pos, chat=True))
+    write_hf_config(model, out, "LlamaForCausalLM")
+    write_generation_config(out, eos=eot, bos=eot, max_length=max_pos)
+    (out / "README.md").write_text(
+        "Small Llama test model (the demo model's architecture, tokenizer and context; hidden 96,\n"
+        f"2 layers, {humanize(n_params)} parameters, with KV cache), built by\n"
+        f"`scripts/build_models.py llama-small --out {out} --steps {stats['steps']}` "
+        f"(final training loss {stats['final_loss']}).\n"
+        "Trained on CPython's pydoc topics and LICENSE.txt (PSF License).\n",
+        encoding="utf-8",
+    )
+    list_dir(out)
+
+
 def _fixture_config(**extra: Any) -> dict[str, Any]:
     cfg = {
         "architectures": ["LlamaForCausalLM"],
@@ -1080,6 +1144,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--save-checkpoint", metavar="PATH", help="also save the torch weights here (not committed)"
     )
     p.set_defaults(func=cmd_gpt2_test)
+
+    p = sub.add_parser("llama-small", help="small Llama with the demo's architecture and tokenizer (~1 min)")
+    p.add_argument("--out", default="tests/models/llama-small")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=LLAMA_SMALL_STEPS,
+        help="training steps of 4 x 256 tokens (default: %(default)s, ~1 min)",
+    )
+    p.add_argument(
+        "--seconds", type=float, default=None, help="train for this time budget instead of a fixed --steps"
+    )
+    p.add_argument("--tokenizer-from", default=str(DEFAULT_DEMO_DIR), help=tok_help)
+    p.add_argument(
+        "--save-checkpoint", metavar="PATH", help="also save the torch weights here (not committed)"
+    )
+    p.set_defaults(func=cmd_llama_small)
 
     p = sub.add_parser("fixtures", help="hand-built broken/legacy ONNX graphs for error tests")
     p.add_argument("--out", default="tests/models")

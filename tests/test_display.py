@@ -186,30 +186,78 @@ def history_home(home: Path, verifiers: int = 3, liar: bool = True) -> tuple[str
     return seed, [v.peer_id for v in signers]
 
 
-def test_peers_peer_id_shows_the_verdict_history(cli, gtorrent_home: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.timeout(60)
+def test_peers_peer_id_shows_the_verdict_history(cli, gtorrent_home: Path, tracker_url: str) -> None:  # type: ignore[no-untyped-def]
     seed, verifiers = history_home(gtorrent_home)
-    result = cli("peers", seed[:8])  # the table's short id is enough
+    result = cli("peers", seed[:8], "--tracker", tracker_url)  # the table's short id is enough
     assert result.code == 0, result
     assert f"{seed}: trusted (R 0.69 after 3 epochs)" in result.out
+    assert "verdicts of any verifier count (the trackers admit any)" in result.out  # whose, and why
     lines = [line.split() for line in result.out.splitlines() if line.strip()]
-    header = lines[1]
+    header = lines[2]
     assert header[0] == "EPOCH" and header[-5:] == ["CONSENSUS", "AGREED", "R", "AFTER", "STATE"]
     for verifier in verifiers:
         assert f"C {verifier[:8]}" in result.out
-    body = lines[2:]
+    body = lines[3:]
     assert [r[0] for r in body] == ["0", "1", "2"]
     # each epoch: the liar's 0.000 among two 0.700s, consensus 0.700 agreed by 2 of 3, R 0.62 0.668 0.687
     assert [r[1:4].count("0.000") for r in body] == [1, 1, 1]
     assert [r[-4:] for r in body] == [["0.700", "2/3", "0.620", "trusted"], ["0.700", "2/3", "0.668", "trusted"],
                                       ["0.700", "2/3", "0.687", "trusted"]]
-    as_json = cli("peers", seed, "--json")
+    as_json = cli("peers", seed, "--json", "--tracker", tracker_url)
     doc = json.loads(as_json.out)
+    assert doc["trust"] == {"source": "any", "verifiers": None, "detail": None}
     assert doc["state"] == "trusted" and [e["reputation"] for e in doc["epochs"]] == pytest.approx([0.62, 0.668, 0.6872])
     assert len(doc["verdicts"]) == 9 and all("signature" in v and "verifier_key" in v for v in doc["verdicts"])
     from gtorrent.protocol import Verdict
 
     assert {Verdict.from_wire(v).verifier for v in doc["verdicts"]} == set(verifiers)  # they re-verify
     assert doc["epochs"][0]["credibilities"][verifiers[0]] == 0.0
+
+
+@pytest.mark.timeout(90)
+def test_peers_peer_id_counts_the_same_verifiers_as_the_list(cli, gtorrent_home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`gtorrent peers PEER_ID` without --verifier trusted any verifier on HEAD, so verifiers no tracker
+    admits (here three fresh identities framing an honest seed) decided the history while the list view
+    ignored them. Now it counts what the list counts: --verifier, else the trackers' admitted set, and
+    says which; with no tracker to say, none."""
+    from gtorrent.protocol import Verdict
+    from gtorrent.store import Store
+
+    from .procs import Proc
+
+    seed = Identity.generate().peer_id
+    admitted, framers = Identity.generate(), [Identity.generate() for _ in range(3)]
+    store = Store.open(gtorrent_home)
+    try:
+        for epoch in range(3):
+            store.add_verdicts([
+                Verdict.sign(v, seed=seed, model_id="ab" * 32, epoch=epoch, evidence="cd" * 32, challenges=3,
+                             credibility=0.9 if v is admitted else 0.0)
+                for v in (admitted, *framers)
+            ])
+    finally:
+        store.close()
+    tracker = Proc(["tracker", "--bind", "tcp://127.0.0.1:0", "--verifier", admitted.peer_id], tmp_path / "tracker")
+    try:
+        url = tracker.wait_for(r"tracker (tcp://\S+)").group(1)
+        shown = cli("peers", seed, "--tracker", url)
+        assert shown.code == 0, shown
+        assert f"{seed}: trusted" in shown.out and "verdicts of 3 verifiers not trusted here are left out" in shown.out
+        assert "verdicts of the 1 verifier(s) the trackers admit count" in shown.out
+        doc = json.loads(cli("peers", seed, "--tracker", url, "--json").out)
+        assert doc["state"] == "trusted" and doc["trust"]["source"] == "trackers"
+        assert doc["trust"]["verifiers"] == [admitted.peer_id] and sorted(doc["untrusted_verifiers"]) == sorted(
+            f.peer_id for f in framers)
+    finally:
+        tracker.kill()
+    # --verifier names them itself: no tracker is asked
+    named = json.loads(cli("peers", seed, "--verifier", framers[0].peer_id, "--tracker", "tcp://127.0.0.1:9", "--json").out)
+    assert named["trust"]["source"] == "config" and named["state"] == "untrusted"
+    # no tracker answers and none named: no verdict counts (never "any"), and a warning says why
+    lost = cli("peers", seed, "--tracker", url)
+    assert lost.code == 0 and f"{seed}: unverified" in lost.out and "no verdict counts: no tracker answered" in lost.out
+    assert "warning:" in lost.err
 
 
 def test_peers_peer_id_unknown_or_ambiguous(cli, gtorrent_home: Path) -> None:  # type: ignore[no-untyped-def]

@@ -16,6 +16,8 @@ pytestmark = pytest.mark.timeout(60)
         ("ask", "hi", "--min-relay-age", "-1"),
         ("ask", "hi", "--min-relay-age", "soon"),
         ("verify", "--challenges", "0"),
+        ("verify", "--probation", "0"),
+        ("verify", "--probation", "11"),
         ("verify", "--epoch", "0.1"),
         ("tracker", "--pow-bits", "29"),
         ("guards", "--tracker", "not-a-url"),

@@ -23,6 +23,7 @@ class Scored:
     verifier: str
     epoch: int
     credibility: float
+    model_id: str = "m"
 
 
 def epochs(*scores: float, verifier: str = "v1") -> list[Scored]:
@@ -155,10 +156,11 @@ def test_ask_outcomes_never_lift_an_untrusted_seed() -> None:
     # that answered 20 asks scored (0 + 0.994) / 2 = 0.497 and stayed trusted
     cheater = standing(rep.verification_reputation([0.0] * 10), reliability=rep.reliability_from_outcomes([True] * 20))
     assert cheater.reliability > 0.99 and cheater.state == "untrusted" and not cheater.eligible
-    assert rep.choice_key(cheater, 0, 0.0)[0] == 2  # last, behind even a backing-off seed
+    assert rep.choice_key(cheater, 0, 0.0)[0] == 4  # last, behind even a backing-off seed
     # and ask failures never make a trusted seed ineligible: they only delay it (back-off)
     flaky = standing(0.9, reliability=rep.reliability_from_outcomes([False] * 20), failures=20, avoid_until=1e12)
-    assert flaky.eligible and rep.choice_key(flaky, 0, 0.0)[0] == 1
+    assert flaky.eligible and rep.choice_key(flaky, 0, 0.0)[0] == 2
+    assert rep.choice_key(flaky, 0, 0.0) < rep.choice_key(cheater, 0, 0.0)
 
 
 def test_choice_prefers_usable_reputable_idle() -> None:
@@ -179,6 +181,111 @@ def test_unverified_ranks_below_trusted_of_the_same_standing() -> None:
             unverified = standing(verified=False, reliability=reliability)
             assert rep.choice_key(trusted, 0, now) < rep.choice_key(unverified, 0, now)
     assert rep.choice_key(standing(verified=False), 0, now) == rep.choice_key(None, 0, now)
+
+
+def test_unverified_seed_gets_asks_only_when_no_trusted_seed_is_usable() -> None:
+    """A caught cheater back under a fresh identity is unverified, idle and, by its own doing, perfectly
+    reliable; an honest verified seed is busy and has failed a few asks. On HEAD the rank score
+    discounted by load put the fresh identity first; a tier keeps it behind every usable trusted seed."""
+    now = 1000.0
+    honest = standing(0.31, reliability=0.1)  # barely trusted, unreliable of late, with a long queue
+    fresh = standing(verified=False, reliability=1.0)
+    assert rep.choice_key(honest, 20, now) < rep.choice_key(fresh, 0, now)
+    # a trusted seed backing off is not usable: then the unverified one is asked, before any seed backing off
+    backing_off = standing(0.9, reliability=0.9, failures=1, avoid_until=now + 10)
+    fresh_backing_off = standing(verified=False, reliability=1.0, failures=1, avoid_until=now + 10)
+    untrusted = standing(0.1, reliability=1.0)
+    order = [honest, fresh, backing_off, fresh_backing_off, untrusted]
+    keys = [rep.choice_key(s, 0, now) for s in order]
+    assert keys == sorted(keys) and [rep.choice_tier(s, now) for s in order] == [0, 1, 2, 3, 4]
+    # no verifier at all (every seed unverified): reliability and load order them, as without verification
+    a, b = standing(verified=False, reliability=0.9), standing(verified=False, reliability=0.4)
+    assert rep.choice_key(a, 0, now) < rep.choice_key(b, 0, now) and rep.choice_key(b, 0, now) < rep.choice_key(a, 9, now)
+
+
+def test_a_seed_is_as_bad_as_its_worst_model() -> None:
+    """Verdicts name a model; each model has its own R and the seed's is the worst. On HEAD the verdicts
+    of two models for one epoch were merged as if one verifier had judged one thing (first wins), so
+    honest answers about one model could hide lies about another."""
+    lies = [Scored("v", e, 0.0, model_id="big") for e in range(4)]
+    honest = [Scored("v", e, 1.0, model_id="demo") for e in range(4)]
+    for verdicts in (honest + lies, lies + honest):  # whichever arrives first
+        history = rep.consensus_history(verdicts)
+        assert len(history) == 8 and {e.model_id for e in history} == {"big", "demo"}
+        assert rep.state_of(history[-1].reputation) == "untrusted"
+        by_model = {e.model_id: e.model_reputation for e in history[-2:]}
+        assert by_model["demo"] == pytest.approx(rep.verification_reputation([1.0] * 4))
+        assert by_model["big"] == pytest.approx(rep.verification_reputation([0.0] * 4))
+        assert history[-1].reputation == by_model["big"]
+    # one model's epochs never feed another's R: an honest model judged later does not lift the seed
+    history = rep.consensus_history(lies[:2] + [Scored("v", e, 1.0, model_id="demo") for e in range(2, 10)])
+    assert rep.state_of(history[-1].reputation) == "untrusted"
+    # and the quorum counts per (model, epoch), over the trusted verifiers that judge that model
+    trusted = {"a", "b", "c"}
+    split = [Scored("a", 0, 0.9, "x"), Scored("b", 0, 0.9, "y"), Scored("c", 0, 0.9, "x")]
+    assert [(e.model_id, e.verifiers) for e in rep.consensus_history(split, trusted_verifiers=trusted)] == [
+        ("x", 2), ("y", 1)]
+    # b is known (judges) to judge x too: 3 judges of x, an epoch of x needs all 3
+    judges = {"x": {"a", "b", "c"}, "y": {"b"}}
+    assert [e.model_id for e in rep.consensus_history(split, trusted_verifiers=trusted, judges=judges)] == ["y"]
+    full = split + [Scored("b", 0, 0.9, "x")]
+    assert [(e.model_id, e.verifiers) for e in rep.consensus_history(full, trusted_verifiers=trusted,
+                                                                    judges=judges)] == [("x", 3), ("y", 1)]
+
+
+def test_verifiers_of_different_models_are_no_quorum_of_each_other() -> None:
+    """Review fix: each verifier judges the one model it loaded. On HEAD an epoch needed ⌊2N/3⌋ + 1 of the
+    whole trusted set, so with one verifier per model (N = 2, quorum 2) no epoch ever counted and a
+    cheater judged C = 0 every epoch stayed unverified, eligible for asks."""
+    trusted = {"vx", "vy"}
+    cheater = [Scored("vx", e, 0.0, "x") for e in range(4)]
+    judges = {"x": {"vx"}, "y": {"vy"}}
+    for given in (None, judges):
+        history = rep.consensus_history(cheater, trusted_verifiers=trusted, judges=given)
+        assert len(history) == 4 and rep.state_of(history[-1].reputation) == "untrusted"
+    # judges name only trusted verifiers' weight: an untrusted one known to judge x raises no quorum
+    history = rep.consensus_history(cheater, trusted_verifiers=trusted, judges={"x": {"vx", "stranger"}})
+    assert len(history) == 4
+
+
+def test_fresh_unverified_records_do_not_outweigh_a_verified_seed_for_a_name() -> None:
+    """Choosing the model id for a name (asker.resolve_model) counts verified trust only: on HEAD an
+    unverified record added its initial 0.5 to the sum, so three fresh identities (1.5) outweighed an
+    honest seed verified at R = 0.9."""
+    from gtorrent.asker import resolve_model
+    from gtorrent.protocol import ModelInfo
+
+    def seed(model_id: str, port: int) -> PeerRecord:
+        return PeerRecord.sign(Identity.generate(), endpoint=f"tcp://127.0.0.1:{port}", roles=("seed",),
+                               models=(ModelInfo(model_id, "gtorrent-demo", 512),), seq=1, expires=time.time() + 60)
+
+    honest = seed("1" * 64, 9001)
+    fresh = [seed("2" * 64, 9002 + i) for i in range(3)]
+
+    def standing_of(peer_id: str) -> rep.PeerStanding:
+        if peer_id == honest.peer_id:
+            return standing(0.9, peer_id=peer_id)
+        return standing(verified=False, peer_id=peer_id)
+
+    choice = resolve_model([*fresh, honest], "gtorrent-demo", standing_of)
+    assert choice.model_id == "1" * 64 and choice.rivals == [("2" * 64, "gtorrent-demo", 3)]
+    # with no verifier anywhere, numbers decide as before
+    choice = resolve_model([*fresh, honest], "gtorrent-demo", lambda peer_id: standing(verified=False, peer_id=peer_id))
+    assert choice.model_id == "2" * 64
+
+
+def test_store_standing_is_the_worst_model(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    verifier, seed = Identity.generate(), Identity.generate().peer_id
+    for epoch in range(3):
+        store.add_verdicts([
+            Verdict.sign(verifier, seed=seed, model_id=model_id, epoch=epoch, credibility=score, challenges=3,
+                         evidence="cd" * 32)
+            for model_id, score in (("aa" * 32, 1.0), ("bb" * 32, 0.0))
+        ])
+    held = store.standing(seed)
+    assert held.state == "untrusted" and not held.eligible
+    store.close()
 
 
 def test_reliability_ewma_and_backoff() -> None:
@@ -207,7 +314,8 @@ def test_store_migrates_once_wal_and_survives_reopen(tmp_path: Path) -> None:
     again = Store.open(tmp_path)
     assert again.db.execute("pragma journal_mode").fetchone()[0] == "wal"
     applied = [name for (name,) in again.db.execute("select name from _sqlite_migrations order by rowid").fetchall()]
-    assert applied == ["m001_peers_and_observations", "m002_verdicts", "m003_guards", "m004_signed_verdicts"]
+    assert applied == ["m001_peers_and_observations", "m002_verdicts", "m003_guards", "m004_signed_verdicts",
+                       "m005_verdicts_per_model", "m006_verdict_judges"]
     assert [r.peer_id for r in again.known_records()] == [peer.peer_id]
     assert again.standing(peer.peer_id).asks_ok == 1
     again.saw_peers([signed(peer)], now=20.0)

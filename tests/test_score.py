@@ -26,7 +26,7 @@ from gtorrent.runtime import (
     score_answer,
 )
 from gtorrent.runtime import score as score_module
-from gtorrent.runtime.sampling import sample_token
+from gtorrent.runtime.sampling import log_softmax, sample_token, sampling_candidates
 
 from .conftest import DEMO, GPT2, GPT2_NOCACHE
 
@@ -372,3 +372,232 @@ def test_an_answer_may_end_at_any_of_the_models_end_tokens(reference: LanguageMo
         assert score.end_ok and score.scored_eos
     finally:
         reference.eos_ids = original
+
+
+# ------------------------------------------------------------------ the batched path, token by token
+
+
+def _reference_sampling_row(row: np.ndarray[Any, Any], token: int,
+                            params: SamplingParams) -> tuple[float, bool, float, float]:
+    """One row of the support test as runtime/score.py computed it before it was batched: a full
+    partition for top_k and a full sort for top_p."""
+    logits = row[None, :]
+    vocab = logits.shape[1]
+    scaled = logits / params.temperature
+    k = params.top_k if 0 < params.top_k < vocab else vocab
+    if k < vocab:
+        kth = np.partition(scaled, vocab - k, axis=1)[:, vocab - k]
+        allowed = scaled >= kth[:, None]
+    else:
+        kth = scaled.min(axis=1)
+        allowed = np.ones_like(scaled, dtype=bool)
+    top = scaled.max(axis=1, keepdims=True)
+    weights = np.where(allowed, np.exp(scaled - top), 0.0)
+    probs = weights / weights.sum(axis=1, keepdims=True)
+    lenient_edge = kth
+    if params.top_p < 1.0:
+        ordered = -np.sort(-probs, axis=1)
+        cumulative = np.cumsum(ordered, axis=1)
+        allowed_count = allowed.sum(axis=1)
+        keep = np.minimum((cumulative < params.top_p).sum(axis=1) + 1, allowed_count)
+        keep_lenient = np.minimum((cumulative < params.top_p + score_module.TOP_P_TOL).sum(axis=1) + 1,
+                                  allowed_count)
+        edge_prob = ordered[0, keep - 1]
+        lenient_edge = np.log(ordered[0, keep_lenient - 1] * weights.sum(axis=1)) + top[:, 0]
+        allowed = allowed & (probs >= edge_prob[:, None])
+        weights = np.where(allowed, weights, 0.0)
+        probs = weights / weights.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        log_q = np.where(allowed, np.log(np.where(allowed, probs, 1.0)), 0.0)
+    entropy = -(probs * log_q).sum(axis=1)
+    second = (probs * log_q * log_q).sum(axis=1)
+    variance = np.maximum(second - entropy * entropy, 0.0)
+    support = scaled[0, token] >= lenient_edge - score_module.GREEDY_LOGIT_TOL / params.temperature
+    return float(probs[0, token]), bool(support[0]), float(entropy[0]), float(variance[0])
+
+
+def _reference_replay(rows: np.ndarray[Any, Any], tokens: list[int], params: SamplingParams, seed: int,
+                      end_tokens: frozenset[int] = frozenset()) -> list[bool]:
+    """The seeded replay token by token, straight from sampling_candidates: what the scorer did before
+    it was batched."""
+    rng = np.random.default_rng(seed)
+    hits = []
+    for i, token in enumerate(tokens):
+        draw = rng.random()
+        candidates, probs = sampling_candidates(rows[i], params)
+        cumulative = np.cumsum(probs)
+        cumulative /= cumulative[-1]
+        wanted = end_tokens if i == len(tokens) - 1 and end_tokens else frozenset({token})
+        hit = False
+        for j in np.nonzero(np.isin(candidates, list(wanted)))[0]:
+            low = float(cumulative[j - 1]) if j else 0.0
+            if low - score_module.REPLAY_TOL <= draw <= float(cumulative[j]) + score_module.REPLAY_TOL:
+                hit = True
+                break
+        hits.append(hit)
+    return hits
+
+
+def _reference_score(model: LanguageModel, prompt_ids: list[int], answer: list[int], params: SamplingParams,
+                     seed: int | None, eos: bool) -> dict[str, Any]:
+    """Every per-token result of score_answer, computed one token at a time from `model.forward`."""
+    tokens = list(answer)
+    if eos:
+        tokens.append(min(model.eos_ids))
+    logits = model.forward(prompt_ids + tokens[:-1]).astype(np.float64)
+    rows = logits[len(prompt_ids) - 1 :]
+    if eos:
+        tokens[-1] = max(model.eos_ids, key=lambda token: float(rows[-1][token]))
+    out: dict[str, list[Any]] = {name: [] for name in
+                                 ("logprobs", "ranks", "argmax_logprobs", "logit_gaps", "sampling_probs",
+                                  "in_support", "entropies", "surprisal_variances")}
+    near_greedy = params.greedy or params.temperature < score_module.NEAR_GREEDY_T
+    for row, token in zip(rows, tokens, strict=True):
+        logprob = log_softmax(row)
+        gap = float(row.max() - row[token])
+        out["logprobs"].append(float(logprob[token]))
+        out["ranks"].append(int((row > row[token]).sum()))
+        out["argmax_logprobs"].append(float(logprob.max()))
+        out["logit_gaps"].append(gap)
+        if near_greedy:
+            q, support, entropy, variance = float(gap <= score_module.GREEDY_LOGIT_TOL), gap <= 0.05, 0.0, 0.0
+        else:
+            q, support, entropy, variance = _reference_sampling_row(row, token, params)
+        out["sampling_probs"].append(q)
+        out["in_support"].append(support)
+        out["entropies"].append(entropy)
+        out["surprisal_variances"].append(variance)
+    result: dict[str, Any] = {name: np.asarray(values) for name, values in out.items()}
+    if seed is not None and not params.greedy:
+        result["hits"] = _reference_replay(rows, tokens, params, seed, frozenset(model.eos_ids) if eos else frozenset())
+    return result
+
+
+def _assert_same_as_reference(model: LanguageModel, prompt_ids: list[int], answer: list[int],
+                              params: SamplingParams, seed: int | None, reason: str) -> None:
+    score = score_answer(model, prompt_ids, answer, params, finish_reason=reason, seed=seed)
+    expected = _reference_score(model, prompt_ids, answer, params, seed, reason == "eos")
+    for name, values in expected.items():
+        if name == "hits":
+            assert score.replay_fraction == float(np.mean(values)), (params, seed)
+            assert score.end_ok == bool(values[-1]) or reason != "eos"
+            continue
+        got = getattr(score, name)
+        assert got.shape == values.shape and np.array_equal(got, values.astype(got.dtype)), (name, params, seed)
+
+
+@pytest.mark.timeout(300)
+def test_the_batched_scorer_gives_exactly_the_per_token_results(
+    reference: LanguageModel, honest_seed: LanguageModel, other: LanguageModel
+) -> None:
+    """score_answer batches every row and replays seeded answers without sorting the vocabulary; each
+    per-token value it reports (log-probabilities, ranks, gaps, the support test, the replay's hits)
+    is bit for bit what a token-by-token computation from sampling_candidates gives, on honest,
+    cheating and random answers of 128 tokens, for every way users set sampling."""
+    settings = [*USER_SAMPLING, GREEDY, SamplingParams(temperature=0.6, top_k=1), SamplingParams(temperature=3.0, top_p=0.5),
+                SamplingParams(temperature=1e-6), SamplingParams(temperature=2.0, top_p=0.99)]
+    rng = np.random.default_rng(21)
+    for n, params in enumerate(settings):
+        ids = reference.encode(PROMPTS[n % len(PROMPTS)])
+        for model in (honest_seed, other):
+            result = model.generate(ids, GenerationParams(max_tokens=128, sampling=params, seed=n))
+            _assert_same_as_reference(reference, ids, result.token_ids, params, n, result.finish_reason)
+        noise = [int(t) for t in rng.integers(0, reference.tokenizer.get_vocab_size(), size=130)]
+        _assert_same_as_reference(reference, ids, noise, params, n, "length")
+        _assert_same_as_reference(reference, ids, noise[:20], params, None, "eos")
+
+
+def test_the_batched_replay_matches_sampling_candidates_on_ties_and_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay without a sort, on logits with exact ties (float32 values repeat), flat rows whose
+    nucleus is most of the vocabulary, and draws exactly at interval edges ± REPLAY_TOL: the same hits
+    as sampling_candidates token by token, and the same again when every row takes the exact path."""
+    rng = np.random.default_rng(4)
+    vocab = 3000
+    rows = rng.normal(0, 2, size=(150, vocab)).astype(np.float32)
+    rows[::3] = np.round(rows[::3] * 4) / 4  # many exact ties
+    rows[1::5] *= 0.05  # nearly flat: the nucleus is far beyond _PREFIX_FIRST
+    logits = rows.astype(np.float64)
+    cases = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9),
+             SamplingParams(temperature=0.8, top_k=40), SamplingParams(temperature=1.2, top_k=50, top_p=0.95),
+             SamplingParams(temperature=1.0, top_p=0.3)]
+    for params in cases:
+        for seed in range(3):
+            draws = np.random.default_rng(seed).random((logits.shape[0],))
+            tokens = []
+            for i, row in enumerate(logits):  # tokens drawn honestly, or off by one place, or anywhere
+                candidates, probs = sampling_candidates(row, params)
+                place = int(np.searchsorted(np.cumsum(probs) / np.cumsum(probs)[-1], draws[i], side="right"))
+                place = min(place + (i % 3 == 1), candidates.shape[0] - 1)
+                tokens.append(int(candidates[place]) if i % 7 else int(rng.integers(vocab)))
+            token_array = np.asarray(tokens)
+            expected = _reference_replay(logits, tokens, params, seed)
+            assert list(score_module._replay(logits, token_array, params, seed, frozenset())) == expected
+            assert 0 < sum(expected) < len(expected)
+            with monkeypatch.context() as patch:
+                patch.setattr(score_module, "REPLAY_MARGIN", 10.0)  # every row recomputed exactly
+                assert list(score_module._replay(logits, token_array, params, seed, frozenset())) == expected
+            for i, token in enumerate(tokens[:20]):
+                q, support, entropy, variance = _reference_sampling_row(logits[i], token, params)
+                got = score_module._sampling_rows(logits[i : i + 1], token_array[i : i + 1], params)
+                assert (got[0][0], bool(got[1][0]), got[2][0], got[3][0]) == (q, support, entropy, variance)
+
+
+def test_draws_at_interval_edges_replay_like_sampling_candidates() -> None:
+    """Draws placed exactly on an interval's edge ± REPLAY_TOL (where a sum in another order could
+    flip the outcome) are recomputed the exact way: the hits are sampling_candidates' own."""
+    rng = np.random.default_rng(8)
+    logits = rng.normal(0, 2, size=(40, 500))
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    tokens, draws = [], []
+    for i, row in enumerate(logits):
+        candidates, probs = sampling_candidates(row, params)
+        cumulative = np.cumsum(probs) / np.cumsum(probs)[-1]
+        tokens.append(int(candidates[3]))
+        edge = float(cumulative[3]) + score_module.REPLAY_TOL
+        draws.append(np.nextafter(edge, (-1) ** i * np.inf))  # just inside, just outside
+    hits = score_module._replay_rows(score_module._sampled(logits, np.asarray(tokens), params), np.asarray(tokens),
+                                     np.asarray(draws), params)
+    reference_hits = []
+    for i, row in enumerate(logits):
+        candidates, probs = sampling_candidates(row, params)
+        cumulative = np.cumsum(probs)
+        cumulative /= cumulative[-1]
+        reference_hits.append(bool(cumulative[2] - score_module.REPLAY_TOL <= draws[i]
+                                   <= cumulative[3] + score_module.REPLAY_TOL))
+    assert reference_hits == [i % 2 == 1 for i in range(len(tokens))]  # just outside, just inside, ...
+    assert list(hits) == reference_hits
+
+
+def test_scoring_asks_for_logits_alone_and_replays_without_a_per_token_loop(
+    reference: LanguageModel, honest_seed: LanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verifier's cost: the one pass fetches no KV-cache outputs it would throw away, and the seeded
+    replay does not rebuild sampling_candidates (a full sort of the vocabulary) once per token."""
+    ids = reference.encode("A class definition")
+    sampling = USER_SAMPLING[0]
+    answer = honest_seed.generate(ids, GenerationParams(max_tokens=128, sampling=sampling, seed=5))
+    fetched: list[list[str]] = []
+    real_run = reference.session.run
+
+    class RecordingSession:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_run.__self__, name)
+
+        def run(self, names: list[str], *args: Any, **kwargs: Any) -> Any:
+            fetched.append(list(names))
+            return real_run(names, *args, **kwargs)
+
+    candidates_calls: list[int] = []
+
+    def counting_candidates(*args: Any, **kwargs: Any) -> Any:
+        candidates_calls.append(1)
+        return sampling_candidates(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "session", RecordingSession())
+    monkeypatch.setattr(score_module, "sampling_candidates", counting_candidates, raising=False)
+    monkeypatch.setattr("gtorrent.runtime.sampling.sampling_candidates", counting_candidates)
+    score = score_answer(reference, ids, answer.token_ids, sampling, finish_reason=answer.finish_reason, seed=5,
+                         max_tokens=128)
+    assert score.replayed and score.calibrated == 1.0
+    assert fetched == [["logits"]]
+    assert candidates_calls == []

@@ -70,7 +70,8 @@ def test_fifty_processes_share_one_new_store(tmp_path: Path) -> None:
         assert db.execute("select count(*) from peers").fetchall()[0][0] == WORKERS + SHARED_PEERS
         migrated = db.execute("select name from _sqlite_migrations order by rowid").fetchall()
         assert [name for (name,) in migrated] == ["m001_peers_and_observations", "m002_verdicts", "m003_guards",
-                                                  "m004_signed_verdicts"]  # once each
+                                                  "m004_signed_verdicts", "m005_verdicts_per_model",
+                                                  "m006_verdict_judges"]  # once each
         for record in shared:  # first and last sightings survive any commit order
             row = db["peers"].get(record.peer_id)
             assert (row["first_seen"], row["last_seen"]) == (1000.0, 1000.0 + WORKERS - 1)

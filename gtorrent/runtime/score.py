@@ -2,7 +2,7 @@
 
 A verifier holds the reference weights, the challenge's prompt ids, the token ids the seed signed and
 the sampling parameters the challenge asked for. `score_answer` runs ONE batched forward pass of the
-reference over prompt + answer (`LanguageModel.forward`, never one pass per token) and derives, for
+reference over prompt + answer (`_forward_logits`, never one pass per token) and derives, for
 every answer token i (t_i, with raw logits l_i = the reference's logits at the position before it):
 
 - `logprobs[i]` = log softmax(l_i)[t_i]; `ranks[i]` = #{v : l_i[v] > l_i[t_i]} (0 = the argmax);
@@ -52,20 +52,28 @@ nothing (an honest seed's fraction is 1: numeric ties sit inside the tolerances)
   way through), times the typicality of the unseeded sampled answers' pooled surprisal.
 
 Invariants: token ids outside the vocabulary raise `ScoreError` before any inference; the pass is one
-`model.forward` call; everything after it is pure numpy on the logits.
+session run over prompt + answer that fetches the logits alone (no KV-cache outputs); everything after
+it is pure numpy on the logits, batched over rows in chunks of _ROWS_PER_CHUNK (no vocabulary-wide
+work in a Python loop per token, no [tokens, vocab] float64 array of the whole answer), and gives
+exactly what a per-token computation gives (tests/test_score.py keeps one as the reference). The
+replay of a sampled answer reads each token's interval without sorting the vocabulary
+(`_replay_rows`): scoring costs one forward pass plus a few passes over the logits, the verifier's
+share scripts/bench_score.py measures.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import GtorrentError, UsageError
 from .model import LanguageModel
-from .sampling import SamplingParams, log_softmax, sampling_candidates
+from .providers import CUDA
+from .sampling import SamplingParams
 
 TOP_K = 50  # the paper's TOP_K_LOGPROBS
 EPSILON = 1e-5  # the paper's probability floor for a token outside the top-K
@@ -136,44 +144,136 @@ def paper_credibility(logprobs: FloatArray, in_top_k: BoolArray) -> tuple[float,
     return perplexity, min(max(1.0 / perplexity, 0.0), 1.0)
 
 
+@dataclass
+class _Sampled:
+    """One chunk's sampling distributions, shared by the support test and the replay."""
+
+    scaled: FloatArray  # logits / temperature
+    top_index: IntArray | None  # argpartition(scaled, -top_k)[:, -top_k:] when top_k cuts
+    probs: FloatArray  # softmax over the top_k cut, before the top_p cut; [rows, vocab] when top_k is 0
+    cumulative: FloatArray | None  # top_p: cumulative sums of the largest `probs`, a prefix long enough
+    keep: IntArray | None  # top_p: the nucleus size (in `probs`' descending order)
+    q_token: FloatArray  # q(t), after both cuts
+    in_support: BoolArray
+    entropy: FloatArray
+    variance: FloatArray
+
+
 def _sampling_rows(
     logits: FloatArray, tokens: IntArray, params: SamplingParams
 ) -> tuple[FloatArray, BoolArray, FloatArray, FloatArray]:
     """(q(t), in support leniently, H(q), Var[−log q]) per row for a sampled (temperature > 0) ask."""
+    parts = _sampled(logits, tokens, params)
+    return parts.q_token, parts.in_support, parts.entropy, parts.variance
+
+
+def _sampled(logits: FloatArray, tokens: IntArray, params: SamplingParams) -> _Sampled:
+    """q_i for each row (the module doc) and what the replay reuses.
+
+    With a top_k cut and no tie at it, every entry outside the top_k is 0 in every [rows, vocab]
+    array: those are computed on the top_k columns alone, and a row sum is taken over the full row
+    with the zeros in place (`full_sum`), so that it is the same pairwise sum, bit for bit."""
     rows, vocab = logits.shape
     scaled = logits / params.temperature
     row_index = np.arange(rows)
     k = params.top_k if 0 < params.top_k < vocab else vocab
+    top_index: IntArray | None = None
+    mask: BoolArray | None = None  # the entries of `values` that are kept; None: all
     if k < vocab:
-        kth = np.partition(scaled, vocab - k, axis=1)[:, vocab - k]
+        # the k-th largest value, from the same argpartition sampling_candidates (and the replay) makes
+        top_index = np.argpartition(scaled, -k, axis=1)[:, -k:]
+        kth = np.take_along_axis(scaled, top_index[:, :1], axis=1)[:, 0]
         allowed = scaled >= kth[:, None]  # ties at the cut are kept: the seed may have drawn any of them
+        allowed_count = allowed.sum(axis=1)
     else:
         kth = scaled.min(axis=1)
-        allowed = np.ones_like(scaled, dtype=bool)
-    top = scaled.max(axis=1, keepdims=True)
-    weights = np.where(allowed, np.exp(scaled - top), 0.0)
-    probs = weights / weights.sum(axis=1, keepdims=True)
+        allowed_count = np.full(rows, vocab)
+    columns: IntArray | None = None  # the columns `values` holds; None: all of them
+    if top_index is not None and bool((allowed_count == k).all()):
+        columns = top_index
+        values = np.take_along_axis(scaled, columns, axis=1)
+    else:
+        values = scaled
+        mask = allowed if top_index is not None else None
+    wide = np.zeros((rows, vocab)) if columns is not None else None
+
+    def full_sum(compact: FloatArray) -> FloatArray:
+        if columns is None or wide is None:
+            total: FloatArray = compact.sum(axis=1)
+            return total
+        np.put_along_axis(wide, columns, compact, axis=1)
+        total = wide.sum(axis=1)
+        np.put_along_axis(wide, columns, 0.0, axis=1)
+        return total
+
+    top = values.max(axis=1, keepdims=True)
+    weights = np.exp(values - top)
+    if mask is not None:
+        weights = np.where(mask, weights, 0.0)
+    weight_sum = full_sum(weights)
+    probs = weights / weight_sum[:, None]
+    cut_probs = probs
     lenient_edge = kth  # the lowest scaled logit kept, widened at the edge
+    cumulative: FloatArray | None = None
+    keep: IntArray | None = None
     if params.top_p < 1.0:
-        ordered = -np.sort(-probs, axis=1)
-        cumulative = np.cumsum(ordered, axis=1)
-        allowed_count = allowed.sum(axis=1)
-        keep = np.minimum((cumulative < params.top_p).sum(axis=1) + 1, allowed_count)
-        keep_lenient = np.minimum((cumulative < params.top_p + TOP_P_TOL).sum(axis=1) + 1, allowed_count)
+        ordered, cumulative = _largest_prefix(probs, allowed_count, params.top_p + TOP_P_TOL)
+        reached = cumulative.shape[1]
+        keep = np.minimum(_count_below(cumulative, params.top_p, vocab) + 1, allowed_count)
+        keep_lenient = np.minimum(_count_below(cumulative, params.top_p + TOP_P_TOL, vocab) + 1, allowed_count)
+        assert int(keep_lenient.max()) <= reached  # _largest_prefix's guarantee
         edge_prob = ordered[row_index, keep - 1]
         # probabilities are monotone in the scaled logit, so the edge translates back to a logit
-        lenient_edge = np.log(ordered[row_index, keep_lenient - 1] * weights.sum(axis=1)) + top[:, 0]
-        allowed = allowed & (probs >= edge_prob[:, None])
-        weights = np.where(allowed, weights, 0.0)
-        probs = weights / weights.sum(axis=1, keepdims=True)
+        lenient_edge = np.log(ordered[row_index, keep_lenient - 1] * weight_sum) + top[:, 0]
+        nucleus = probs >= edge_prob[:, None]
+        mask = nucleus if mask is None else mask & nucleus
+        weights = np.where(mask, weights, 0.0)
+        probs = weights / full_sum(weights)[:, None]
     with np.errstate(divide="ignore"):
-        log_q = np.where(allowed, np.log(np.where(allowed, probs, 1.0)), 0.0)
-    entropy = -(probs * log_q).sum(axis=1)
-    second = (probs * log_q * log_q).sum(axis=1)
+        if mask is None:
+            log_q = np.log(probs)
+        else:
+            log_q = np.where(mask, np.log(np.where(mask, probs, 1.0)), 0.0)
+    weighted = probs * log_q
+    entropy = -full_sum(weighted)
+    second = full_sum(weighted * log_q)
     variance = np.maximum(second - entropy * entropy, 0.0)
     token_scaled = scaled[row_index, tokens]
     in_support = token_scaled >= lenient_edge - GREEDY_LOGIT_TOL / params.temperature
-    return probs[row_index, tokens], in_support, entropy, variance
+    if columns is None:
+        q_token = probs[row_index, tokens]
+    else:
+        match = columns == tokens[:, None]
+        q_token = np.where(match.any(axis=1), probs[row_index, match.argmax(axis=1)], 0.0)
+    return _Sampled(scaled, top_index, cut_probs, cumulative, keep, q_token, in_support, entropy, variance)
+
+
+_PREFIX_FIRST = 256  # largest probabilities sorted first for a top_p cut; the whole row when not enough
+
+
+def _largest_prefix(probs: FloatArray, allowed_count: IntArray, reach: float) -> tuple[FloatArray, FloatArray]:
+    """(the largest entries of each row in decreasing order, their cumulative sums), as many columns as
+    every row needs to reach `reach` or to hold all its allowed (nonzero) entries. The columns are the
+    first ones of `-np.sort(-probs)` and of its cumsum, exactly (a cumsum's prefix is the prefix's
+    cumsum), at a partition's cost instead of a full sort's when the nucleus is small."""
+    vocab = probs.shape[1]
+    # _PREFIX_FIRST entries hold at most that many times the largest: a flat row cannot reach with them
+    may_reach = (_PREFIX_FIRST * probs.max(axis=1) >= reach) | (allowed_count <= _PREFIX_FIRST)
+    if _PREFIX_FIRST < vocab and bool(may_reach.all()):
+        largest = np.partition(probs, vocab - _PREFIX_FIRST, axis=1)[:, vocab - _PREFIX_FIRST :]
+        ordered = np.sort(largest, axis=1)[:, ::-1]  # the values of -np.sort(-x), without two negations
+        cumulative = np.cumsum(ordered, axis=1)
+        if bool(((cumulative[:, -1] >= reach) | (allowed_count <= _PREFIX_FIRST)).all()):
+            return ordered, cumulative
+    ordered = np.sort(probs, axis=1)[:, ::-1]
+    return ordered, np.cumsum(ordered, axis=1)
+
+
+def _count_below(cumulative: FloatArray, value: float, vocab: int) -> IntArray:
+    """How many entries of each row's full cumulative sum are below `value`, from a prefix of it: past
+    the prefix the sums only grow, and a row that ended below `value` stays there (zeros follow)."""
+    count: IntArray = (cumulative < value).sum(axis=1)
+    return np.where(cumulative[:, -1] < value, count + (vocab - cumulative.shape[1]), count)
 
 
 def score_answer(
@@ -210,16 +310,31 @@ def score_answer(
         return _empty_score(sampling)
     # the logits at position j predict token j+1: the last prompt position predicts the first answer
     # token, and the last scored token's own logits are never needed
-    logits_all = model.forward(list(prompt_ids) + scored[:-1])
+    logits_all = _forward_logits(model, list(prompt_ids) + scored[:-1])
     start = len(prompt_ids) - 1
     if scored_eos:  # of the model's end tokens, the one the reference finds likeliest there
         end_row = logits_all[start + len(answer_ids)]
         scored[-1] = max(model.eos_ids, key=lambda token: float(end_row[token]))
     tokens = np.asarray(scored, dtype=np.int64)
+    replayed = seed is not None and not sampling.greedy
+    end_tokens = frozenset(model.eos_ids) if scored_eos else frozenset()
+    draws = _draws(seed, len(scored)) if seed is not None and replayed else None
+    hits = np.zeros(len(scored), dtype=bool)
     parts: list[tuple[FloatArray, ...]] = []
+    # chunk by chunk, the support test and the replay on the same rows, so that no [tokens, vocab] float64
+    # array of the whole answer is ever held
     for begin in range(0, len(scored), _ROWS_PER_CHUNK):
-        chunk = logits_all[start + begin : start + begin + _ROWS_PER_CHUNK].astype(np.float64)
-        parts.append(_score_rows(chunk, tokens[begin : begin + _ROWS_PER_CHUNK], sampling))
+        end = begin + _ROWS_PER_CHUNK
+        chunk = logits_all[start + begin : start + end].astype(np.float64)
+        columns_part, sampled = _score_chunk(chunk, tokens[begin:end], sampling)
+        parts.append(columns_part)
+        if draws is not None:
+            if sampled is None:
+                sampled = _sampled_quietly(chunk, tokens[begin:end], sampling)
+            hits[begin:end] = _replay_rows(sampled, tokens[begin:end], draws[begin:end], sampling)
+    if draws is not None and end_tokens:
+        hits[-1] = _replay_end(logits_all[start + len(scored) - 1].astype(np.float64), end_tokens, draws[-1],
+                               sampling)
     columns = [np.concatenate([part[n] for part in parts]) for n in range(len(parts[0]))]
     logprobs, ranks_f, argmax_logprobs, gaps, q_token, support_f, entropy, variance = columns
     ranks = ranks_f.astype(np.int64)
@@ -235,13 +350,8 @@ def score_answer(
     z = _z(excess, spread)
     typicality = typicality_factor(z)
     end_ok = end_claim_ok and (bool(in_support[-1]) if scored_eos else True)
-    replayed = seed is not None and not sampling.greedy
     replay_fraction = 1.0
     if replayed:
-        assert seed is not None
-        rows = logits_all[start : start + len(scored)]
-        hits = _replay(rows.astype(np.float64), tokens, sampling, seed,
-                       frozenset(model.eos_ids) if scored_eos else frozenset())
         replay_fraction = float(hits.mean())
         end_ok = end_claim_ok and (bool(hits[-1]) if scored_eos else True)
         calibrated = _strict(replay_fraction)
@@ -276,6 +386,18 @@ def score_answer(
     )
 
 
+def _forward_logits(model: LanguageModel, token_ids: list[int]) -> npt.NDArray[np.float32]:
+    """`model.forward` (one full pass, no cache) asking the graph for its logits alone: a KV-cache
+    export would otherwise hand back every layer's keys and values for the whole sequence, which
+    scoring never reads. On a GPU session (IOBinding) it is `model.forward` itself."""
+    if model.provider == CUDA or not model.has_cache:
+        return model.forward(token_ids)
+    feeds: dict[str, Any] = dict(model._feeds(token_ids, 0))
+    feeds.update(zip(model.layout.past_names, model._empty_past(), strict=True))
+    logits: npt.NDArray[np.float32] = model.session.run(["logits"], feeds)[0][0]
+    return logits
+
+
 def _greedy_like(sampling: SamplingParams) -> bool:
     """Greedy, or so cool that an unseeded answer is judged like a greedy one (its distribution is a
     point mass up to numeric noise, which a surprisal test would blow up)."""
@@ -306,24 +428,137 @@ def _end_claim_ok(reason: str | None, answer_tokens: int, total: int, max_tokens
 def _replay(rows: FloatArray, tokens: IntArray, sampling: SamplingParams, seed: int,
             end_tokens: frozenset[int]) -> BoolArray:
     """Replay a seeded sampled answer: the seed's sampler drew one `random()` per token from
-    default_rng(seed) (sampling.sample_token) and took the first candidate whose cumulative probability
-    exceeds it. Rebuilding each step's candidates from the reference logits, a token is the seed's only
-    if that same draw lands in its interval (within REPLAY_TOL, for numeric noise). With `end_tokens`,
-    the last token is the end of the answer, and any of them may be the one drawn."""
-    rng = np.random.default_rng(seed)
+    default_rng(seed) (sampling.sample_token) and took the first candidate whose cumulative
+    probability exceeds it. Rebuilding each step's candidates from the reference logits, a token is the
+    seed's only if that same draw lands in its interval (within REPLAY_TOL, for numeric noise). With
+    `end_tokens`, the last token is the end of the answer, and any of them may be the one drawn.
+
+    Batched, with the same outcome per token as `sampling.sampling_candidates` and a loop
+    (tests/test_score.py keeps that loop as the reference): see `_replay_rows`. score_answer runs the
+    same steps chunk by chunk beside the support test."""
+    draws = _draws(seed, tokens.shape[0])
     hits = np.zeros(tokens.shape[0], dtype=bool)
-    for i in range(tokens.shape[0]):
-        draw = rng.random()
-        candidates, probs = sampling_candidates(rows[i], sampling)
-        cumulative = np.cumsum(probs)
-        cumulative /= cumulative[-1]
-        last = i == tokens.shape[0] - 1
-        wanted = end_tokens if last and end_tokens else frozenset({int(tokens[i])})
-        for j in np.nonzero(np.isin(candidates, list(wanted)))[0]:
-            low = float(cumulative[j - 1]) if j else 0.0
-            if low - REPLAY_TOL <= draw <= float(cumulative[j]) + REPLAY_TOL:
-                hits[i] = True
-                break
+    for begin in range(0, tokens.shape[0], _ROWS_PER_CHUNK):
+        end = begin + _ROWS_PER_CHUNK
+        parts = _sampled_quietly(rows[begin:end], tokens[begin:end], sampling)
+        hits[begin:end] = _replay_rows(parts, tokens[begin:end], draws[begin:end], sampling)
+    if end_tokens and tokens.shape[0]:
+        hits[-1] = _replay_end(rows[-1], end_tokens, draws[-1], sampling)
+    return hits
+
+
+def _draws(seed: int, count: int) -> FloatArray:
+    """The seed's sampler's draws: default_rng(seed).random((count,)) gives the same doubles as `count`
+    calls of random(), one per token."""
+    draws: FloatArray = np.random.default_rng(seed).random((count,))
+    return draws
+
+
+def _sampled_quietly(rows: FloatArray, tokens: IntArray, sampling: SamplingParams) -> _Sampled:
+    """`_sampled` for the replay alone (a near-greedy seeded answer the support test took as greedy):
+    its entropies, which a near point mass turns into 0 × log 0, are not used."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _sampled(rows, tokens, sampling)
+
+
+def _replay_end(row: FloatArray, end_tokens: frozenset[int], draw: float, sampling: SamplingParams) -> bool:
+    """Whether the last draw lands on any of the model's end tokens (one row: the exact way)."""
+    scores = row[None, :] / sampling.temperature
+    return any(bool(_replay_exact(scores, np.asarray([token]), np.asarray([draw]), sampling, None)[0])
+               for token in sorted(end_tokens))
+
+
+REPLAY_MARGIN = 1e-9  # outcomes this close to an edge are recomputed the slow, bit-exact way
+REPLAY_MARGIN_PER_TOKEN = 1e-13  # plus this per vocabulary entry (summation order error grows with it)
+
+
+def _replay_rows(parts: _Sampled, tokens: IntArray, draws: FloatArray, params: SamplingParams) -> BoolArray:
+    """Whether each row's draw lands in its token's interval of `sampling_candidates(row, params)`.
+
+    With a top_k cut, `_replay_exact`: the candidates are few. Without one, sampling_candidates sorts
+    the whole vocabulary, which costs more than the rest of scoring on large vocabularies; here a
+    token's interval is read without sorting: it starts at the probability of the tokens before it in
+    that order (higher scores, or equal ones with lower ids, as a stable sort puts them), over the
+    total (for top_p, of the nucleus, whose size comes from the sorted prefix `_sampled` built). These
+    sums are the same numbers summed in another order: they differ from sampling_candidates' by at
+    most ~vocab × 2⁻⁵², far inside REPLAY_MARGIN + REPLAY_MARGIN_PER_TOKEN × vocab, and every row
+    whose outcome lies within that margin of changing (the draw near an edge ± REPLAY_TOL, the
+    nucleus's cumulative sum near top_p) is recomputed by `_replay_exact`. The outcome is therefore
+    the same as the slow path's, token by token."""
+    if parts.top_index is not None:
+        return _replay_exact(parts.scaled, tokens, draws, params, parts.top_index)
+    scaled, probs = parts.scaled, parts.probs
+    count, vocab = scaled.shape
+    index = np.arange(count)
+    token_scores = scaled[index, tokens][:, None]
+    earlier = (scaled > token_scores) | ((scaled == token_scores) & (np.arange(vocab)[None, :] < tokens[:, None]))
+    before = np.where(earlier, probs, 0.0).sum(axis=1)
+    margin = REPLAY_MARGIN + REPLAY_MARGIN_PER_TOKEN * vocab
+    present = np.ones(count, dtype=bool)
+    unsure = np.zeros(count, dtype=bool)
+    if parts.keep is not None and parts.cumulative is not None:
+        keep, cumulative = parts.keep, parts.cumulative
+        total = cumulative[index, keep - 1]
+        previous = np.where(keep > 1, cumulative[index, np.maximum(keep - 2, 0)], -np.inf)
+        unsure |= (np.abs(total - params.top_p) <= margin) | (np.abs(previous - params.top_p) <= margin)
+        present = earlier.sum(axis=1) < keep
+    else:
+        total = probs.sum(axis=1)
+    low: FloatArray = before / total
+    high = (before + probs[index, tokens]) / total
+    edge = margin / total
+    unsure |= (np.abs(draws - (low - REPLAY_TOL)) <= edge) | (np.abs(draws - (high + REPLAY_TOL)) <= edge)
+    hits: BoolArray = present & (low - REPLAY_TOL <= draws) & (draws <= high + REPLAY_TOL)
+    if unsure.any():
+        again = np.nonzero(unsure)[0]
+        hits[again] = _replay_exact(scaled[again], tokens[again], draws[again], params, None)
+    return hits
+
+
+def _replay_exact(scores: FloatArray, tokens: IntArray, draws: FloatArray, params: SamplingParams,
+                  top_index: IntArray | None) -> BoolArray:
+    """`_replay_rows` the slow way: for rows of `scores` (logits / temperature), the same float
+    operations in the same order as sampling_candidates and numpy's `choice`, batched. The candidates
+    sorted by decreasing score (top_k: `argpartition`, given as `top_index`, then a stable sort, as
+    there; no top_k: every token, ties in id order, so a token's place is counted rather than looked
+    up), probabilities normalised by their pairwise sum in that order, the top_p prefix renormalised by
+    its own sum, the interval read off the cumulative sum divided by its last entry."""
+    count, vocab = scores.shape
+    index = np.arange(count)
+    present = np.ones(count, dtype=bool)
+    if 0 < params.top_k < vocab:
+        candidates = top_index if top_index is not None else np.argpartition(scores, -params.top_k, axis=1)[
+            :, -params.top_k :]
+        cand_scores = np.take_along_axis(scores, candidates, axis=1)
+        order = np.argsort(-cand_scores, axis=1, kind="stable")
+        candidates = np.take_along_axis(candidates, order, axis=1)
+        cand_scores = np.take_along_axis(cand_scores, order, axis=1)
+        match = candidates == tokens[:, None]
+        present = match.any(axis=1)
+        position = match.argmax(axis=1)
+    else:
+        cand_scores = -np.sort(-scores, axis=1)  # the values a stable argsort puts in this order
+        token_scores = scores[index, tokens][:, None]
+        earlier_ties = (scores == token_scores) & (np.arange(vocab)[None, :] < tokens[:, None])
+        position = (scores > token_scores).sum(axis=1) + earlier_ties.sum(axis=1)
+    probs = np.exp(cand_scores - cand_scores[:, :1])
+    probs /= probs.sum(axis=1, keepdims=True)
+    width = probs.shape[1]
+    keep = np.full(count, width)
+    if params.top_p < 1.0:
+        # searchsorted on a non-decreasing cumulative sum is the count of entries below top_p
+        keep = np.minimum((np.cumsum(probs, axis=1) < params.top_p).sum(axis=1) + 1, width)
+        # each prefix is renormalised by its own pairwise sum, as sampling_candidates does (a sum over
+        # the padded row would round differently)
+        sums = np.array([probs[row, : keep[row]].sum() for row in range(count)])
+        probs = probs / sums[:, None]
+        present &= position < keep
+    cumulative = np.cumsum(probs, axis=1)  # sequential: each prefix's entries are the prefix's own
+    total = cumulative[index, keep - 1]
+    place = np.minimum(position, keep - 1)
+    high = cumulative[index, place] / total
+    low = np.where(place > 0, cumulative[index, np.maximum(place - 1, 0)] / total, 0.0)
+    hits: BoolArray = present & (low - REPLAY_TOL <= draws) & (draws <= high + REPLAY_TOL)
     return hits
 
 
@@ -363,28 +598,39 @@ def credibility_of(
 
 
 def _score_rows(logits: FloatArray, tokens: IntArray, sampling: SamplingParams) -> tuple[FloatArray, ...]:
+    return _score_chunk(logits, tokens, sampling)[0]
+
+
+def _score_chunk(logits: FloatArray, tokens: IntArray,
+                 sampling: SamplingParams) -> tuple[tuple[FloatArray, ...], _Sampled | None]:
+    """The per-token columns of one chunk of rows, and its sampling distributions (None: greedy-like)."""
     rows = np.arange(logits.shape[0])
     token_logits = logits[rows, tokens]
     top = logits.max(axis=1)
-    logprob_all = log_softmax(logits)
+    # sampling.log_softmax without its [rows, vocab] result: only the token's entry and the row's
+    # largest (0.0 − log Σ exp, the argmax's shifted logit being exactly 0.0) are kept, same floats
+    shifted = logits - top[:, None]
+    log_norm = np.log(np.exp(shifted).sum(axis=1))
     ranks = (logits > token_logits[:, None]).sum(axis=1).astype(np.float64)
     gaps = top - token_logits
+    parts: _Sampled | None = None
     if _greedy_like(sampling):
         tie = gaps <= GREEDY_LOGIT_TOL
         zeros = np.zeros(rows.shape[0], dtype=np.float64)
         q_token, support, entropy, variance = tie.astype(np.float64), tie, zeros, zeros
     else:
-        q_token, support, entropy, variance = _sampling_rows(logits, tokens, sampling)
+        parts = _sampled(logits, tokens, sampling)
+        q_token, support, entropy, variance = parts.q_token, parts.in_support, parts.entropy, parts.variance
     return (
-        logprob_all[rows, tokens],
+        shifted[rows, tokens] - log_norm,
         ranks,
-        logprob_all.max(axis=1),
+        0.0 - log_norm,
         gaps,
         q_token,
         support.astype(np.float64),
         entropy,
         variance,
-    )
+    ), parts
 
 
 def _vocab_size(model: LanguageModel) -> int:
