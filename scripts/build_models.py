@@ -602,8 +602,31 @@ def humanize(n: int) -> str:
 # --------------------------------------------------------------------------- subcommands
 
 
+def llama_config(tok: Any, eot: int, max_pos: int, *, hidden: int, ffn: int, layers: int, heads: int,
+                 kv_heads: int) -> Any:
+    """The Llama configuration of the models built here (demo, llama-small): only the size differs."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        initializer_range=0.02,
+    )
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -617,22 +640,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
     seed_everything()
     max_pos = 512
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=max_pos,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-        initializer_range=0.02,
-    )
+    config = llama_config(tok, eot, max_pos, hidden=256, ffn=768, layers=4, heads=8, kv_heads=4)
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: Llama hidden 256, 4 layers, 8 heads / 4 kv heads, FFN 768, {humanize(n_params)} params")
@@ -834,7 +842,7 @@ def cmd_llama_small(a: argparse.Namespace) -> None:
     """The demo model's architecture (LlamaForCausalLM, RoPE, GQA, tied embeddings), tokenizer and
     context length at a fraction of its size: what a seed passing a cheaper model off as the demo
     would serve."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     out = Path(a.out)
     seed_everything()
@@ -843,22 +851,7 @@ def cmd_llama_small(a: argparse.Namespace) -> None:
     stream = token_stream(tok)
     seed_everything()
     max_pos = 512  # the demo's, so the same prompts and answer lengths fit
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=96,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_pos,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-        initializer_range=0.02,
-    )
+    config = llama_config(tok, eot, max_pos, hidden=96, ffn=256, layers=2, heads=4, kv_heads=2)
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: Llama hidden 96, 2 layers, 4 heads / 2 kv heads, FFN 256, {humanize(n_params)} params")
