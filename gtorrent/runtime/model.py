@@ -10,6 +10,11 @@ Invariants:
 - Greedy decoding (temperature 0) is deterministic; sampling draws from a generator seeded per request.
 - The session is shared by concurrent generations (ORT sessions are thread-safe); all per-request state
   lives in the generation call.
+- With a `prefix_cache` (off by default), a prompt whose leading whole chunks were prefilled before is
+  prefilled from the cached KV state: only the rest runs, and always at least one token (the logits of
+  the prompt's last position come from a run). Each prefill stores its state at the prompt's last chunk
+  boundary. CPU sessions only: with IOBinding the state is device OrtValues, which cannot be sliced
+  along the sequence without a device copy, so a GPU session runs without the cache.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ..errors import ModelError, NotACausalLMError, UnsupportedModelError, Usage
 from .chat import chat_template_of, render_chat
 from .detok import IncrementalDetokenizer
 from .files import ModelFiles, bundled_model_path, locate_model, model_id
+from .prefix_cache import CHUNK_TOKENS, PrefixCache, chunk_hashes
 from .providers import CUDA, Device, providers_for
 from .sampling import SamplingParams, log_softmax, sample_token
 
@@ -64,6 +70,7 @@ class GenerationResult:
     finish_reason: str  # "eos" | "length" | "context" | "cancelled"
     ttft_s: float  # from the call to the first new token
     total_s: float  # from the call to the last new token
+    cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache (not prefilled)
 
     @property
     def tokens(self) -> int:
@@ -175,6 +182,7 @@ class LanguageModel:
         *,
         model_id: str,
         load_s: float,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.files = files
         self.session = session
@@ -199,6 +207,8 @@ class LanguageModel:
         self._ones = np.ones((1, self.context_length), dtype=np.int64)
         self._positions = np.arange(self.context_length, dtype=np.int64)[None, :]
         self._ones.flags.writeable = self._positions.flags.writeable = False
+        # shared by every generation on this model; on a GPU session it is never used (module doc)
+        self.prefix_cache = prefix_cache
 
     # ----------------------------------------------------------------- loading
 
@@ -210,6 +220,7 @@ class LanguageModel:
         device: Device = "auto",
         cache_dir: Path | None = None,
         intra_op_threads: int = 0,
+        prefix_cache: PrefixCache | None = None,
     ) -> LanguageModel:
         """Load MODEL (an .onnx file or its folder; None = the bundled demo model)."""
         started = time.perf_counter()
@@ -232,7 +243,8 @@ class LanguageModel:
         except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
             raise NotACausalLMError(f"cannot load {files.onnx_path} as an ONNX model ({_first_line(exc)})") from exc
         identifier = model_id(files, cache_dir)
-        return cls(files, session, tokenizer, model_id=identifier, load_s=time.perf_counter() - started)
+        return cls(files, session, tokenizer, model_id=identifier, load_s=time.perf_counter() - started,
+                   prefix_cache=prefix_cache)
 
     @property
     def name(self) -> str:
@@ -317,8 +329,46 @@ class LanguageModel:
         logits, _ = self._step(token_ids, 0, None)
         return logits
 
-    def iter_tokens(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[tuple[int, str]]:
-        """Yield (token id, reason) for each new token; reason is "" until the last one says why it ended."""
+    def _prefill(
+        self, prompt_ids: list[int], cache: PrefixCache | None
+    ) -> tuple[npt.NDArray[np.float32], list[Any], int]:
+        """Run the prompt through the graph, from the prefix cache's deepest state when it has one;
+        return (logits[rest, vocab], present, the prompt tokens that came from the cache)."""
+        if cache is None:
+            logits, past = self._step(prompt_ids, 0, None)
+            return logits, past, 0
+        digests = chunk_hashes(prompt_ids)
+        usable = (len(prompt_ids) - 1) // CHUNK_TOKENS  # at least one token must run, for its logits
+        lease = cache.acquire(digests[:usable])
+        cached = 0
+        try:
+            if lease is None:
+                logits, past = self._step(prompt_ids, 0, None)
+            else:
+                cached = lease.depth * CHUNK_TOKENS
+                prefix = [value[:, :, :cached, :] for value in lease.value]
+                logits, past = self._step(prompt_ids[cached:], cached, prefix)
+        finally:
+            if lease is not None:
+                cache.release(lease)
+        if digests and not cache.covers(digests):
+            # a copy of exactly the whole chunks: a view would keep the whole array alive, uncounted
+            stored = len(digests) * CHUNK_TOKENS
+            state = [np.ascontiguousarray(value[:, :, :stored, :]) for value in past]
+            for array in state:
+                array.flags.writeable = False
+            cache.insert(digests, state, sum(int(array.nbytes) for array in state))
+        return logits, past, cached
+
+    def iter_tokens(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        *,
+        on_prefill: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[int, str]]:
+        """Yield (token id, reason) for each new token; reason is "" until the last one says why it ended.
+        `on_prefill` gets the number of prompt tokens taken from the prefix cache, once, after the prefill."""
         if not prompt_ids:
             raise UsageError("the prompt is empty", hint='give a prompt, e.g. gtorrent run "Hello"')
         room = self.context_length - len(prompt_ids)
@@ -334,8 +384,15 @@ class LanguageModel:
         past: list[Any] | None = None
         past_len = 0
         pending = ids
+        # the prefix cache holds numpy states: not with IOBinding (module doc), nor without a KV cache
+        prefix_cache = self.prefix_cache if cached and not self._bind_on_device else None
         for produced in range(1, budget + 1):
-            if cached:
+            if cached and produced == 1:
+                logits, past, from_cache = self._prefill(pending, prefix_cache)
+                past_len = len(pending)
+                if on_prefill is not None:
+                    on_prefill(from_cache)
+            elif cached:
                 logits, past = self._step(pending, past_len, past)
                 past_len += len(pending)
             else:
@@ -373,7 +430,12 @@ class LanguageModel:
         produced: list[int] = []
         ttft_s: float | None = None
         reason = "length"
-        for token, reason in self.iter_tokens(prompt_ids, params):
+        from_cache: list[int] = [0]
+
+        def on_prefill(count: int) -> None:
+            from_cache[0] = count
+
+        for token, reason in self.iter_tokens(prompt_ids, params, on_prefill=on_prefill):
             if ttft_s is None:
                 ttft_s = time.perf_counter() - started
             if reason == "eos":
@@ -398,6 +460,7 @@ class LanguageModel:
             finish_reason=reason,
             ttft_s=ttft_s if ttft_s is not None else total_s,
             total_s=total_s,
+            cached_tokens=from_cache[0],
         )
 
     def score_ids(self, prompt_ids: list[int], continuation_ids: list[int]) -> npt.NDArray[np.float64]:
