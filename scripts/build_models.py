@@ -24,6 +24,11 @@ tokenizers, onnx and numpy; onnxruntime is not needed here):
             "smaller model under the honest id" cheater (tests/cheaters.py). About 1 minute.
   fixtures  --out tests/models
             Hand-built ONNX graphs for error tests: not-an-lm/ and legacy-merged/. Instant.
+  kv-slice  --out gtorrent/runtime
+            The runtime's device-side KV slicer: one tiny graph per KV dtype (kv_slice_float32.onnx,
+            kv_slice_float16.onnx), Slice along the sequence axis to a runtime `end`, so a prefix
+            cache with IOBinding serves a shorter cached prefix without a host round trip. Instant,
+            byte-for-byte reproducible with the same onnx version; the output is committed.
   random    --out DIR [--preset 100m|tiny]
             Llama-style model with random weights (no training) for benchmarks; the 100m preset
             (~110M params, ~540 MB) exports in well under a minute. Never commit its output.
@@ -1007,6 +1012,48 @@ def save_fixture(model: Any, d: Path) -> None:
     onnx.save_model(model, str(d / "model.onnx"))
 
 
+KV_SLICE_DTYPES = {"float32": "FLOAT", "float16": "FLOAT16"}  # the KV dtypes a GPU export uses
+
+
+def kv_slice_model(dtype: str) -> Any:
+    """sliced = data[:, :, :end[0], :] for a KV tensor [batch, heads, sequence, head_dim]: a new buffer
+    on the session's device (gtorrent/runtime/model.py binds input and output there)."""
+    from onnx import TensorProto, helper
+
+    elem = getattr(TensorProto, KV_SLICE_DTYPES[dtype])
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["data", "starts", "end", "axes"], ["sliced"])],
+        f"kv_slice_{dtype}",
+        [
+            helper.make_tensor_value_info("data", elem, ["batch", "heads", "sequence", "head_dim"]),
+            helper.make_tensor_value_info("end", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("sliced", elem, ["batch", "heads", "end_0", "head_dim"])],
+        initializer=[
+            helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+            helper.make_tensor("axes", TensorProto.INT64, [1], [2]),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="build_models.py"
+    )
+    model.ir_version = 8  # loadable by any onnxruntime >= 1.10
+    return model
+
+
+def cmd_kv_slice(a: argparse.Namespace) -> None:
+    import onnx
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for dtype in KV_SLICE_DTYPES:
+        model = kv_slice_model(dtype)
+        onnx.checker.check_model(model, full_check=True)
+        path = out / f"kv_slice_{dtype}.onnx"
+        path.write_bytes(model.SerializeToString(deterministic=True))
+        log(f"{path}: {path.stat().st_size} bytes, sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]}")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # ~110M params; intermediate 2048 matches the benchmark model in research/dependencies.md
     "100m": {
@@ -1159,6 +1206,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", default="tests/models")
     p.add_argument("--tokenizer-from", default=str(DEFAULT_DEMO_DIR), help=tok_help)
     p.set_defaults(func=cmd_fixtures)
+
+    p = sub.add_parser("kv-slice", help="the runtime's device-side KV slice graphs (committed; instant)")
+    p.add_argument("--out", default="gtorrent/runtime")
+    p.set_defaults(func=cmd_kv_slice)
 
     p = sub.add_parser("random", help="random-weight Llama for benchmarks (never commit the output)")
     p.add_argument("--out", required=True)

@@ -13,13 +13,19 @@ Invariants:
 - With a `prefix_cache` (off by default), a prompt whose leading whole chunks were prefilled before is
   prefilled from the cached KV state: only the rest runs, and always at least one token (the logits of
   the prompt's last position come from a run). Each prefill stores its state at the prompt's last chunk
-  boundary. CPU sessions only: with IOBinding the state is device OrtValues, which cannot be sliced
-  along the sequence without a device copy, so a GPU session runs without the cache.
+  boundary, as a copy: a stored state never shares memory with a tensor a later step writes.
+  With numpy feeds the state is numpy arrays (a shorter prefix is a view of them). With IOBinding it
+  is OrtValues on the session's device and never crosses to the host: the copy on insert and a
+  shorter-prefix hit are device copies made by a tiny Slice graph per KV dtype (kv_slice_<dtype>.onnx
+  next to this file, built by scripts/build_models.py kv-slice) run through IOBinding on the same
+  device; a hit of exactly the stored length binds the stored values as they are (inputs are only
+  read). A KV dtype without a slice graph (float64) runs without the prefix cache under IOBinding.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +53,7 @@ _ORT_DTYPES: dict[str, Any] = {
     "tensor(double)": np.float64,
 }
 DEFAULT_CONTEXT_LENGTH = 2048
+_SLICE_DTYPES = frozenset({"float32", "float16"})  # KV dtypes with a committed kv_slice_<dtype>.onnx
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,10 @@ class LanguageModel:
         model_id: str,
         load_s: float,
         prefix_cache: PrefixCache | None = None,
+        io_binding: bool | None = None,
     ) -> None:
+        """`io_binding` is internal: None binds the KV cache on the device on a CUDA session only; True
+        forces IOBinding on any session (tests run the device path on CPU with "cpu" OrtValues)."""
         self.files = files
         self.session = session
         self.tokenizer = tokenizer
@@ -195,7 +205,11 @@ class LanguageModel:
         self.layout = _inspect(session, self.config, files.onnx_path)
         self.provider = session.get_providers()[0]
         self._ort_device = "cuda" if self.provider == CUDA else "cpu"
-        self._bind_on_device = self.provider == CUDA  # keep the KV cache on the GPU between steps
+        self._device_id = int(session.get_provider_options().get(self.provider, {}).get("device_id", 0))
+        # keep the KV cache on the device between steps (IOBinding); by default only on a GPU
+        self._bind_on_device = self.provider == CUDA if io_binding is None else io_binding
+        self._slicer: ort.InferenceSession | None = None  # the device KV slicer, made on first use
+        self._slicer_lock = threading.Lock()
         self.eos_ids = _eos_ids(self.generation_config, self.config)
         self.context_length = (
             _int_from(self.config, "max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
@@ -207,8 +221,11 @@ class LanguageModel:
         self._ones = np.ones((1, self.context_length), dtype=np.int64)
         self._positions = np.arange(self.context_length, dtype=np.int64)[None, :]
         self._ones.flags.writeable = self._positions.flags.writeable = False
-        # shared by every generation on this model; on a GPU session it is never used (module doc)
+        # shared by every generation on this model; states are numpy or device OrtValues (module doc)
         self.prefix_cache = prefix_cache
+        self._prefix_cache_usable = self.layout.has_cache and (
+            not self._bind_on_device or np.dtype(self.layout.past_dtype).name in _SLICE_DTYPES
+        )
 
     # ----------------------------------------------------------------- loading
 
@@ -221,6 +238,7 @@ class LanguageModel:
         cache_dir: Path | None = None,
         intra_op_threads: int = 0,
         prefix_cache: PrefixCache | None = None,
+        io_binding: bool | None = None,
     ) -> LanguageModel:
         """Load MODEL (an .onnx file or its folder; None = the bundled demo model)."""
         started = time.perf_counter()
@@ -244,7 +262,7 @@ class LanguageModel:
             raise NotACausalLMError(f"cannot load {files.onnx_path} as an ONNX model ({_first_line(exc)})") from exc
         identifier = model_id(files, cache_dir)
         return cls(files, session, tokenizer, model_id=identifier, load_s=time.perf_counter() - started,
-                   prefix_cache=prefix_cache)
+                   prefix_cache=prefix_cache, io_binding=io_binding)
 
     @property
     def name(self) -> str:
@@ -288,7 +306,7 @@ class LanguageModel:
         heads, head_dim = self.layout.past_shape
         zeros = np.zeros((1, heads, 0, head_dim), dtype=self.layout.past_dtype)
         if self._bind_on_device:
-            zeros = ort.OrtValue.ortvalue_from_numpy(zeros, self._ort_device, 0)
+            zeros = ort.OrtValue.ortvalue_from_numpy(zeros, self._ort_device, self._device_id)
         return [zeros] * len(self.layout.past_names)
 
     def _feeds(self, new_ids: list[int], past_len: int) -> dict[str, npt.NDArray[np.int64]]:
@@ -319,7 +337,7 @@ class LanguageModel:
         for name, value in zip(self.layout.past_names, values, strict=True):
             binding.bind_ortvalue_input(name, value)
         for name in self._output_names:
-            binding.bind_output(name, self._ort_device)
+            binding.bind_output(name, self._ort_device, self._device_id)
         self.session.run_with_iobinding(binding)
         bound = binding.get_outputs()
         return bound[0].numpy()[0], list(bound[1:])
@@ -339,26 +357,72 @@ class LanguageModel:
             return logits, past, 0
         digests = chunk_hashes(prompt_ids)
         usable = (len(prompt_ids) - 1) // CHUNK_TOKENS  # at least one token must run, for its logits
-        lease = cache.acquire(digests[:usable])
+        lease = cache.acquire(digests[:usable], prompt_tokens=len(prompt_ids))
         cached = 0
         try:
             if lease is None:
                 logits, past = self._step(prompt_ids, 0, None)
             else:
                 cached = lease.depth * CHUNK_TOKENS
-                prefix = [value[:, :, :cached, :] for value in lease.value]
-                logits, past = self._step(prompt_ids[cached:], cached, prefix)
+                logits, past = self._step(prompt_ids[cached:], cached, self._kv_prefix(lease.value, cached))
         finally:
             if lease is not None:
                 cache.release(lease)
         if digests and not cache.covers(digests):
+            state, nbytes = self._kv_copy(past, len(digests) * CHUNK_TOKENS)
+            cache.insert(digests, state, nbytes)
+        return logits, past, cached
+
+    def _kv_prefix(self, state: list[Any], length: int) -> list[Any]:
+        """The first `length` positions of a cached state, to feed as past (read only by the step)."""
+        if not self._bind_on_device:
+            return [value[:, :, :length, :] for value in state]
+        if state[0].shape()[2] == length:
+            return list(state)
+        return self._slice_on_device(state, length)
+
+    def _kv_copy(self, past: list[Any], length: int) -> tuple[list[Any], int]:
+        """A copy of the first `length` positions of `past` to store in the prefix cache, and its bytes."""
+        if self._bind_on_device:
+            state = self._slice_on_device(past, length)
+        else:
             # a copy of exactly the whole chunks: a view would keep the whole array alive, uncounted
-            stored = len(digests) * CHUNK_TOKENS
-            state = [np.ascontiguousarray(value[:, :, :stored, :]) for value in past]
+            state = [np.array(value[:, :, :length, :], order="C", copy=True) for value in past]
             for array in state:
                 array.flags.writeable = False
-            cache.insert(digests, state, sum(int(array.nbytes) for array in state))
-        return logits, past, cached
+        heads, head_dim = self.layout.past_shape
+        per_tensor = heads * length * head_dim * np.dtype(self.layout.past_dtype).itemsize
+        return state, per_tensor * len(state)
+
+    def _kv_slicer(self) -> ort.InferenceSession:
+        with self._slicer_lock:
+            if self._slicer is None:
+                name = np.dtype(self.layout.past_dtype).name
+                graph = Path(__file__).with_name(f"kv_slice_{name}.onnx").read_bytes()
+                options = ort.SessionOptions()
+                options.log_severity_level = 3
+                options.intra_op_num_threads = 1  # a copy: no thread pool worth its start-up
+                providers = self.session.get_providers()
+                provider_options = [{"device_id": str(self._device_id)} if p == CUDA else {} for p in providers]
+                self._slicer = ort.InferenceSession(
+                    graph, options, providers=providers, provider_options=provider_options
+                )
+            return self._slicer
+
+    def _slice_on_device(self, values: list[Any], length: int) -> list[Any]:
+        """value[:, :, :length, :] of each OrtValue as a new OrtValue on the same device: no host copy.
+        ORT synchronizes the device at the end of each run, so the model session may use the result."""
+        slicer = self._kv_slicer()
+        end = np.array([length], dtype=np.int64)
+        sliced: list[Any] = []
+        for value in values:
+            binding = slicer.io_binding()
+            binding.bind_ortvalue_input("data", value)
+            binding.bind_cpu_input("end", end)
+            binding.bind_output("sliced", self._ort_device, self._device_id)
+            slicer.run_with_iobinding(binding)
+            sliced.append(binding.get_outputs()[0])
+        return sliced
 
     def iter_tokens(
         self,
@@ -384,8 +448,8 @@ class LanguageModel:
         past: list[Any] | None = None
         past_len = 0
         pending = ids
-        # the prefix cache holds numpy states: not with IOBinding (module doc), nor without a KV cache
-        prefix_cache = self.prefix_cache if cached and not self._bind_on_device else None
+        # not without a KV cache, nor with IOBinding for a KV dtype that has no slice graph (module doc)
+        prefix_cache = self.prefix_cache if cached and self._prefix_cache_usable else None
         for produced in range(1, budget + 1):
             if cached and produced == 1:
                 logits, past, from_cache = self._prefill(pending, prefix_cache)

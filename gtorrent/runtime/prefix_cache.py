@@ -14,6 +14,9 @@ one model and so one cache):
 - the index (`PrefixTree`, the HR-tree) holds exactly the prefixes the entries cover: a prefix of depth
   d is in the tree iff some entry's path has at least d chunks and starts with it. An entry whose path
   extends a shorter unused entry replaces it (its state covers the shorter one's, sliced).
+- a bounded summary (`summary(max_digests)`) is a subset of the tree closed under ancestors: it is made
+  of whole entry paths, most recently used first, so a peer never sees a digest without its prefix.
+- `stats()` counts are cumulative over the cache's life (one lookup per prefill that used the cache).
 """
 
 from __future__ import annotations
@@ -187,6 +190,8 @@ class PrefixCache:
         self.hits = 0  # acquires that found a prefix
         self.misses = 0
         self.evictions = 0
+        self.prompt_tokens = 0  # over every acquire: the prompts' lengths
+        self.cached_tokens = 0  # and the tokens their leases covered
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -195,14 +200,48 @@ class PrefixCache:
         with self._lock:
             return self.tree.longest_match(digests)
 
-    def summary(self) -> PrefixSummary:
+    def summary(self, max_digests: int | None = None) -> PrefixSummary:
+        """The tree's digests; with `max_digests`, at most that many: the whole paths of the most recently
+        used entries, newest first (a path that does not fit whole is left out and the next one tried), so
+        the summary is closed under ancestors and names only prefixes the cache holds."""
+        if max_digests is not None and max_digests < 0:
+            raise ValueError(f"max_digests must be >= 0, got {max_digests}")
         with self._lock:
-            return self.tree.summary()
+            if max_digests is None or len(self.tree) <= max_digests:
+                return self.tree.summary()
+            chosen: set[bytes] = set()
+            for entry in reversed(self._entries.values()):
+                # `chosen` is a union of root paths, so what it lacks of this path is a tail of it
+                missing = sum(1 for digest in entry.path if digest not in chosen)
+                if len(chosen) + missing <= max_digests:
+                    chosen.update(entry.path)
+                    if len(chosen) == max_digests:
+                        break
+            return PrefixSummary(frozenset(chosen))
 
-    def acquire(self, digests: Sequence[bytes]) -> Lease | None:
-        """The deepest cached state covering a prefix of `digests`, held until `release`; None on a miss."""
+    def stats(self) -> dict[str, int]:
+        """Cumulative counters: lookups (acquires), hits, prompt_tokens (the prompts looked up),
+        cached_tokens (of those, taken from the cache), evictions; and the present entries and bytes."""
+        with self._lock:
+            return {
+                "lookups": self.hits + self.misses,
+                "hits": self.hits,
+                "prompt_tokens": self.prompt_tokens,
+                "cached_tokens": self.cached_tokens,
+                "evictions": self.evictions,
+                "entries": len(self._entries),
+                "bytes": self.bytes,
+                "max_bytes": self.max_bytes,
+            }
+
+    def acquire(
+        self, digests: Sequence[bytes], *, prompt_tokens: int | None = None, chunk_tokens: int = CHUNK_TOKENS
+    ) -> Lease | None:
+        """The deepest cached state covering a prefix of `digests`, held until `release`; None on a miss.
+        `prompt_tokens` (default: the whole chunks of `digests`) is the asking prompt's length, for `stats`."""
         with self._lock:
             depth = self.tree.longest_match(digests)
+            self.prompt_tokens += len(digests) * chunk_tokens if prompt_tokens is None else prompt_tokens
             if depth == 0:
                 self.misses += 1
                 return None
@@ -211,6 +250,7 @@ class PrefixCache:
             entry.refs += 1
             self._entries.move_to_end(key)
             self.hits += 1
+            self.cached_tokens += depth * chunk_tokens
             return Lease(depth, entry.value, key)
 
     def release(self, lease: Lease) -> None:
@@ -271,7 +311,9 @@ class PrefixCache:
     def held_paths(self) -> set[tuple[bytes, ...]]:
         """Every prefix the entries cover, computed from the entries alone (the tree's contract)."""
         with self._lock:
-            return {entry.path[:depth] for entry in self._entries.values() for depth in range(1, len(entry.path) + 1)}
+            return {
+                entry.path[:depth] for entry in self._entries.values() for depth in range(1, len(entry.path) + 1)
+            }
 
     def tree_paths(self) -> set[tuple[bytes, ...]]:
         with self._lock:
