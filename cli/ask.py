@@ -10,7 +10,7 @@ model chosen for a contested name go to stderr before any answer text.
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,6 +19,9 @@ from gtorrent.routing import DEFAULT_MIN_RELAY_AGE_S
 
 from . import output
 from .common import JsonOption, TrackerOption, VerboseOption, VerifierOption, settings
+
+if TYPE_CHECKING:
+    from gtorrent.asker import AskResult
 
 
 def ask_command(
@@ -122,7 +125,13 @@ def ask_command(
                 "failures": result.failures,
                 "mode": result.mode,
                 "token_ids": result.token_ids,
-                "signature": b64(result.signature),  # the seed's, over the transcript (docs/PROTOCOL.md §10)
+                "signature": b64(result.signature),  # the signer's, over the transcript (docs/PROTOCOL.md §10)
+                # forwarding (issue 9): `seed`/`entry` was asked, `signer` generated and signed the answer
+                "forwarded": result.forwarded,
+                "entry": result.entry,
+                "signer": result.signer,
+                "cached_tokens": result.cached,  # null: the seed did not say (not signed: the entry's word)
+                "prompt_tokens": result.prompt_tokens,
                 **({"privacy": result.privacy, "path_setup_s": round(result.path_setup_s or 0.0, 6)} if result.privacy else {}),
             }
         )
@@ -132,6 +141,7 @@ def ask_command(
         for number, route in enumerate(result.route, 1):
             output.info(f"[dim]path {number}: you → {' → '.join(short_id(p) for p in route)} → seed {short_id(result.seed)}[/]")
     if verbose:
+        output.info(f"[dim]{forwarding_line(result)}[/]")
         output.info(
             f"[dim]seed {short_id(result.seed)} · model {result.model_id[:12]} · first token "
             f"{output.human_seconds(result.ttft_s)} · {result.tokens} tokens in {output.human_seconds(result.total_s)} · "
@@ -139,3 +149,15 @@ def ask_command(
             + (f" · path setup {output.human_seconds(result.path_setup_s)}" if result.path_setup_s is not None else "")
             + "[/]"
         )
+
+
+def forwarding_line(result: AskResult) -> str:
+    """Whether the seed asked forwarded the ask, to whom, and the prompt tokens served from cache
+    (the ids are hex from records the asker checked; the counts are ints: no markup to escape)."""
+    if result.forwarded:
+        line = f"forwarded: seed {short_id(result.entry)} passed the ask to seed {short_id(result.signer)}, which signed the answer"
+    else:
+        line = f"not forwarded: seed {short_id(result.entry)} generated the answer"
+    if result.cached is not None and result.prompt_tokens is not None:
+        return f"{line} · cached {result.cached}/{result.prompt_tokens} prompt tokens"
+    return f"{line} · cached tokens not reported"

@@ -33,6 +33,14 @@ def _ago(when: float | None, now: float) -> str:
     return f"{seconds / 86400:.0f} days ago"
 
 
+def cache_hit_text(value: object) -> str:
+    """A seed's cache hit rate as a percentage, or "-": the value comes from the seed's own record
+    (untrusted data), so anything but a finite number in 0..1 shows as "-"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return "-"  # NaN fails the range test too
+    return f"{value * 100:.0f}%"
+
+
 def state_text(state: str) -> str:
     """The trust state as a plain word, coloured when the console has colour."""
     style = _STATE_STYLE.get(state)
@@ -75,9 +83,9 @@ def peers_table(rows: list[PeerRow]) -> Table:
     """The `ollama ps`-style table of peers, with a total row."""
     now = time.time()
     table = Table(box=None, header_style="bold", pad_edge=False)
-    numeric = ("REPUTATION", "LAST C", "AGREED", "OK", "FAILED", "TTFT", "TOK/S", "QUEUE")
+    numeric = ("REPUTATION", "LAST C", "AGREED", "OK", "FAILED", "TTFT", "TOK/S", "QUEUE", "CACHE HIT")
     columns = ("PEER", "ROLES", "MODELS", "ENDPOINT", "REPUTATION", "STATE", "LAST C", "AGREED", "OK", "FAILED",
-               "TTFT", "TOK/S", "QUEUE", "LAST SEEN")
+               "TTFT", "TOK/S", "QUEUE", "CACHE HIT", "LAST SEEN")
     for column in columns:
         table.add_column(column, justify="right" if column in numeric else "left")
     for row in rows:
@@ -96,6 +104,7 @@ def peers_table(rows: list[PeerRow]) -> Table:
             output.human_seconds(row.median_ttft_s) if row.median_ttft_s is not None else "-",
             f"{row.median_tokens_per_s:.1f}" if row.median_tokens_per_s is not None else "-",
             f"{row.queue:g}" if row.queue is not None else "-",
+            cache_hit_text(row.cache_hit) if "seed" in row.roles else "-",
             _ago(row.last_seen, now),
         )
     online = sum(1 for r in rows if r.online)
@@ -103,7 +112,7 @@ def peers_table(rows: list[PeerRow]) -> Table:
     table.add_section()
     table.add_row(
         f"[bold]{len(rows)} peers[/]", f"{online} online", "", "", "", f"{untrusted} untrusted", "", "",
-        str(sum(r.asks_ok for r in rows)), str(sum(r.asks_failed for r in rows)), "", "", "", "",
+        str(sum(r.asks_ok for r in rows)), str(sum(r.asks_failed for r in rows)), "", "", "", "", "",
     )
     return table
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from gtorrent.forwarding import DEFAULT_POLICY, POLICIES
 from gtorrent.node import DEFAULT_SEED_BIND, SeedEvents, run_seed
 from gtorrent.protocol import MAX_MODEL_NAME_CHARS, MODEL_NAME_CHARS, model_name_problem
 
@@ -15,6 +16,18 @@ from .common import AdvertiseOption, TrackerOption, settings
 from .run import MODEL_HELP
 
 NAME_HINT = f"pass --name with 1 to {MAX_MODEL_NAME_CHARS} {MODEL_NAME_CHARS}, e.g. --name my-model"
+DEFAULT_KV_CACHE_MB = 256  # = runtime.prefix_cache.DEFAULT_MAX_BYTES (not imported: no runtime before a command runs)
+
+
+def served_line(served) -> str:  # type: ignore[no-untyped-def]
+    """One line per request finished at this seed (seed.ServedRequest); peer ids are escaped."""
+    line = f"served {served.tokens} tokens · cached {served.cached}/{served.prompt_tokens} prompt tokens · " \
+        f"{output.human_seconds(served.total_s)}"
+    if served.forwarded_to is not None:
+        line = f"forwarded to {output.remote(served.forwarded_to[:8])}: {line}"
+    elif served.forwarded_by is not None:
+        line = f"{line} · forwarded by {output.remote(served.forwarded_by[:8])}"
+    return line
 
 
 def seed_command(
@@ -27,6 +40,12 @@ def seed_command(
     ] = 1,
     device: Annotated[str, typer.Option("--device", help="auto (GPU when usable), cpu or cuda.")] = "auto",
     advertise: AdvertiseOption = None,
+    forwarding: Annotated[
+        str, typer.Option("--forwarding", help=f"Route requests within the model's group: {', '.join(POLICIES)}.")
+    ] = DEFAULT_POLICY,
+    kv_cache_mb: Annotated[
+        int, typer.Option("--kv-cache-mb", min=0, max=1 << 20, help="Prefix KV cache budget in MiB (0: none).")
+    ] = DEFAULT_KV_CACHE_MB,
 ) -> None:
     """Serve MODEL to the swarm (without MODEL: the bundled demo model)."""
     from gtorrent.errors import UsageError
@@ -35,6 +54,8 @@ def seed_command(
 
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}", hint="use --device auto, cpu or cuda")
+    if forwarding not in POLICIES:
+        raise UsageError(f"unknown forwarding policy {forwarding!r}", hint=f"use --forwarding {' | '.join(POLICIES)}")
     if name is not None and (problem := model_name_problem(name)):  # before loading anything
         raise UsageError(f"cannot announce the model name {name!r}: {problem}", hint=NAME_HINT)
     node = settings(tracker, advertise)
@@ -58,7 +79,8 @@ def seed_command(
     def ready(seed) -> None:  # type: ignore[no-untyped-def]
         output.info(
             f"[green]seeding[/] as {seed.identity.peer_id} on {seed.server.endpoint} "
-            f"to {', '.join(t.address for t in seed.announcer.trackers)} · up to {max_concurrency} at once · Ctrl-C to stop"
+            f"to {', '.join(t.address for t in seed.announcer.trackers)} · up to {max_concurrency} at once · "
+            f"forwarding {forwarding} · KV cache {kv_cache_mb} MiB · Ctrl-C to stop"
         )
 
     def announced(errors: dict[str, str]) -> None:
@@ -68,8 +90,16 @@ def seed_command(
     def stopping() -> None:
         output.info("stopping: telling the trackers…")
 
+    def served(request) -> None:  # type: ignore[no-untyped-def]
+        output.info(served_line(request))
+
+    def group_changed(peer_id: str, joined: bool) -> None:
+        output.info(f"group: {output.remote(peer_id[:8])} {'joined' if joined else 'left'}")
+
     events = SeedEvents(
-        tracker_started=tracker_started, tracker_skipped=tracker_skipped, ready=ready, announced=announced, stopping=stopping
+        tracker_started=tracker_started, tracker_skipped=tracker_skipped, ready=ready, announced=announced, stopping=stopping,
+        served=served, group_changed=group_changed,
     )
-    counters = run_seed(node, lm, bind=bind, name=name, max_concurrency=max_concurrency, events=events)
+    counters = run_seed(node, lm, bind=bind, name=name, max_concurrency=max_concurrency, events=events,
+                        forwarding=forwarding, kv_cache_mb=kv_cache_mb)
     output.info(f"seed stopped ({counters.get('received', 0)} requests, {counters.get('dropped', 0)} dropped)")

@@ -123,7 +123,8 @@ def _verify(node: Any, lm: Any, shape: VerifierSettings, json_out: bool, max_epo
     def on_challenge(result: ChallengeResult) -> None:
         sampling = result.challenge.sampling
         if json_out:
-            _event({"event": "challenge", "epoch": result.epoch, "seed": result.seed,
+            # "signer": the seed that generated a forwarded answer, whose sample it counts in (verifier.py)
+            _event({"event": "challenge", "epoch": result.epoch, "seed": result.seed, "signer": result.signer,
                                "greedy": sampling.greedy, "temperature": sampling.temperature,
                                "max_tokens": result.challenge.max_tokens, "calibrated": result.calibrated,
                                "paper": None if result.score is None else result.score.paper,
@@ -133,7 +134,8 @@ def _verify(node: Any, lm: Any, shape: VerifierSettings, json_out: bool, max_epo
             output.warning(f"challenge to {short_id(result.seed)} failed: {result.error}")
         else:
             kind = "greedy" if sampling.greedy else f"T={sampling.temperature:g}"
-            output.info(f"  challenge to {short_id(result.seed)} ({kind}): score {result.calibrated:.3f}")
+            by = f", answered by {short_id(result.signer)}" if result.signer is not None else ""
+            output.info(f"  challenge to {short_id(result.seed)} ({kind}{by}): score {result.calibrated:.3f}")
 
     def on_verdict(result: VerdictResult) -> None:
         verdict = result.verdict

@@ -20,6 +20,16 @@ count must be the number of ids received; otherwise the seed is at fault (SeedFa
 retried elsewhere. An answer is never accepted without a valid signature; the result keeps what a
 verifier needs to re-check it (`AskResult.request_bytes`, `.token_ids`, `.signature`, `.signing_key`).
 
+Forwarded answers (issue 9): the seed asked (the entry) may pass the request to another seed of its
+model group, whose signature the answer then carries, with `signer` naming it. That signature is
+accepted only when the signer is in this ask's own listing of the model's seeds (`Signers`: the records
+the ask already fetched; same peer id, that record's signing key, not stopped, announcing the model id)
+and not untrusted in the local reputation view; anything else is the entry's failure, as if it had
+signed badly itself. The asker never asks a tracker about a signer it does not know: that query would
+tell the tracker which seed served this ask, linking a private ask's circuits to its target. Local
+reliability outcomes stay with the entry (it chose the target and relayed the answer); the answer's
+quality is the signer's (`AskResult.signer`, `.signing_key`: what verifier.py scores and credits).
+
 This module's own mode is direct (CurveZMQ straight to the seed, with a throwaway client key so the
 seed cannot link a peer's asks by key); private.py supplies the private attempt.
 """
@@ -29,8 +39,9 @@ from __future__ import annotations
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from .discovery import Discovery, discover
 from .errors import GtorrentError, UsageError
@@ -46,6 +57,11 @@ MAX_ATTEMPTS = 3
 CONTESTED_ATTEMPTS = 2  # per model id, when several ids claim the name asked for
 MAX_CHARS_PER_TOKEN = 256  # answer characters one token may account for (real tokens: a few to a few dozen)
 ANSWER_SLACK_CHARS = 4096
+MAX_PROMPT_TOKENS_FIELD = 1 << 24  # the `cached` and `prompt_tokens` fields' range (protocol `done`)
+# the error code of an entry whose group member failed after the first token (seed.FORWARD_FAILED): the
+# answer stopped, which the entry could also have done by falling silent, so it is taken as that (a
+# verifier counts it as silence): otherwise a target could frame every entry that forwards to it
+FORWARD_FAILED = "forward_failed"
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,7 @@ class AskTimeouts:
 class AskResult:
     text: str
     tokens: int
-    seed: str  # peer id of the seed that answered
+    seed: str  # peer id of the seed that was asked and relayed the answer (the entry)
     model_id: str
     finish_reason: str
     ttft_s: float
@@ -83,11 +99,29 @@ class AskResult:
     path_setup_s: float | None = None
     route: list[list[str]] = field(default_factory=list)  # private asks: relay peer ids per path
     # the signed transcript, for anyone to re-check (garlic.transcript over request_bytes, model_id, text,
-    # token_ids, finish_reason; Ed25519 under signing_key, whose fingerprint is `seed`)
+    # token_ids, finish_reason; Ed25519 under signing_key, whose fingerprint is `signer`)
     token_ids: list[int] = field(default_factory=list)
     signature: bytes = field(default=b"", repr=False)
     request_bytes: bytes = field(default=b"", repr=False)
     signing_key: bytes = field(default=b"", repr=False)
+    # peer id of the seed that generated and signed the answer: `seed` itself, or the listed seed it
+    # forwarded the request to (module docstring); verification and reputation credit this one
+    signer: str = ""
+    cached: int | None = None  # prompt tokens the signer took from its prefix cache (None: not said)
+    prompt_tokens: int | None = None  # the prompt's tokens (None: not said)
+
+    def __post_init__(self) -> None:
+        if not self.signer:
+            self.signer = self.seed
+
+    @property
+    def entry(self) -> str:
+        """The seed the asker chose and talked to (over its circuits, for a private ask)."""
+        return self.seed
+
+    @property
+    def forwarded(self) -> bool:
+        return self.signer != self.seed
 
     @property
     def tokens_per_s(self) -> float:
@@ -207,6 +241,9 @@ class ModelChoice:
     wanted: str | None = None
     # the rival ids' seeds, best-supported first: where an ask goes when every seed of model_id failed
     alternatives: list[tuple[str, list[PeerRecord]]] = field(default_factory=list)
+    # every seed record the ask's listing held, by peer id: the only signers a forwarded answer may
+    # name (`Signers`), whatever their standing; never extended by a lookup about a signer
+    listed: dict[str, PeerRecord] = field(default_factory=dict)
 
 
 def _support(seeds: list[PeerRecord], standing: Callable[[str], PeerStanding]) -> tuple[int, float, int]:
@@ -271,7 +308,8 @@ def resolve_model(seeds: list[PeerRecord], wanted: str | None, standing: Callabl
 
     rivals = [(mid, name_of(mid), support[mid][2]) for mid in ranked[1:]]
     alternatives = [(mid, by_id[mid]) for mid in ranked[1:] if support[mid][2] > 0]
-    return ModelChoice(chosen, name_of(chosen), by_id[chosen], rivals, wanted, alternatives)
+    listed = {record.peer_id: record for record in seeds}
+    return ModelChoice(chosen, name_of(chosen), by_id[chosen], rivals, wanted, alternatives, listed)
 
 
 def trusted_seeds(seeds: list[PeerRecord], store: Store, model_id: str) -> list[PeerRecord]:
@@ -391,6 +429,51 @@ class AnswerSink:
         return "".join(self.pieces)
 
 
+@dataclass(frozen=True)
+class Signers:
+    """Who besides the entry may have signed an answer: the seeds of this ask's own listing.
+
+    `records`: the seed records the ask fetched before its first attempt (ModelChoice.listed), by peer
+    id. `standing`: the local reputation view; a listed signer it calls untrusted is refused (None: any
+    listed seed, as a verifier judges every seed of its model whatever its standing). Deliberately no
+    way to look a signer up: a tracker asked about the signer of a private ask would learn which seed
+    served it (module docstring)."""
+
+    records: Mapping[str, PeerRecord] = field(default_factory=dict)
+    standing: Callable[[str], PeerStanding] | None = None
+
+    def refusal(self, signer_id: str, model_id: str) -> str | None:
+        """Why `signer_id` may not sign an answer of `model_id` relayed by another seed (None: it may)."""
+        record = self.records.get(signer_id)
+        if record is None or record.peer_id != signer_id:
+            return "not a seed this ask listed"
+        if record.stopped:
+            return "a seed that has stopped"
+        if not any(info.model_id == model_id for info in record.models):
+            return "not a listed seed of this model"
+        if self.standing is not None and not self.standing(signer_id).eligible:
+            return "an untrusted seed"
+        return None
+
+
+class CheckedAnswer(NamedTuple):
+    tokens: int
+    finish_reason: str
+    signature: bytes
+    signer: PeerRecord  # whose key the signature verified under: the entry, or the seed it forwarded to
+    cached: int | None  # the `done`'s own word (not signed): prompt tokens from the prefix cache
+    prompt_tokens: int | None
+
+
+def _token_count(done: dict[str, object], name: str) -> int | None:
+    value = done.get(name)
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= MAX_PROMPT_TOKENS_FIELD:
+        raise ValueError(name)
+    return value
+
+
 def check_answer(
     seed: PeerRecord,
     request_bytes: bytes,
@@ -398,15 +481,30 @@ def check_answer(
     sink: AnswerSink,
     done: dict[str, object],
     signature: object,
-) -> tuple[int, str, bytes]:
-    """Check a finished answer as received (`sink`) against the seed's `done` and signature; return
-    (tokens, finish reason, signature bytes). Raises SeedFailed when the seed is at fault: another model
+    signers: Signers | None = None,
+) -> CheckedAnswer:
+    """Check a finished answer as received (`sink`) against the seed's `done` and signature. Raises
+    SeedFailed, naming `seed` (the entry, which relayed it), when that seed is at fault: another model
     id, a count other than the ids received, a missing, malformed or wrong signature (transcript v2:
-    a v1 signature, or one over other text, ids, count or finish reason, does not verify)."""
+    a v1 signature, or one over other text, ids, count or finish reason, does not verify).
+
+    A `done` whose `signer` names another peer (a forwarded answer) must be signed under the key of
+    that peer's record in `signers` (this ask's own listing), and `signers.refusal` must find nothing
+    against it; otherwise the answer is the entry's failure: it chose the target and relayed the
+    signature, so an entry cannot pass its own bad answers off under a throwaway key, nor name a
+    listed seed for an answer it signed itself (the signature would not verify under that seed's key)."""
     who = f"seed {short_id(seed.peer_id)}"
     tokens, finish_reason = done.get("tokens"), done.get("finish_reason")
     if type(tokens) is not int or not isinstance(finish_reason, str) or not isinstance(signature, str):
         raise SeedFailed(f"{who} sent a malformed or unsigned end of answer")
+    signer_id = done.get("signer", seed.peer_id)
+    try:
+        cached, prompt_tokens = _token_count(done, "cached"), _token_count(done, "prompt_tokens")
+    except ValueError as exc:
+        raise SeedFailed(f"{who} sent a malformed end of answer ({exc})") from None
+    if not isinstance(signer_id, str) or not 0 < len(signer_id) <= 64 or (
+            cached is not None and prompt_tokens is not None and cached > prompt_tokens):
+        raise SeedFailed(f"{who} sent a malformed end of answer")
     if done.get("model_id") != model_id:
         raise SeedFailed(f"{who} answered with another model")
     if tokens != len(sink.token_ids):
@@ -417,14 +515,52 @@ def check_answer(
         raise SeedFailed(f"{who} ended its answer for no reason a whole answer has ({finish_reason[:32]!r})")
     if finish_reason == "length" and sink.max_ids is not None and tokens != sink.max_ids:
         raise SeedFailed(f"{who} says it reached the length limit after {tokens} of {sink.max_ids} tokens")
+    signer = seed
+    if signer_id != seed.peer_id:
+        # the signer is judged only against this ask's own listing: looking it up at a tracker would
+        # tell the tracker which seed served the ask (for a private ask, its circuits' real target)
+        refusal = (signers or Signers()).refusal(signer_id, model_id)
+        if refusal is not None:
+            raise SeedFailed(f"{who} relayed an answer signed by {short_id(signer_id)}, {refusal}")
+        signer = (signers or Signers()).records[signer_id]
     try:
         signature_bytes = unb64(signature)
         signed = transcript(request_bytes, model_id, sink.text, sink.token_ids, finish_reason)
     except ValueError as exc:  # bad base64, or a field the transcript cannot hold
         raise SeedFailed(f"{who}'s answer cannot be checked ({exc})") from exc
-    if not verify_signature(seed.signing_key, signature_bytes, signed):
-        raise SeedFailed(f"{who}'s transcript signature does not verify")
-    return tokens, finish_reason, signature_bytes
+    if not verify_signature(signer.signing_key, signature_bytes, signed):
+        if signer is seed:
+            raise SeedFailed(f"{who}'s transcript signature does not verify")
+        raise SeedFailed(f"{who} relayed an answer whose signature does not verify under the key of "
+                         f"seed {short_id(signer.peer_id)}, which it names as the signer")
+    return CheckedAnswer(tokens, finish_reason, signature_bytes, signer, cached, prompt_tokens)
+
+
+def signers_of(choice: ModelChoice, store: Store) -> Signers:
+    """The signers an ask of `choice` accepts: its listing, under the store's reputation view."""
+    return Signers(choice.listed, store.standing)
+
+
+def answer_result(seed: PeerRecord, model_id: str, sink: AnswerSink, request_bytes: bytes, checked: CheckedAnswer,
+                  ttft_s: float | None, total_s: float) -> AskResult:
+    """The AskResult of an answer `check_answer` accepted (a direct one; private.py adds its fields)."""
+    return AskResult(
+        text=sink.text,
+        tokens=checked.tokens,
+        seed=seed.peer_id,
+        model_id=model_id,
+        finish_reason=checked.finish_reason,
+        ttft_s=ttft_s if ttft_s is not None else total_s,
+        total_s=total_s,
+        attempts=1,
+        token_ids=list(sink.token_ids),
+        signature=checked.signature,
+        request_bytes=request_bytes,
+        signing_key=checked.signer.signing_key,
+        signer=checked.signer.peer_id,
+        cached=checked.cached,
+        prompt_tokens=checked.prompt_tokens,
+    )
 
 
 Attempt = Callable[[PeerRecord, str, AnswerSink], Awaitable[AskResult]]  # (seed, model id, sink)
@@ -514,8 +650,10 @@ async def ask_seed(
     timeouts: AskTimeouts,
     sink: AnswerSink,
     started: float,
+    signers: Signers | None = None,
 ) -> AskResult:
-    """One attempt, straight to `seed` over CurveZMQ with a throwaway key. Every failure is the seed's."""
+    """One attempt, straight to `seed` over CurveZMQ with a throwaway key. Every failure is the seed's,
+    a forwarded answer's included (`signers`: who besides `seed` may sign, check_answer)."""
     request_id = secrets.token_hex(8)
     body = generate_body(request, model_id, request_id)
     # the transcript's request bytes: what the seed will decode from the frames sent, canonically encoded
@@ -545,27 +683,16 @@ async def ask_seed(
                         ttft_s = time.perf_counter() - started
                     sink.add(message["text"], message["ids"])
                 elif message.kind == "done":
-                    tokens, finish_reason, signature = check_answer(
-                        seed, request_bytes, model_id, sink, message.body, message.get("signature")
-                    )
-                    total_s = time.perf_counter() - started
-                    return AskResult(
-                        text=sink.text,
-                        tokens=tokens,
-                        seed=seed.peer_id,
-                        model_id=model_id,
-                        finish_reason=finish_reason,
-                        ttft_s=ttft_s if ttft_s is not None else total_s,
-                        total_s=total_s,
-                        attempts=1,
-                        token_ids=list(sink.token_ids),
-                        signature=signature,
-                        request_bytes=request_bytes,
-                        signing_key=seed.signing_key,
-                    )
+                    checked = check_answer(seed, request_bytes, model_id, sink, message.body, message.get("signature"),
+                                           signers)
+                    return answer_result(seed, model_id, sink, request_bytes, checked, ttft_s,
+                                         time.perf_counter() - started)
                 elif message.kind == "error":
                     if message.get("code") == "bad_request":  # the request is at fault, not the seed
                         raise RequestRefused(f"the seed refused the request: {message['message']}")
+                    if message.get("code") == FORWARD_FAILED:  # its group member broke off: as if stopped
+                        raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {message['message']}",
+                                         code=FORWARD_FAILED, stopped=True)
                     raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {message['message']}")
                 else:
                     raise SeedFailed(f"seed {short_id(seed.peer_id)} sent {message.kind} mid-answer")
@@ -587,9 +714,10 @@ async def ask_direct(
     check_request(request)
     started = time.perf_counter()
     choice, ranked = await find_seeds(ctx, trackers, request, store, events)
+    signers = signers_of(choice, store)
 
     async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
-        return await ask_seed(ctx, seed, model_id, request, ask_timeouts, sink, time.perf_counter())
+        return await ask_seed(ctx, seed, model_id, request, ask_timeouts, sink, time.perf_counter(), signers)
 
     return await run_attempts(
         ranked, attempt, store, events, request=request, started=started, model_id=choice.model_id,

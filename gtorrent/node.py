@@ -99,6 +99,8 @@ class SeedEvents:
     ready: Callable[[Any], None] = lambda seed: None
     announced: Callable[[dict[str, str]], None] = lambda errors: None
     stopping: Callable[[], None] = lambda: None
+    served: Callable[[Any], None] = lambda served: None  # a seed.ServedRequest per request finished here
+    group_changed: Callable[[str, bool], None] = lambda peer_id, joined: None  # a member joined or left
 
 
 async def _tracker_alive(ctx: Any, url: str) -> bool:
@@ -117,20 +119,33 @@ def run_seed(
     name: str | None,
     max_concurrency: int,
     events: SeedEvents,
+    forwarding: str | None = None,
+    kv_cache_mb: int | None = None,
 ) -> dict[str, int]:
-    """Serve `model` (a loaded LanguageModel) until signalled."""
+    """Serve `model` (a loaded LanguageModel) until signalled.
+
+    `forwarding`: the model group's routing policy (forwarding.POLICIES; None: the default, tree+lb);
+    `kv_cache_mb`: the prefix KV cache's budget in MiB (None: prefix_cache.DEFAULT_MAX_BYTES; 0: none)."""
+    from .forwarding import DEFAULT_POLICY
+    from .runtime.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
     from .seed import SeedService
     from .tracker import TrackerService
 
     identity, _ = load_or_create_identity(settings.home)
+    if model.prefix_cache is None and kv_cache_mb != 0:
+        model.prefix_cache = PrefixCache(DEFAULT_MAX_BYTES if kv_cache_mb is None else kv_cache_mb << 20)
 
     async def main() -> dict[str, int]:
         local_tracker: TrackerService | None = None
         tracker_lock: HomeLock | str | None = None
         tasks: list[asyncio.Task[None]] = []
         trackers = list(settings.trackers)
-        seed = SeedService(identity, model, trackers=trackers, name=name, max_concurrency=max_concurrency)
+        seed = SeedService(identity, model, trackers=trackers, name=name, max_concurrency=max_concurrency,
+                           forwarding=forwarding or DEFAULT_POLICY, verifiers=settings.verifiers)
         seed.announcer.on_announce = events.announced
+        seed.on_served = events.served
+        if seed.group is not None:
+            seed.group.on_change = lambda member, joined: events.group_changed(member.peer_id, joined)
         try:
             if not settings.trackers_explicit and not await _tracker_alive(seed.ctx, DEFAULT_TRACKER):
                 # this home's tracker.db may belong to a tracker running elsewhere on it: never two writers
@@ -271,6 +286,9 @@ class PeerRow:
     verifiers: int = 0  # trusted verifiers with a verdict for that epoch
     verifiers_agreed: int = 0  # of them, on the consensus's side of tau
     verdicts: list[dict[str, Any]] = field(default_factory=list)  # that epoch's signed verdicts, wire form
+    # share of prompt tokens the seed served from its prefix cache lately (its record's load "cache_hit",
+    # the seed's word); None: not listed now, or no valid value (a number in 0..1)
+    cache_hit: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {**self.__dict__}
@@ -317,6 +335,7 @@ async def peer_rows(ctx: Any, trackers: list[str], store: Store, model: str | No
                 verifiers=0 if last is None else last.verifiers,
                 verifiers_agreed=0 if last is None else last.agreed,
                 verdicts=verdicts,
+                cache_hit=hit if peer_id in online and 0.0 <= (hit := record.load.get("cache_hit", -1.0)) <= 1.0 else None,
             )
         )
     # online first, then trusted, unverified, untrusted, each by reputation

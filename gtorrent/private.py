@@ -6,8 +6,11 @@ at the seed (circuit.py), replacing paths that fail to build with fresh ones whi
 tell the caller the route (`on_route`, before any text, so a degraded route is known up front); split
 the request with S-IDA (n cloves, any k rebuild it) and send clove j on path j (garlic.py); then read
 reply fragments from every path, rebuild each chunk from any k, and stream its text. A path that
-breaks is tolerated while k paths live. The final chunk carries the seed's signature over the
-transcript, checked against its record. Retries are asker.run_attempts' (the loop direct asks use).
+breaks is tolerated while k paths live. The final chunk carries the signature over the transcript
+of the seed that generated the answer, checked against its record: the seed asked, or a seed of its
+model group it forwarded the request to, accepted only from this ask's own listing (asker.Signers; no
+tracker is ever asked about a signer, as that would link the ask to its target). Retries are
+asker.run_attempts' (the loop direct asks use).
 
 Blame goes to the party that failed, so that a dead seed never burns healthy relays, and to whoever
 reported the failure along with the accused, so that a relay cannot frame honest ones and stay in use
@@ -52,6 +55,7 @@ import time
 from dataclasses import dataclass, field
 
 from .asker import (
+    FORWARD_FAILED,
     AnswerSink,
     AskEvents,
     AskRequest,
@@ -61,11 +65,14 @@ from .asker import (
     RequestRefused,
     RouteFailed,
     SeedFailed,
+    Signers,
+    answer_result,
     check_answer,
     check_request,
     find_seeds,
     generate_body,
     run_attempts,
+    signers_of,
 )
 from .circuit import CircuitClient, CircuitError
 from .discovery import discover
@@ -325,6 +332,7 @@ async def _one_attempt(
     timeouts: AskTimeouts,
     events: AskEvents,
     sink: AnswerSink,
+    signers: Signers | None = None,
 ) -> AskResult:
     started = time.perf_counter()
     plan = state.plan(seed)
@@ -351,7 +359,8 @@ async def _one_attempt(
             # so the seed cannot tell how many relays precede it
             for payload in clove_payloads(ask_id, clove.to_bytes(), forward_capacity(MAX_PATH_HOPS + 1)):
                 await circuit.send(payload)
-        return await _receive(built, used, seed, model_id, request_bytes, reply_key, timeouts, sink, started, path_setup_s)
+        return await _receive(built, used, seed, model_id, request_bytes, reply_key, timeouts, sink, started, path_setup_s,
+                              signers)
     finally:
         await _close_all(built)
 
@@ -377,6 +386,7 @@ async def _receive(
     sink: AnswerSink,
     started: float,
     path_setup_s: float,
+    signers: Signers | None = None,
 ) -> AskResult:
     queue: asyncio.Queue[tuple[int, bytes | None, CircuitError | None]] = asyncio.Queue()
 
@@ -469,33 +479,19 @@ async def _receive(
                     if chunk["error"] == "bad_request":
                         raise RequestRefused(f"the seed refused the request: {chunk.get('message', '')}")
                     raise SeedFailed(f"seed {short_id(seed.peer_id)} failed: {chunk.get('message', chunk['error'])}",
-                                     code=str(chunk["error"]))
+                                     code=str(chunk["error"]), stopped=chunk["error"] == FORWARD_FAILED)
                 elif "done" in chunk:
                     info = chunk["done"]
                     if not isinstance(info, dict):
                         raise SeedFailed(f"seed {short_id(seed.peer_id)} sent a malformed final chunk")
-                    tokens, finish_reason, signature = check_answer(
-                        seed, request_bytes, model_id, sink, info, chunk.get("signature")
-                    )
-                    total_s = time.perf_counter() - started
-                    return AskResult(
-                        text=sink.text,
-                        tokens=tokens,
-                        seed=seed.peer_id,
-                        model_id=model_id,
-                        finish_reason=finish_reason,
-                        ttft_s=ttft_s if ttft_s is not None else total_s,
-                        total_s=total_s,
-                        attempts=1,
-                        mode="private",
-                        privacy=plan.describe(),
-                        path_setup_s=path_setup_s,
-                        route=[circuit.route[:-1] for circuit in built],
-                        token_ids=list(sink.token_ids),
-                        signature=signature,
-                        request_bytes=request_bytes,
-                        signing_key=seed.signing_key,
-                    )
+                    # a forwarded answer names its signer in `done`; only this ask's listing can vouch
+                    # for it (asker.Signers), never a tracker asked about it
+                    checked = check_answer(seed, request_bytes, model_id, sink, info, chunk.get("signature"), signers)
+                    result = answer_result(seed, model_id, sink, request_bytes, checked, ttft_s,
+                                           time.perf_counter() - started)
+                    result.mode, result.privacy, result.path_setup_s = "private", plan.describe(), path_setup_s
+                    result.route = [circuit.route[:-1] for circuit in built]
+                    return result
     finally:
         for reader in readers:
             reader.cancel()
@@ -526,9 +522,14 @@ async def ask_private(
     rules: RelayRules | None = None,
     use_guards: bool = True,
     only_seed: PeerRecord | None = None,
+    signers: Signers | None = None,
 ) -> AskResult:
     """`only_seed`: ask that seed alone, for `request.model` (a verifier's challenge, verifier.py),
-    whatever its standing in `store`; the paths and messages are those of any private ask."""
+    whatever its standing in `store`; the paths and messages are those of any private ask.
+
+    `signers`: who besides the seed asked may sign a forwarded answer (asker.check_answer); by default
+    the seeds this ask listed, not untrusted in `store` (with `only_seed`: none unless given; a
+    verifier passes its epoch's listing)."""
     events = events or AskEvents()
     ask_timeouts = timeouts or AskTimeouts()
     check_request(request)
@@ -548,10 +549,12 @@ async def ask_private(
     state = RouteState(view.relays, paths, hops, k, strict, min_hops, first_seen=store.first_seen(),
                        guards=view.guards, listed_s=view.listed_s, rules=rules)
     state.aliases = await resolve_names([*state.relays, *ranked, *(s for _, seeds in choice.alternatives for s in seeds)])
+    if signers is None:
+        signers = signers_of(choice, store)
 
     async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
         try:
-            return await _one_attempt(ctx, seed, model_id, request, state, ask_timeouts, events, sink)
+            return await _one_attempt(ctx, seed, model_id, request, state, ask_timeouts, events, sink, signers)
         except SeedFailed:
             state.suspects.add(seed.peer_id)  # it may be listed as a relay too: not on later paths either
             raise

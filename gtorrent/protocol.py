@@ -162,6 +162,7 @@ def _check_value(where: str, value: Any, spec: Field) -> None:
 
 NUMBER = (int, float)
 ID = Field(str, max_len=64)
+MAX_GROUP_SUMMARY_CHARS = 44_000  # b64 of 2,062 16-byte digests (43,992): a group_state stays under 45 KiB
 REQUEST_ID = Field(str, max_len=64)
 
 SCHEMAS: dict[str, dict[str, Field]] = {
@@ -233,9 +234,50 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "total_s": Field(NUMBER, minimum=0),
         "model_id": ID,
         "signature": Field(str, max_len=128),  # b64 Ed25519 signature over the transcript (garlic.transcript)
+        # a forwarded answer: the peer id of the group member that generated and signed it (absent: the
+        # seed answering); the asker accepts it only for a seed of its own listing (asker.check_answer)
+        "signer": Field(str, required=False, max_len=64),
+        "cached": Field(int, required=False, minimum=0, maximum=1 << 24),  # prompt tokens from the prefix cache
+        "prompt_tokens": Field(int, required=False, minimum=0, maximum=1 << 24),
     },
     "ping": {},
     "pong": {},
+    # model groups (group.py, docs/PROTOCOL.md "Model groups and forwarding"): only between seeds listed for
+    # one model, over CurveZMQ, each signed by its sender (group.GROUP_LABEL + canonical body without `sig`)
+    "group_state": {
+        "from": ID,  # the sender's peer id (its record, listed for `model_id`, gives the signing key)
+        "to": ID,  # the receiver's peer id: a state signed for one member is refused by the others
+        "model_id": ID,
+        "ts": Field(int, minimum=0, maximum=(1 << 63) - 1),  # sender's clock, ms; newer than its last
+        "summary": Field(str, max_len=MAX_GROUP_SUMMARY_CHARS),  # b64 of PrefixSummary.to_bytes (bounded)
+        "queue": Field(int, minimum=0, maximum=1 << 20),  # requests waiting
+        "in_flight": Field(int, minimum=0, maximum=1 << 20),  # requests generating
+        "lb": Field(NUMBER, minimum=0, maximum=1e6),  # LB factor, seconds (forwarding.LbFactor)
+        "sig": Field(str, max_len=128),
+    },
+    # a member's load, pushed one way (no answer) to every live member whenever its queue changes, at most
+    # every group.LOAD_PUSH_MIN_S: a group_state without the summary (the same signature and checks)
+    "group_load": {
+        "from": ID,
+        "to": ID,
+        "model_id": ID,
+        "ts": Field(int, minimum=0, maximum=(1 << 63) - 1),  # the sender's group stamp (shared with states)
+        "queue": Field(int, minimum=0, maximum=1 << 20),
+        "in_flight": Field(int, minimum=0, maximum=1 << 20),
+        "lb": Field(NUMBER, minimum=0, maximum=1e6),
+        "sig": Field(str, max_len=128),
+    },
+    # an entry seed hands a request to a group member; + one binary frame: the ORIGINAL request bytes
+    # (direct: canonical JSON of the generate body; private: the combined S-IDA request bytes)
+    "forward": {
+        "id": REQUEST_ID,  # the forward's own id (random); the target's accepted/token/done/error carry it
+        "from": ID,
+        "to": ID,
+        "model_id": ID,
+        "ts": Field(int, minimum=0, maximum=(1 << 63) - 1),  # sender's clock, ms
+        "mode": Field(str, max_len=8),  # "direct" or "private": how to parse the request bytes
+        "sig": Field(str, max_len=128),  # over group.GROUP_LABEL + canonical body without `sig` + sha256(request)
+    },
     # circuits (onion.py): circuit ids are per link, 63-bit, chosen at random by the asker
     # v2: ntor handshake (onion.py, cells.py); keys are 32 bytes, base64url without padding
     "create": {

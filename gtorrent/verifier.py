@@ -15,7 +15,8 @@ listings.
 
 Evidence: the verdict's `evidence` digest is the SHA-256 of the canonical JSON evidence document of
 that seed and epoch: every scored challenge's signed transcript (request bytes, text, token ids, finish
-reason, the seed's signature and key) with the verifier's score. When C or any challenge's score is
+reason, the seed's signature and key; `signer`, and `sent_to` for a challenge another seed forwarded to
+it) with the verifier's score. When C or any challenge's score is
 below `evidence_below`, the document and the verdict are written to
 `<home>/evidence/<epoch>-<seed>-<model>-<verifier>.json` (0600, ids shortened), and `recheck` lets anyone holding the model re-score it
 and say whether they agree.
@@ -23,9 +24,22 @@ and say whether they agree.
 Failed challenges: who failed decides whether a challenge counts (asker/private blame rules).
 - The seed failed it after it was reached (`seed_failure`) in a way only the seed can: it refused (an
   error of its own, or `bad_request` for a request the reference serves), sent a bad chunk, a count
-  or finish reason no whole answer has, or a transcript signature that does not verify; or it signed
+  or finish reason no whole answer has, or a transcript signature that does not verify (a forwarded
+  answer's included: one naming a signer that is not a seed of the model in this epoch's listing (read
+  at the epoch's start and again every quarter of it, `_refresh_listing`), or
+  whose signature does not verify under that seed's listed key, is the seed's own failure, so a seed
+  cannot launder its bad answers by signing them with throwaway keys); or it signed
   an answer the reference cannot score at all (token ids outside its vocabulary, say). That counts as a challenge scored 0: otherwise a seed that recognised a
   challenge could drop it and lose nothing.
+- The seed forwarded it to another seed of its model group whose signature the answer carries, and
+  that signer is a listed seed of the model (`ChallengeResult.signer`): a greedy challenge's answer is
+  the signer's (a sampled one counts for nobody: the entry could have drawn several samples from the
+  signer and relayed the least likely, `ChallengeResult.credited`). It
+  is scored (or counted 0 as unscorable) in the signer's epoch sample (`run_epoch` pools every seed's
+  challenges first, then tallies each sample), and it counts neither for nor against the seed it was
+  sent to, though it shows that seed answered (`tally`'s silence rule). A seed that forwards every
+  challenge gets no verdict of its own (it stays unverified, in the tier below trusted seeds); a
+  signer already judged this epoch before a restart gets no second verdict (its share is dropped).
 - Nothing of the seed's came back though circuits reached it (silence, or every path broken before
   any chunk), or its answer stopped, or every path broke, mid-answer (`SeedFailed.stopped`): relays
   dropping the request on n - k + 1 paths look the same, and so do relays on every path that stop
@@ -78,6 +92,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -90,7 +105,7 @@ from typing import Any
 
 import zmq
 
-from .asker import AskRequest, AskResult, AskTimeouts, AttemptsFailed, RequestRefused, SeedFailed
+from .asker import AskRequest, AskResult, AskTimeouts, AttemptsFailed, RequestRefused, SeedFailed, Signers
 from .challenges import (
     DEFAULT_MIN_TOKENS,
     PROBATION_FACTOR,
@@ -116,7 +131,11 @@ from .runtime import (
 from .store import Store
 from .transport import Context, Server
 
-EVIDENCE_VERSION = 2  # 2: entries for challenges the seed failed ("unanswered")
+log = logging.getLogger(__name__)
+
+# 2: entries for challenges the seed failed ("unanswered"); 3: answered entries name their "signer", and
+# "sent_to" the seed a forwarded challenge was sent to
+EVIDENCE_VERSION = 3
 EVIDENCE_DIR = "evidence"
 EVIDENCE_BELOW = 0.5  # a challenge or an epoch scoring below this keeps its transcripts as evidence
 RECHECK_TOLERANCE = 0.05  # |C re-scored − C signed| within which a re-check agrees
@@ -125,6 +144,10 @@ MAX_EPOCH_S = MAX_VERDICT_EPOCH_MS / 1000  # a verdict's epoch lasts at most a w
 BUSY_RETRIES = 2  # a challenge the seed refuses as "busy" is sent again this many times before it counts
 BUSY_RETRY_FRACTION = 0.1  # ... each after a random delay of up to this fraction of the epoch
 SILENT_RETRIES = 1  # a challenge nothing came back for is sent again on fresh paths this many times
+# the model's listing is read again this often while an epoch's challenges run (`_refresh_listing`): a
+# quarter of the epoch, within these bounds
+LISTING_REFRESH_MIN_S = 5.0
+LISTING_REFRESH_MAX_S = 60.0
 NO_TRANSCRIPT = "no signed transcript exists: the seed was reached and failed this challenge (the verifier's word)"
 
 
@@ -171,6 +194,10 @@ class ChallengeResult:
     error: str | None = None
     seed_failed: bool = False  # the seed was reached and failed it (`error` says how)
     silent: bool = False  # ... and nothing of its came back, even over fresh paths (counted only by `tally`)
+    # forwarded: the listed seed of the model that generated and signed the answer, when not `seed`. The
+    # result is then that seed's (`credited`), and neither counts for nor against `seed`
+    signer: str | None = None
+    sent_to: str | None = None  # in a result credited to the signer: the seed the challenge was sent to
 
     @property
     def calibrated(self) -> float | None:
@@ -179,10 +206,25 @@ class ChallengeResult:
         return None if self.score is None else self.score.calibrated
 
     @property
+    def forwarded(self) -> bool:
+        return self.signer is not None and self.signer != self.seed
+
+    @property
     def counted(self) -> bool:
         """Part of the epoch's C whatever the other challenges did: scored, or failed by the seed in a
-        way only the seed can (module docstring); a silent failure counts only as `tally` says."""
-        return self.score is not None or (self.seed_failed and not self.silent)
+        way only the seed can (module docstring); a silent failure counts only as `tally` says. A
+        forwarded answer counts for its signer when greedy (`credited`), never for the seed it was sent to."""
+        return not self.forwarded and (self.score is not None or (self.seed_failed and not self.silent))
+
+    def credited(self) -> ChallengeResult:
+        """The result as part of its signer's epoch sample: the signer's own, sent to `seed`. Only a greedy
+        challenge's: a sampled one stays with `seed`, counted for nobody. A target signs every sample
+        it draws for the request bytes it is given, and the entry can obtain several (a `forward` each,
+        or the same bytes as its own direct or private ask) and relay the least likely one, which would
+        frame an honest target; a greedy answer is the same every time, so there is nothing to pick."""
+        if self.signer is None or self.signer == self.seed or not self.challenge.sampling.greedy:
+            return self
+        return replace(self, seed=self.signer, signer=None, sent_to=self.seed)
 
 
 def tally(results: list[ChallengeResult]) -> tuple[float, list[ChallengeResult]] | None:
@@ -192,10 +234,13 @@ def tally(results: list[ChallengeResult]) -> tuple[float, list[ChallengeResult]]
     lowest). A silent one (nothing came back, even over fresh paths) counts, as 0, only when the seed
     answered no challenge of the epoch: relays dropping requests could cause it, but a seed that
     answers some challenges gains nothing by dropping others (it is scored on those it answers), and
-    one that drops them all gets C = 0."""
-    scores = [result.score for result in results if result.score is not None]
+    one that drops them all gets C = 0. A challenge the seed forwarded to another listed seed is an
+    answer that counts for neither side here (a greedy one is in the signer's sample, `credited`)."""
     counted = [result for result in results if result.counted]
+    scores = [result.score for result in counted if result.score is not None]
     if not counted:
+        if any(result.forwarded for result in results):
+            return None  # it answered, by forwarding: its silent challenges are the relays' as likely
         counted = [result for result in results if result.silent]
         return (0.0, counted) if counted else None
     failed = any(result.score is None for result in counted)
@@ -310,7 +355,10 @@ def evidence_document(seed: PeerRecord, model_id: str, epoch: int, results: list
             "token_ids": list(answer.token_ids),
             "finish_reason": answer.finish_reason,
             "signature": b64(answer.signature),
+            "signer": answer.signer,  # the seed whose key signed: this document's seed (`credited`)
         }
+        if result.sent_to is not None:
+            entry["sent_to"] = result.sent_to  # a forwarded challenge: the seed it was sent to, which relayed it
         if result.score is None:  # signed, but no honest seed gives it (`recheck` finds the same)
             entry |= {"unscorable": result.error or "unscorable", "calibrated": 0.0, "paper": 0.0}
         else:
@@ -382,6 +430,7 @@ class Verifier:
         self.verdicts: list[VerdictResult] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.in_flight = asyncio.Semaphore(self.settings.max_in_flight)
+        self.listings: dict[int, dict[str, PeerRecord]] = {}  # epoch -> its listing of the model's seeds
 
     def bind(self, url: str = "tcp://127.0.0.1:0", advertise: str | None = None) -> str:
         return self.server.bind(url, advertise)
@@ -413,12 +462,16 @@ class Verifier:
         request = AskRequest(challenge.prompt, model=self.model.model_id, max_tokens=challenge.max_tokens,
                              temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         busy = silent = 0
+        # a forwarded answer is accepted when its signer is a seed of the model in this epoch's listing
+        # (`run_epoch`), whatever its standing: the verifier judges every seed (module docstring, failed
+        # challenges); with no listing for the epoch, only the seed's own signature is
+        signers = Signers(self.listings.get(epoch, {}))
         while True:
             try:
                 answer = await ask_private(
                     self.ctx, self.trackers, request, self.store, timeouts=self.settings.timeouts,
                     paths=self.settings.paths, hops=self.settings.hops, allow_one_hop=self.settings.allow_one_hop,
-                    use_guards=self.settings.use_guards, only_seed=seed, max_attempts=2,
+                    use_guards=self.settings.use_guards, only_seed=seed, max_attempts=2, signers=signers,
                 )
             except zmq.ZMQError as exc:  # this host out of sockets or the like: the seed did nothing
                 return ChallengeResult(seed.peer_id, epoch, challenge, None, None, f"not sent: {exc}")
@@ -439,6 +492,7 @@ class Verifier:
                                        seed_failed=reason is not None,
                                        silent=reason is not None and _silent(exc, busy=True))
             break
+        signer = answer.signer if answer.forwarded else None
         try:
             body = json.loads(answer.request_bytes)
             score = await asyncio.to_thread(
@@ -449,15 +503,21 @@ class Verifier:
             # counting it as nothing would let a cheater escape a challenge it recognised: it scores 0
             message = exc.message if isinstance(exc, GtorrentError) else str(exc)
             return ChallengeResult(seed.peer_id, epoch, challenge, answer, None, f"unscorable answer: {message}",
-                                   seed_failed=True)
-        return ChallengeResult(seed.peer_id, epoch, challenge, answer, score)
+                                   seed_failed=True, signer=signer)
+        return ChallengeResult(seed.peer_id, epoch, challenge, answer, score, signer=signer)
 
     async def verify_seed(self, seed: PeerRecord, epoch: int, epoch_start: float) -> VerdictResult | None:
-        """Challenge one seed over one epoch; sign, keep and submit its verdict (None: nothing counted)."""
+        """Challenge one seed over one epoch; sign, keep and submit its verdict (None: nothing counted).
+        Called alone, outside `run_epoch`, it has no listing of the epoch: an answer signed by another
+        seed is then the seed's failure (`challenge`), as an unlisted signer's always is."""
+        return await self.conclude(seed, epoch, epoch_start, await self.challenge_seed(seed, epoch, epoch_start))
+
+    async def challenge_seed(self, seed: PeerRecord, epoch: int, epoch_start: float) -> list[ChallengeResult]:
+        """Send one seed its challenges of one epoch, at their planned times; their results."""
         count = challenge_count(self.store.standing(seed.peer_id).state, self.settings.challenges,
                                 self.rng.random(), probation=self.settings.probation)
         if count == 0:
-            return None  # an untrusted seed's epoch off (challenges.challenge_count)
+            return []  # an untrusted seed's epoch off (challenges.challenge_count)
         plans = await asyncio.to_thread(self.plan, count)
         # planned over the epoch's send window; spread over what is left of it once planned (no burst)
         times = send_times([c.send_at_s for c in plans], epoch_start, self.settings.epoch_s,
@@ -472,7 +532,11 @@ class Verifier:
             self.events.challenge(result)
             return result
 
-        results = list(await asyncio.gather(*(timed(c, at) for c, at in zip(plans, times, strict=True))))
+        return list(await asyncio.gather(*(timed(c, at) for c, at in zip(plans, times, strict=True))))
+
+    async def conclude(self, seed: PeerRecord, epoch: int, epoch_start: float,
+                       results: list[ChallengeResult]) -> VerdictResult | None:
+        """Sign, keep and submit `seed`'s verdict over its epoch sample `results` (None: nothing counted)."""
         tallied = tally(results)
         if tallied is None:
             return None
@@ -508,6 +572,9 @@ class Verifier:
                  if record.peer_id != self.identity.peer_id
                  and any(info.model_id == self.model.model_id for info in record.models)]
         self.store.saw_peers(seeds)
+        # the epoch's listing: the seeds whose signatures a forwarded answer may carry (Signers). Never
+        # extended by a lookup about a signer (a tracker would learn which seed served the challenge)
+        listing = {record.peer_id: record for record in seeds}
         # a verifier restarted within an epoch it already judged keeps its word: a second, different
         # verdict for one (seed, model, epoch) is an equivocation that trackers and clients punish
         seeds = [record for record in seeds if not any(
@@ -515,8 +582,47 @@ class Verifier:
             for verdict in self.store.verdicts(record.peer_id, epoch, model_id=self.model.model_id))]
         self.events.epoch(epoch, seeds)
         start = epoch * self.settings.epoch_s
-        done = await asyncio.gather(*(self.verify_seed(seed, epoch, start) for seed in seeds))
+        self.listings[epoch] = listing
+        refresher = asyncio.create_task(self._refresh_listing(listing))
+        try:
+            sent = await asyncio.gather(*(self.challenge_seed(seed, epoch, start) for seed in seeds))
+        finally:
+            refresher.cancel()
+            self.listings.pop(epoch, None)
+        # every result goes to the sample of the seed that generated its answer: a forwarded challenge is
+        # its signer's (a listed seed of the model: check_answer refused any other), not its entry's
+        # (one judged before a restart gets no second verdict: its share is dropped)
+        samples: dict[str, list[ChallengeResult]] = {seed.peer_id: [] for seed in seeds}
+        for results in sent:
+            for result in results:
+                samples[result.seed].append(result)  # a forwarded one counts for nobody there (`tally`)
+                credited = result.credited()
+                if credited is not result and credited.seed in samples:
+                    samples[credited.seed].append(credited)
+        done = await asyncio.gather(*(self.conclude(listing[peer_id], epoch, start, results)
+                                      for peer_id, results in samples.items()))
         return [result for result in done if result is not None]
+
+    async def _refresh_listing(self, listing: dict[str, PeerRecord]) -> None:
+        """Re-read the whole listing of the model every LISTING_REFRESH_S while the epoch's challenges run,
+        adding the seeds that joined (or came back) since: a forwarded answer's signer is judged against
+        it, and a member that rejoined mid-epoch must not make the honest entry that forwarded to it fail.
+        The same query as the epoch's first (never one about a signer); records only ever added or
+        replaced by newer ones of the same seed, so a seed listed once in the epoch stays a valid signer."""
+        interval = max(LISTING_REFRESH_MIN_S, min(LISTING_REFRESH_MAX_S, self.settings.epoch_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                found = await discover(self.ctx, self.trackers, model=self.model.model_id, role="seed")
+            except GtorrentError as exc:
+                log.debug("listing refresh failed: %s", exc.message)
+                continue
+            for record in found.records.values():
+                held = listing.get(record.peer_id)
+                if record.stopped or not any(info.model_id == self.model.model_id for info in record.models):
+                    continue
+                if held is None or record.seq > held.seq:
+                    listing[record.peer_id] = record
 
     async def run(self, stop: asyncio.Event, max_epochs: int | None = None) -> None:
         """Announce, then start an epoch's challenges at every epoch boundary (the current epoch first
@@ -610,6 +716,9 @@ def recheck(path: Path, model: LanguageModel) -> Recheck:
         for number, item in enumerate(evidence["challenges"], 1):
             if "unanswered" in item:
                 unanswered += 1
+                continue
+            if item.get("signer", verdict.seed) != verdict.seed:  # a forwarded answer is its signer's
+                problems.append(f"challenge {number}: signed by another seed than the verdict's")
                 continue
             request_bytes = unb64(str(item["request"]))
             ids = [int(token) for token in item["token_ids"]]

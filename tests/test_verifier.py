@@ -762,3 +762,56 @@ async def test_a_verifier_keeps_its_own_verdicts_whatever_its_trackers_admit(
         verifier.close()
         store.close()
         ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(30)
+async def test_the_epoch_listing_takes_seeds_that_join_during_the_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        demo: LanguageModel) -> None:
+    """A member that (re)joins mid-epoch becomes a valid signer of forwarded answers before the epoch ends:
+    otherwise the honest entry that forwarded a challenge to it would be scored 0 for an "unlisted" signer.
+    A seed listed once stays listed (its stop later in the epoch does not remove it), and only the model's
+    whole listing is asked for, never a signer."""
+    import gtorrent.verifier as verifier_module
+    from gtorrent.discovery import Discovery
+    from gtorrent.protocol import ModelInfo, PeerRecord
+    from gtorrent.transport import new_context
+
+    info = ModelInfo(demo.model_id, demo.name, demo.context_length)
+
+    def record(who: Identity, seq: int, stopped: bool = False, model: ModelInfo = info) -> PeerRecord:
+        return PeerRecord.sign(who, endpoint="tcp://127.0.0.1:9", roles=("seed",), models=(model,), seq=seq,
+                               expires=time.time() + 60, stopped=stopped)
+
+    first, joiner, other_model = Identity.generate(), Identity.generate(), Identity.generate()
+    listings = [{first.peer_id: record(first, 1)},
+                {first.peer_id: record(first, 2, stopped=True), joiner.peer_id: record(joiner, 1),
+                 other_model.peer_id: record(other_model, 1, model=ModelInfo("ef" * 32, "x", 512))}]
+    queries: list[dict[str, object]] = []
+
+    async def listed(*args: object, **kwargs: object) -> Discovery:
+        queries.append(kwargs)
+        return Discovery(records=listings[min(len(queries) - 1, 1)])
+
+    monkeypatch.setattr(verifier_module, "discover", listed)
+    monkeypatch.setattr(verifier_module, "LISTING_REFRESH_MIN_S", 0.05)
+    ctx = new_context()
+    store = Store.open(tmp_path)
+    verifier = Verifier(Identity.generate(), demo, ctx, [], store, tmp_path, VerifierSettings(epoch_s=0.1))
+    seen: list[set[str]] = []
+
+    async def challenge_seed(seed: PeerRecord, epoch: int, start: float) -> list[ChallengeResult]:
+        listing = verifier.listings[epoch]
+        deadline = time.monotonic() + 10
+        while joiner.peer_id not in listing:  # the refresh adds it while the epoch runs
+            assert time.monotonic() < deadline, "the joiner never entered the epoch's listing"
+            await asyncio.sleep(0.01)
+        seen.append(set(listing))
+        return []
+
+    monkeypatch.setattr(verifier, "challenge_seed", challenge_seed)
+    try:
+        await verifier.run_epoch(7)
+    finally:
+        ctx.destroy(linger=0)
+    assert seen == [{first.peer_id, joiner.peer_id}]  # the stopped record did not replace the listed one
+    assert all(query.get("model") == demo.model_id and "peers" not in query for query in queries)

@@ -116,9 +116,11 @@ def test_cheater_untrusted_within_three_epochs_and_asks_go_to_the_honest_seed(tm
                 pytest.fail(f"unexpected event {event}")
         assert first_epoch is not None
         scored = [c for c in challenges if c["error"] is None]
-        assert {c["seed"] for c in scored} == {honest, cheater}
-        assert min(c["calibrated"] for c in scored if c["seed"] == honest) >= 0.5, scored
-        assert max(c["calibrated"] for c in scored if c["seed"] == cheater) < 0.4, scored  # the paper's tau
+        # a challenge one seed forwarded to the other is the signer's answer, scored as the signer's (issue 9)
+        scored_as = {seed: [c for c in scored if (c["signer"] or c["seed"]) == seed] for seed in (honest, cheater)}
+        assert scored_as[honest] and scored_as[cheater], scored
+        assert min(c["calibrated"] for c in scored_as[honest]) >= 0.5, scored
+        assert max(c["calibrated"] for c in scored_as[cheater]) < 0.4, scored  # the paper's tau
         assert all(c["paper"] is not None and c["tokens"] > 0 for c in scored)
         assert any(c["greedy"] for c in scored) and all(c["max_tokens"] >= 128 for c in scored)
 
