@@ -1,0 +1,1001 @@
+#!/usr/bin/env python3
+"""Benchmark of overlay forwarding (issue 9): the paper's ablation, side by side in one run.
+
+Workload (generated here, seeded): ToolBench-like prompts. `--prefixes` long shared prefixes (tool
+descriptions, each its own), drawn with Zipf(1.1) popularity, each followed by a unique short query
+("Query <n>: …"), Poisson arrivals, a fixed `--output-tokens` (greedy; the demo model may end earlier
+at its end token, so the real run's answer lengths are counted, not assumed). Lengths are in tokens of
+the demo model's tokenizer, whose context is 512 tokens: prefix + query + output must fit, so the prefixes
+are 200-440 tokens (not the paper's up to 600), queries 24-50 (the tokenizer has 1,024 tokens: short
+words take several), output 16.
+
+1. Cost model, measured here from the real runtime (LanguageModel + PrefixCache on the bundled model,
+   the seeds' default threads): prefill of n tokens from scratch (a + b·n), prefill of n new tokens after
+   c cached ones (a + b·n + c·cached), one decode step at context m (d0 + d1·m), the KV bytes per token,
+   and the slowdown s(k) of a request when k seed processes generate at once on this machine (k real
+   worker processes in a closed loop; s(1) = 1).
+2. Real run: a tracker and 4 seeds as real processes on 127.0.0.1 (`gtorrent seed --forwarding P
+   --kv-cache-mb N`), restarted per policy (caches start cold), the same trace for rr, least-load, tree
+   and tree+lb. Each request goes to an entry seed drawn uniformly per request, as a direct ask over a
+   fresh CurveZMQ connection with a throwaway key (what `gtorrent ask --direct` does after discovery;
+   the signature is not checked here). End-to-end latency and TTFT are measured by this client from the
+   request's scheduled arrival (open loop: a late client counts against the policy, never for it); the
+   cache hit rate is Σ done.cached / Σ done.prompt_tokens. Before each trace, 24 sequential probes on
+   idle seeds (unique prompts, half ~40 and half ~420 tokens) measure the runtime as it runs inside a
+   seed process (each done's ttft_s and total_s: prefill per token, decode step against context) and
+   what the client sees beyond it (overhead per answer, the extra of a forwarded one: done.signer set);
+   pooled over the four policies, they replace the in-process constants for the simulations.
+3. Simulation: a discrete-event simulation that routes with the real code (gtorrent.forwarding.choose,
+   Member, LbFactor) over real caches (gtorrent.runtime.prefix_cache.PrefixCache, chunk_hashes: hits,
+   LRU eviction, leases as in runtime.model), service times from the cost model, one request at a time
+   per seed (the seeds' default --max-concurrency 1), FIFO queues, the others' summaries and load as of
+   the last group exchange (group.EXCHANGE_INTERVAL_S = 0.5 s, each pair both ways: refreshed every
+   0.25 s here), their load as of their last push (the seeds push it on every change, at most every
+   group.LOAD_PUSH_MIN_S = 10 ms: refreshed every 10 ms here) plus what the entry forwarded to each since
+   (group.note_forward), the entry's own state current, all formed as seed._choose and
+   group.routing_view form them. Validated first:
+   configured as the real run (4 seeds sharing this machine's cores, processor sharing by s(k), the same
+   trace, the answer lengths, the seeds' timings and overheads from the probes), its mean latency per
+   policy must be within 15 % of the real run's. Then the paper's scale: 8 seeds, one machine each (no
+   sharing), `--sim-requests` requests at the rate that keeps round robin `--sim-load` busy (found by a
+   pilot rr simulation).
+
+Targets (tree+lb against rr, at the paper's scale): mean <= 0.40x, p99 <= 0.50x.
+
+Usage: python scripts/bench_forwarding.py [--quick] [--seed 9] [--requests 400] [--real-seconds 75] [--rate R]
+           [--sim-requests 6000] [--sim-load 0.85] [--kv-cache-mb 8] [--skip-real] [--json FILE] [--report FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gtorrent.group import EXCHANGE_INTERVAL_S, LOAD_PUSH_MIN_S, MAX_SUMMARY_DIGESTS  # noqa: E402
+from gtorrent.runtime.prefix_cache import CHUNK_TOKENS, PrefixCache, PrefixSummary, chunk_hashes  # noqa: E402
+
+# what a seed knows of another is that one's state at their last exchange; each of the two runs an exchange
+# with the other every EXCHANGE_INTERVAL_S and both sides take the other's state, so about twice per interval
+REFRESH_S = EXCHANGE_INTERVAL_S / 2
+
+COMPARED = ("rr", "least-load", "tree", "tree+lb")
+ZIPF_S = 1.1
+CONTEXT_TOKENS = 512  # the bundled demo model's max_position_embeddings (checked against its config)
+PREFIX_TOKENS = (200, 440)  # what fits with a query and the output in 512 tokens
+QUERY_WORDS = (4, 9)
+OUTPUT_TOKENS = 16
+VALIDATE_WITHIN = 0.15
+TARGET_MEAN, TARGET_P99 = 0.40, 0.50
+REAL_SEEDS, SIM_SEEDS = 4, 8
+READY_SEED = r"seeding as (\w+) on (tcp://\S+)"
+
+WORDS = (
+    "account address amount api argument array author balance batch book booking calendar call category "
+    "channel city code comment company config contact content country currency customer data date day "
+    "description detail device distance document domain email endpoint error event field file filter "
+    "flight format game genre hotel image index invoice item job key label language latitude level limit "
+    "list location longitude market match media message method metric movie music name news number offset "
+    "order page parameter payment phone photo player playlist post price product profile query quote "
+    "rating recipe record region report request resource result review route score search season sector "
+    "session size song source sport station status stock store symbol tag team temperature text ticket "
+    "time timezone title token topic track trade translation trip type unit url user value venue version "
+    "video weather website week word year zone"
+).split()
+VERBS = "get list search find fetch create update lookup convert translate check track compare book".split()
+TYPES = ("string", "integer", "number", "boolean", "array", "object")
+
+
+# ---------------------------------------------------------------------- workload (pure, tested)
+
+
+@dataclass(frozen=True)
+class Prefix:
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Request:
+    index: int
+    arrival_s: float
+    prefix: int  # index into Workload.prefixes (0 = the most popular)
+    prompt: str
+    token_ids: tuple[int, ...]  # the prompt as a seed encodes it
+    entry: float  # uniform in [0, 1): the entry seed of n is int(entry * n)
+
+    def entry_of(self, seeds: int) -> int:
+        return min(int(self.entry * seeds), seeds - 1)
+
+
+@dataclass(frozen=True)
+class Workload:
+    prefixes: tuple[Prefix, ...]
+    requests: tuple[Request, ...]
+    rate: float  # requests per second (Poisson)
+    output_tokens: int
+
+
+def zipf_weights(n: int, s: float = ZIPF_S) -> np.ndarray:
+    weights = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** s
+    return weights / weights.sum()
+
+
+def _fit_words(words: list[str], target: int, encode: Callable[[str], list[int]]) -> str:
+    """The longest run of `words` (from the start) whose text is at most `target` tokens."""
+    low, high = 1, len(words)  # binary search: token count grows with the words kept
+    while low < high:
+        mid = (low + high + 1) // 2
+        if len(encode(" ".join(words[:mid]))) <= target:
+            low = mid
+        else:
+            high = mid - 1
+    return " ".join(words[:low])
+
+
+def _prefix_text(number: int, target: int, rng: np.random.Generator, encode: Callable[[str], list[int]]) -> str:
+    """A tool catalogue of about `target` tokens; its first words name it, so no two prefixes share a chunk."""
+    words = [f"Toolset {number}.", "You", "can", "call", "these", "APIs:"]
+    while len(encode(" ".join(words))) < target + 20:
+        name = f"{rng.choice(VERBS)}_{rng.choice(WORDS)}_{rng.choice(WORDS)}"
+        description = [str(w) for w in rng.choice(WORDS, size=int(rng.integers(8, 16)))]
+        params = [f"{rng.choice(WORDS)} ({rng.choice(TYPES)})," for _ in range(int(rng.integers(1, 4)))]
+        words += [f"\n{name}:", *description, "Parameters:", *params]
+    return _fit_words(words, target, encode) + "\n"
+
+
+def make_workload(
+    encode: Callable[[str], list[int]],
+    *,
+    seed: int,
+    requests: int,
+    rate: float,
+    prefixes: int = 40,
+    prefix_tokens: tuple[int, int] = PREFIX_TOKENS,
+    output_tokens: int = OUTPUT_TOKENS,
+    context_tokens: int = CONTEXT_TOKENS,
+) -> Workload:
+    """The trace: the prefixes depend on `seed` alone (and the count), the requests on `seed` and
+    `requests` too, so two traces of one seed share their prefixes. Deterministic under `seed`."""
+    prefix_rng = np.random.default_rng([seed, 0])
+    catalogue = []
+    for number in range(prefixes):
+        text = _prefix_text(number, int(prefix_rng.integers(prefix_tokens[0], prefix_tokens[1] + 1)), prefix_rng, encode)
+        catalogue.append(Prefix(text, len(encode(text))))
+    rng = np.random.default_rng([seed, 1, requests])
+    weights = zipf_weights(prefixes)
+    arrival = 0.0
+    made: list[Request] = []
+    for index in range(requests):
+        arrival += float(rng.exponential(1.0 / rate))
+        which = int(rng.choice(prefixes, p=weights))
+        query = " ".join(str(w) for w in rng.choice(WORDS, size=int(rng.integers(*QUERY_WORDS))))
+        prompt = f"{catalogue[which].text}Query {index}: {query}?\nAnswer:"
+        ids = tuple(encode(prompt))
+        if len(ids) + output_tokens > context_tokens:
+            raise ValueError(f"request {index} is {len(ids)} tokens + {output_tokens}: over the {context_tokens} context")
+        made.append(Request(index, arrival, which, prompt, ids, float(rng.random())))
+    return Workload(tuple(catalogue), tuple(made), rate, output_tokens)
+
+
+def demo_encoder() -> Callable[[str], list[int]]:
+    """The bundled model's tokenizer, as a seed encodes a prompt (LanguageModel.encode, chat off)."""
+    from tokenizers import Tokenizer
+
+    from gtorrent.runtime.files import bundled_model_path
+
+    config = json.loads((bundled_model_path() / "config.json").read_text())
+    if config["max_position_embeddings"] != CONTEXT_TOKENS:
+        raise SystemExit(f"the demo model's context is {config['max_position_embeddings']}, not {CONTEXT_TOKENS}")
+    tokenizer = Tokenizer.from_file(str(bundled_model_path() / "tokenizer.json"))
+    return lambda text: list(tokenizer.encode(text, add_special_tokens=True).ids)
+
+
+# ---------------------------------------------------------------------- cost model
+
+
+@dataclass
+class CostModel:
+    """Seconds of the real runtime on this machine, one request alone (module doc, 1)."""
+
+    miss_base_s: float
+    miss_per_token_s: float
+    hit_base_s: float
+    hit_per_token_s: float
+    hit_per_cached_s: float
+    decode_base_s: float
+    decode_per_context_s: float
+    kv_bytes_per_token: int
+    slowdown: list[float] = field(default_factory=lambda: [1.0])  # s(k), k = 1.. busy seeds on one machine
+    overhead_s: float = 0.0  # client-observed end-to-end minus model time, answered by the entry
+    ttft_overhead_s: float = 0.0
+    forward_s: float = 0.0  # the extra of a forwarded answer (group hop), on both latency and TTFT
+
+    def prefill_s(self, prompt_tokens: int, cached: int) -> float:
+        if cached <= 0:
+            return self.miss_base_s + self.miss_per_token_s * prompt_tokens
+        return self.hit_base_s + self.hit_per_token_s * (prompt_tokens - cached) + self.hit_per_cached_s * cached
+
+    def decode_s(self, prompt_tokens: int, tokens: int) -> float:
+        """The steps after the first token (the prefill gives it): one per further token."""
+        steps = max(tokens - 1, 0)
+        return steps * (self.decode_base_s + self.decode_per_context_s * (prompt_tokens + tokens / 2))
+
+    def share(self, busy: int) -> float:
+        """Progress per second of each of `busy` requests generating at once on one machine."""
+        if busy <= 1:
+            return 1.0
+        if busy <= len(self.slowdown):
+            return 1.0 / self.slowdown[busy - 1]
+        return 1.0 / (self.slowdown[-1] * busy / len(self.slowdown))  # beyond the measured: linear
+
+
+def _fit(rows: list[list[float]], ys: list[float]) -> list[float]:
+    coefficients, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(ys), rcond=None)
+    return [max(float(c), 0.0) for c in coefficients]
+
+
+def measure_cost(repeats: int) -> CostModel:
+    from gtorrent.runtime import GenerationParams, LanguageModel
+
+    lm = LanguageModel.load(None)
+    rng = np.random.default_rng(3)
+    vocab = int(lm.forward([1]).shape[-1])
+
+    def ids(n: int) -> list[int]:
+        return [int(t) for t in rng.integers(1, vocab, n)]
+
+    one = GenerationParams(max_tokens=1)
+    lm.prefix_cache = PrefixCache()
+    lm.generate(ids(300), one)  # warm-up
+    # per configuration, the median over `repeats` interleaved rounds: the machine is shared, and a
+    # median ignores the rounds another process's burst hit
+    miss: dict[int, list[float]] = {n: [] for n in (60, 150, 250, 350, 450)}
+    hit: dict[tuple[int, int], list[float]] = {c: [] for c in ((100, 15), (200, 25), (300, 15), (400, 30), (200, 45))}
+    steps = 24
+    decode: dict[int, list[float]] = {n: [] for n in (50, 250, 450)}
+    for _ in range(repeats):
+        for n, times in miss.items():
+            lm.prefix_cache = PrefixCache()  # a cold cache, as a seed's miss (the insert's copy included)
+            times.append(lm.generate(ids(n), one).ttft_s)
+        for (cached, new), times in hit.items():
+            lm.prefix_cache = PrefixCache()
+            prefix = ids(cached)
+            lm.generate(prefix + ids(5), one)
+            result = lm.generate(prefix + ids(new), one)
+            assert result.cached_tokens == cached, (result.cached_tokens, cached)
+            times.append(result.ttft_s)
+        for n, times in decode.items():
+            lm.prefix_cache = PrefixCache()
+            result = lm.generate(ids(n), GenerationParams(max_tokens=steps + 1, stop_at_eos=False))
+            times.append((result.total_s - result.ttft_s) / steps)
+    miss_rows, miss_y = [[1.0, n] for n in miss], [statistics.median(t) for t in miss.values()]
+    hit_rows = [[1.0, new, cached] for cached, new in hit]
+    hit_y = [statistics.median(t) for t in hit.values()]
+    decode_rows, decode_y = [[1.0, n + steps / 2] for n in decode], [statistics.median(t) for t in decode.values()]
+    miss_fit, hit_fit, decode_fit = _fit(miss_rows, miss_y), _fit(hit_rows, hit_y), _fit(decode_rows, decode_y)
+    heads, head_dim = lm.layout.past_shape
+    kv_bytes = len(lm.layout.past_names) * heads * head_dim * np.dtype(lm.layout.past_dtype).itemsize
+    return CostModel(*miss_fit, *hit_fit, *decode_fit, kv_bytes)
+
+
+def _worker(seconds: float) -> None:
+    """`--worker`: one process of the slowdown measurement (a miss request of the trace's size, looped)."""
+    from gtorrent.runtime import GenerationParams, LanguageModel
+
+    lm = LanguageModel.load(None, prefix_cache=PrefixCache())
+    rng = np.random.default_rng(os.getpid())
+    params = GenerationParams(max_tokens=OUTPUT_TOKENS, stop_at_eos=False)
+    lm.generate([int(t) for t in rng.integers(1, 1000, 340)], params)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        lm.prefix_cache = PrefixCache()
+        lm.generate([int(t) for t in rng.integers(1, 1000, 340)], params)
+        done += 1
+    print(json.dumps({"per_request_s": (time.perf_counter() - started) / done}), flush=True)
+
+
+def measure_slowdown(max_busy: int, seconds: float, rounds: int = 3) -> list[float]:
+    """s(k) for k = 1..max_busy: the time of a request with k worker processes generating at once, over
+    the time alone in the same round; the median over `rounds` interleaved rounds (the machine's other
+    load comes and goes)."""
+    ratios: list[list[float]] = [[] for _ in range(max_busy)]
+    for _ in range(rounds):
+        per_request = []
+        for k in range(1, max_busy + 1):
+            workers = [
+                subprocess.Popen([sys.executable, __file__, "--worker", str(seconds)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+                for _ in range(k)
+            ]
+            for worker in workers:
+                assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+            for worker in workers:
+                assert worker.stdin is not None
+                worker.stdin.write("go\n")
+                worker.stdin.flush()
+            times = [json.loads(worker.communicate(timeout=seconds + 60)[0])["per_request_s"] for worker in workers]
+            per_request.append(statistics.mean(times))
+        for k, time_k in enumerate(per_request):
+            ratios[k].append(time_k / per_request[0])
+    return [statistics.median(r) for r in ratios]
+
+
+# ---------------------------------------------------------------------- outcomes and summaries
+
+
+@dataclass
+class Outcome:
+    index: int
+    entry: int
+    server: int  # the seed that generated (-1: unknown)
+    ok: bool
+    latency_s: float = 0.0
+    ttft_s: float = 0.0
+    cached: int = 0
+    prompt_tokens: int = 0
+    tokens: int = 0
+    error: str = ""
+    seed_ttft_s: float = 0.0  # the generating seed's own timings (done.ttft_s, total_s: its runtime alone)
+    seed_total_s: float = 0.0
+
+    @property
+    def forwarded(self) -> bool:
+        return self.ok and self.server != self.entry
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)] if ordered else float("nan")
+
+
+def summarise(outcomes: Sequence[Outcome]) -> dict[str, float]:
+    ok = [o for o in outcomes if o.ok]
+    latency, ttft = [o.latency_s for o in ok], [o.ttft_s for o in ok]
+    prompt = sum(o.prompt_tokens for o in ok)
+    return {
+        "requests": len(outcomes),
+        "failed": len(outcomes) - len(ok),
+        "mean_s": statistics.mean(latency) if ok else float("nan"),
+        "p50_s": percentile(latency, 50),
+        "p99_s": percentile(latency, 99),
+        "ttft_mean_s": statistics.mean(ttft) if ok else float("nan"),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "hit_rate": sum(o.cached for o in ok) / prompt if prompt else 0.0,
+        "forwarded": sum(o.forwarded for o in ok) / len(ok) if ok else 0.0,
+        # the busiest seed's share of the answers: how unevenly a policy spreads them
+        "top": max(Counter(o.server for o in ok).values()) / len(ok) if ok else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------- simulation
+
+
+@dataclass
+class _Job:
+    request: Request
+    digests: list[bytes]
+    tokens: int
+    forwarded: bool
+    entry: int
+    lease: Any = None
+    cached: int = 0
+    first_token_s: float = 0.0
+
+
+@dataclass
+class _SimSeed:
+    peer_id: str
+    cache: PrefixCache
+    lb: Any  # forwarding.LbFactor
+    queue: deque[_Job] = field(default_factory=deque)
+    job: _Job | None = None
+    remaining: float = 0.0  # seconds of work (alone on a machine) left in the job's phase
+    phase: str = ""
+    turn: int = 0
+    busy_s: float = 0.0
+    # requests this seed forwarded to each member since that member's last state (group.note_forward)
+    forwarded: dict[int, int] = field(default_factory=dict)
+
+
+def simulate(
+    workload: Workload,
+    policy: str,
+    cost: CostModel,
+    *,
+    seeds: int,
+    cache_bytes: int,
+    shared_machine: bool,
+    tokens: Sequence[int] | None = None,
+    fresh: bool = False,
+) -> tuple[list[Outcome], float]:
+    """Run the trace through `seeds` simulated seeds routing with the real code; return the outcomes and
+    round-robin-style utilisation (busy seed-seconds over seed-seconds until the last arrival).
+    `shared_machine`: the seeds share this machine's cores (processor sharing by cost.slowdown), as the
+    real run's processes do; else each seed has a machine of its own. `tokens`: per request, the answer
+    length (default: the workload's fixed output). `fresh`: every member's state is current at every
+    request (an oracle the seeds cannot have; a diagnostic of what stale state costs)."""
+    from gtorrent.forwarding import LbFactor, Member, choose
+
+    state = [_SimSeed(f"seed{i:02d}", PrefixCache(cache_bytes), LbFactor()) for i in range(seeds)]
+    index_of = {s.peer_id: i for i, s in enumerate(state)}
+
+    def member(s: _SimSeed) -> Any:
+        load = len(s.queue) + (s.job is not None)
+        return Member(s.peer_id, s.cache.summary(MAX_SUMMARY_DIGESTS), s.lb.value, load)
+
+    def load(s: _SimSeed) -> tuple[int, float]:
+        return len(s.queue) + (s.job is not None), s.lb.value
+
+    snapshot = [member(s) for s in state]
+    loads = [load(s) for s in state]  # what the others know of each seed's load: its last push
+    outcomes: list[Outcome] = []
+    requests = workload.requests
+    now, next_arrival, next_refresh, next_push = 0.0, 0, REFRESH_S, LOAD_PUSH_MIN_S
+
+    def start(s: _SimSeed, job: _Job) -> None:
+        usable = (len(job.request.token_ids) - 1) // CHUNK_TOKENS
+        job.lease = s.cache.acquire(job.digests[:usable], prompt_tokens=len(job.request.token_ids))
+        job.cached = job.lease.depth * CHUNK_TOKENS if job.lease is not None else 0
+        s.job, s.phase = job, "prefill"
+        s.remaining = cost.prefill_s(len(job.request.token_ids), job.cached)
+
+    def phase_done(s: _SimSeed) -> None:
+        job = s.job
+        assert job is not None
+        if s.phase == "prefill":
+            if job.lease is not None:
+                s.cache.release(job.lease)
+            if job.digests and not s.cache.covers(job.digests):
+                s.cache.insert(job.digests, None, len(job.digests) * CHUNK_TOKENS * cost.kv_bytes_per_token)
+            job.first_token_s = now
+            s.phase, s.remaining = "decode", cost.decode_s(len(job.request.token_ids), job.tokens)
+            if s.remaining > 0:
+                return
+        arrival = job.request.arrival_s
+        hop = cost.forward_s if job.forwarded else 0.0
+        s.lb.add(now - arrival)  # the seed's own view: from receipt to done
+        outcomes.append(Outcome(
+            job.request.index, job.entry, index_of[s.peer_id], True,
+            latency_s=now - arrival + cost.overhead_s + hop,
+            ttft_s=job.first_token_s - arrival + cost.ttft_overhead_s + hop,
+            cached=job.cached, prompt_tokens=len(job.request.token_ids), tokens=job.tokens,
+        ))
+        s.job = None
+        if s.queue:
+            start(s, s.queue.popleft())
+
+    while next_arrival < len(requests) or any(s.job is not None for s in state):
+        busy = [s for s in state if s.job is not None]
+        rate = cost.share(len(busy)) if shared_machine else 1.0
+        finishing = min(busy, key=lambda s: s.remaining) if busy else None
+        t_finish = now + finishing.remaining / rate if finishing is not None else math.inf
+        t_arrival = requests[next_arrival].arrival_s if next_arrival < len(requests) else math.inf
+        t_next = min(t_finish, t_arrival, next_refresh, next_push)
+        for s in busy:
+            s.remaining -= (t_next - now) * rate
+            s.busy_s += t_next - now
+        now = t_next
+        if t_next == t_finish and finishing is not None:
+            finishing.remaining = 0.0
+            phase_done(finishing)
+        elif t_next == next_refresh:
+            snapshot = [member(s) for s in state]
+            next_refresh += REFRESH_S
+        elif t_next == next_push:
+            # the seeds push their load as it changes (group.load_changed), at most every LOAD_PUSH_MIN_S
+            loads = [load(s) for s in state]
+            for s in state:  # a member's new load counts what was forwarded to it
+                s.forwarded.clear()
+            next_push += LOAD_PUSH_MIN_S
+        else:
+            request = requests[next_arrival]
+            next_arrival += 1
+            entry = request.entry_of(seeds)
+            # the digests a seed routes by (seed._choose): those the runtime would look up
+            digests = chunk_hashes(request.token_ids)
+            routed = digests[: (len(request.token_ids) - 1) // CHUNK_TOKENS]
+            own = state[entry]
+            depth = own.cache.longest_match(routed)  # the entry's own view, as seed._choose forms it
+            members = [
+                Member(s.peer_id, PrefixSummary(frozenset(routed[:depth])), s.lb.value, len(s.queue) + (s.job is not None))
+                if i == entry else member(s) if fresh
+                else replace(snapshot[i], queue=loads[i][0] + own.forwarded.get(i, 0), lb=loads[i][1])  # routing_view
+                for i, s in enumerate(state)
+            ]
+            target = index_of[choose(policy, routed, members, own.peer_id, turn=own.turn)]
+            own.turn += 1
+            if target != entry:
+                own.forwarded[target] = own.forwarded.get(target, 0) + 1
+            answer = tokens[request.index] if tokens is not None else workload.output_tokens
+            job = _Job(request, digests, answer, target != entry, entry)
+            if state[target].job is None:
+                start(state[target], job)
+            else:
+                state[target].queue.append(job)
+    horizon = requests[-1].arrival_s if requests else 1.0
+    utilisation = sum(s.busy_s for s in state) / (seeds * max(now, horizon))
+    outcomes.sort(key=lambda o: o.index)
+    return outcomes, utilisation
+
+
+def rate_for_load(cost: CostModel, encode: Callable[[str], list[int]], *, seed: int, requests: int,
+                  seeds: int, cache_bytes: int, load: float, prefixes: int = 40,
+                  output_tokens: int = OUTPUT_TOKENS) -> float:
+    """The arrival rate at which round robin keeps `seeds` seeds `load` busy (two pilot simulations)."""
+    probe = make_workload(encode, seed=seed, requests=min(requests, 600), rate=1.0, prefixes=prefixes,
+                          output_tokens=output_tokens)
+    mean_service = statistics.mean(
+        cost.prefill_s(len(r.token_ids), 0) + cost.decode_s(len(r.token_ids), probe.output_tokens) for r in probe.requests
+    )
+    rate = load * seeds / mean_service
+    for _ in range(2):
+        pilot = make_workload(encode, seed=seed, requests=min(requests, 1500), rate=rate, prefixes=prefixes,
+                              output_tokens=output_tokens)
+        _, busy = simulate(pilot, "rr", cost, seeds=seeds, cache_bytes=cache_bytes, shared_machine=False)
+        rate *= load / busy
+    return rate
+
+
+# ---------------------------------------------------------------------- real run
+
+
+def forwarding_available() -> str | None:
+    """None if `gtorrent seed` takes --forwarding and --kv-cache-mb; else why not."""
+    gtorrent = Path(sys.executable).parent / "gtorrent"
+    try:
+        shown = subprocess.run([str(gtorrent), "seed", "--help"], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "COLUMNS": "200"}).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`gtorrent seed --help` failed: {exc}"
+    missing = [flag for flag in ("--forwarding", "--kv-cache-mb") if flag not in shown]
+    try:
+        import gtorrent.forwarding  # noqa: F401
+    except ImportError:
+        missing.append("gtorrent.forwarding")
+    return f"`gtorrent seed` lacks {', '.join(missing)}" if missing else None
+
+
+async def _one(ctx: Any, record: Any, model_id: str, request: Request, entry: int, scheduled: float,
+               output_tokens: int, peer_index: dict[str, int]) -> Outcome:
+    from gtorrent.asker import AskRequest, generate_body
+    from gtorrent.transport import Connection, TransportError
+
+    loop = asyncio.get_running_loop()
+    body = generate_body(AskRequest(request.prompt, max_tokens=output_tokens), model_id, secrets.token_hex(8))
+    kinds = frozenset({"accepted", "token", "done", "error"})
+    ttft: float | None = None
+    try:
+        async with Connection(ctx, record.endpoint, server_key=record.curve_key) as conn:
+            message = await conn.request("generate", body, kinds, 30.0)
+            while True:
+                if message.kind == "error":
+                    return Outcome(request.index, entry, -1, False, error=str(message.get("code") or message["message"]))
+                if message.kind == "token" and ttft is None:
+                    ttft = loop.time() - scheduled
+                if message.kind == "done":
+                    done = message.body
+                    latency = loop.time() - scheduled
+                    signer = done.get("signer") or record.peer_id
+                    return Outcome(
+                        request.index, entry, peer_index.get(signer, -1), True, latency_s=latency,
+                        ttft_s=ttft if ttft is not None else latency, cached=int(done.get("cached", 0)),
+                        prompt_tokens=int(done.get("prompt_tokens", len(request.token_ids))),
+                        tokens=int(done.get("tokens", 0)), seed_ttft_s=float(done.get("ttft_s", 0.0)),
+                        seed_total_s=float(done.get("total_s", 0.0)),
+                    )
+                message = await conn.recv(60.0, kinds)
+    except TransportError as exc:
+        return Outcome(request.index, entry, -1, False, error=exc.message)
+
+
+async def _drive(urls: list[str], peer_ids: list[str], workload: Workload, probes: list[Request]
+                 ) -> tuple[list[Outcome], list[Outcome]]:
+    from gtorrent.discovery import discover
+    from gtorrent.transport import new_context
+
+    ctx = new_context()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            found = await discover(ctx, urls, role="seed")
+            if all(p in found.records for p in peer_ids):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the tracker lists {len(found.records)} of the {len(peer_ids)} seeds")
+            await asyncio.sleep(0.2)
+        records = [found.records[p] for p in peer_ids]
+        model_id = records[0].models[0].model_id
+        peer_index = {p: i for i, p in enumerate(peer_ids)}
+        loop = asyncio.get_running_loop()
+        probed = []
+        for n, probe in enumerate(probes):  # sequential, on idle seeds
+            entry = n % len(records)
+            probed.append(await _one(ctx, records[entry], model_id, probe, entry, loop.time(),
+                                     workload.output_tokens, peer_index))
+        begin = loop.time() + 0.2
+        tasks = []
+        for request in workload.requests:
+            scheduled = begin + request.arrival_s
+            await asyncio.sleep(max(0.0, scheduled - loop.time()))
+            entry = request.entry_of(len(records))
+            tasks.append(asyncio.create_task(_one(ctx, records[entry], model_id, request, entry, scheduled,
+                                                  workload.output_tokens, peer_index)))
+        return probed, list(await asyncio.gather(*tasks))
+    finally:
+        ctx.destroy(linger=0)
+
+
+def real_run(workload: Workload, policy: str, kv_cache_mb: int, probes: list[Request], base: Path
+             ) -> tuple[list[Outcome], list[Outcome]]:
+    from tests.procs import Proc, start_tracker
+
+    tracker, url = start_tracker(base / f"{policy}-tracker")
+    seeds: list[Proc] = []
+    try:
+        for i in range(REAL_SEEDS):
+            seeds.append(Proc(["seed", "--tracker", url, "--forwarding", policy, "--kv-cache-mb", str(kv_cache_mb)],
+                              base / f"{policy}-seed{i}"))
+        peer_ids = [seed.wait_for(READY_SEED, timeout_s=120).group(1) for seed in seeds]
+        wait_for_groups(seeds, REAL_SEEDS)
+        return asyncio.run(_drive([url], peer_ids, workload, probes))
+    finally:
+        for proc in [*seeds, tracker]:
+            try:
+                proc.terminate()
+            except Exception:
+                proc.kill()
+
+
+def wait_for_groups(seeds: list[Any], size: int) -> None:
+    """Until every seed has printed `size - 1` "group: … joined" lines (its whole group is live), 60 s at most."""
+    deadline = time.monotonic() + 60
+    for seed in seeds:
+        while sum("joined" in line and "group:" in line for line in seed.seen) < size - 1:
+            seed.wait_for(r"group: \S+ joined", timeout_s=max(deadline - time.monotonic(), 0.1))
+
+
+def probe_requests(encode: Callable[[str], list[int]], count: int, seed: int) -> list[Request]:
+    """Unique prompts, half short (~40 tokens) and half long (~420): a line through their latencies
+    separates the machine's speed at the time (the slope) from the per-answer overhead (the intercept)."""
+    rng = np.random.default_rng([seed, 2])
+    made = []
+    for n in range(count):
+        target = 40 if n % 2 == 0 else 420
+        words = [f"Probe {n} {secrets.token_hex(4)}:", *(str(w) for w in rng.choice(WORDS, size=target))]
+        prompt = _fit_words(words, target, encode)
+        made.append(Request(-1 - n, 0.0, -1, prompt, tuple(encode(prompt)), 0.0))
+    return made
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What idle probes measured of the real seeds: the runtime's own timings inside a seed process (each
+    `done` carries the generating seed's ttft_s and total_s), and what the client sees beyond them."""
+
+    prefill_base_s: float  # a miss's prefill in a seed: base + per_token x prompt tokens
+    prefill_per_token_s: float
+    decode_base_s: float  # one decode step in a seed: base + per_context x context
+    decode_per_context_s: float
+    overhead_s: float  # client-observed end to end minus the seed's generation, answered by the entry
+    ttft_overhead_s: float
+    hop_s: float | None  # the extra of a forwarded answer; None: no probe was forwarded
+    probes: int
+
+    def apply(self, cost: CostModel, hop_s: float) -> CostModel:
+        """`cost` with the seeds' timings: the miss prefill and decode as measured in the seeds, the hit
+        prefill scaled like the miss's per-token cost (the probes are misses), the overheads."""
+        ratio = self.prefill_per_token_s / cost.miss_per_token_s if cost.miss_per_token_s > 0 else 1.0
+        return CostModel(**{
+            **asdict(cost),
+            "miss_base_s": self.prefill_base_s, "miss_per_token_s": self.prefill_per_token_s,
+            "hit_base_s": cost.hit_base_s * ratio, "hit_per_token_s": cost.hit_per_token_s * ratio,
+            "hit_per_cached_s": cost.hit_per_cached_s * ratio,
+            "decode_base_s": self.decode_base_s, "decode_per_context_s": self.decode_per_context_s,
+            "overhead_s": self.overhead_s, "ttft_overhead_s": self.ttft_overhead_s, "forward_s": hop_s,
+        })
+
+
+def calibrate(cost: CostModel, probes: Sequence[Outcome], prompts: dict[int, Request]) -> Calibration | None:
+    """Fits on the probes' seed-side timings (medians per prompt length, robust to a shared machine's
+    bursts) and the client's overheads beyond them; None with too few answered probes."""
+    ok = [o for o in probes if o.ok and o.seed_total_s > 0 and o.tokens > 1 and o.cached == 0]
+    lengths = {len(prompts[o.index].token_ids) > 200 for o in ok}
+    if len(ok) < 4 or lengths != {False, True}:
+        return None
+    by_length: dict[bool, list[Outcome]] = {False: [], True: []}
+    for o in ok:
+        by_length[len(prompts[o.index].token_ids) > 200].append(o)
+    n = {key: statistics.median(len(prompts[o.index].token_ids) for o in group) for key, group in by_length.items()}
+    ttft = {key: statistics.median(o.seed_ttft_s for o in group) for key, group in by_length.items()}
+    step = {key: statistics.median((o.seed_total_s - o.seed_ttft_s) / (o.tokens - 1) for o in group)
+            for key, group in by_length.items()}
+    context = {key: statistics.median(len(prompts[o.index].token_ids) + o.tokens / 2 for o in group)
+               for key, group in by_length.items()}
+    per_token = max((ttft[True] - ttft[False]) / (n[True] - n[False]), 1e-7)
+    per_context = max((step[True] - step[False]) / (context[True] - context[False]), 0.0)
+    here = [o for o in ok if not o.forwarded]
+    there = [o for o in ok if o.forwarded]
+    base = here or there  # every probe forwarded: the hop cannot be told from the overhead
+    overhead = statistics.median(o.latency_s - o.seed_total_s for o in base)
+    ttft_overhead = statistics.median(o.ttft_s - o.seed_ttft_s for o in base)
+    hop = statistics.median(o.latency_s - o.seed_total_s for o in there) - overhead if here and there else None
+    return Calibration(
+        max(ttft[False] - per_token * n[False], 0.0), per_token,
+        max(step[False] - per_context * context[False], 0.0), per_context,
+        max(overhead, 0.0), max(ttft_overhead, 0.0), None if hop is None else max(hop, 0.0), len(ok),
+    )
+
+
+# ---------------------------------------------------------------------- printing
+
+
+def table(title: str, results: dict[str, dict[str, float]], out: list[str]) -> None:
+    out.append(title)
+    out.append(f"{'policy':<11}{'n':>6}{'fail':>5}{'mean ms':>9}{'p50':>8}{'p99':>8}{'TTFT':>8}{'p50':>7}"
+               f"{'p99':>8}{'hit':>7}{'fwd':>6}{'top':>6}{'mean/rr':>9}{'p99/rr':>8}")
+    rr = results.get("rr")
+    for policy, r in results.items():
+        ratio = f"{r['mean_s'] / rr['mean_s']:>9.3f}{r['p99_s'] / rr['p99_s']:>8.3f}" if rr else ""
+        out.append(
+            f"{policy:<11}{r['requests']:>6.0f}{r['failed']:>5.0f}{r['mean_s'] * 1e3:>9.1f}{r['p50_s'] * 1e3:>8.1f}"
+            f"{r['p99_s'] * 1e3:>8.1f}{r['ttft_mean_s'] * 1e3:>8.1f}{r['ttft_p50_s'] * 1e3:>7.1f}"
+            f"{r['ttft_p99_s'] * 1e3:>8.1f}{r['hit_rate']:>7.1%}{r['forwarded']:>6.0%}{r['top']:>6.0%}{ratio}"
+        )
+
+
+def emit(lines: list[str], text: str = "") -> None:
+    lines.append(text)
+    print(text, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small trace and short measurements (a test)")
+    parser.add_argument("--seed", type=int, default=9, help="the workload's seed")
+    parser.add_argument("--requests", type=int, default=None, help="requests in the real run's trace (400)")
+    parser.add_argument("--real-seconds", type=float, default=75.0,
+                        help="at most this long a trace per policy (fewer requests at a low rate)")
+    parser.add_argument("--rate", type=float, default=None, help="real run arrivals per second (default: from the cost model)")
+    parser.add_argument("--real-load", type=float, default=0.4, help="real run: round robin's modelled busy share")
+    parser.add_argument("--prefixes", type=int, default=40)
+    parser.add_argument("--output-tokens", type=int, default=OUTPUT_TOKENS, help="max_tokens of every request")
+    parser.add_argument("--kv-cache-mb", type=int, default=8, help="each seed's prefix cache")
+    parser.add_argument("--sim-requests", type=int, default=None, help="the paper-scale simulation's requests (6000)")
+    parser.add_argument("--sim-load", type=float, default=0.85, help="round robin's busy share at the paper's scale")
+    parser.add_argument("--skip-real", action="store_true", help="cost model and simulation only")
+    parser.add_argument("--json", type=Path, help="write every figure as JSON")
+    parser.add_argument("--report", type=Path, help="write the printed report")
+    parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        _worker(args.worker)
+        return
+    os.environ.pop("GTORRENT_TRACKERS", None)
+    # a terminated bench still stops its tracker and seeds (the `finally` blocks run on SystemExit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    requests = args.requests or (60 if args.quick else 400)
+    sim_requests = args.sim_requests or (400 if args.quick else 6000)
+    cache_bytes = args.kv_cache_mb << 20
+    lines: list[str] = []
+    figures: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    encode = demo_encoder()
+    started = time.monotonic()
+
+    cost = measure_cost(repeats=2 if args.quick else 5)
+    cost.slowdown = measure_slowdown(REAL_SEEDS, 1.0 if args.quick else 2.0, rounds=1 if args.quick else 3)
+    emit(lines, f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
+                f"demo model, context {CONTEXT_TOKENS}")
+    emit(lines, "cost model (measured here, one request alone, the seeds' default ORT threads):")
+    emit(lines, f"  prefill, miss:  {cost.miss_base_s * 1e3:.2f} ms + {cost.miss_per_token_s * 1e6:.1f} us/token")
+    emit(lines, f"  prefill, hit:   {cost.hit_base_s * 1e3:.2f} ms + {cost.hit_per_token_s * 1e6:.1f} us/new token"
+                f" + {cost.hit_per_cached_s * 1e6:.2f} us/cached token")
+    emit(lines, f"  decode:         {cost.decode_base_s * 1e3:.3f} ms + {cost.decode_per_context_s * 1e6:.2f} "
+                "us/context token per step")
+    emit(lines, f"  KV state:       {cost.kv_bytes_per_token} bytes/token; each seed's cache {args.kv_cache_mb} MiB")
+    emit(lines, "  slowdown s(k), k seed processes generating at once on this machine: "
+                + ", ".join(f"s({k + 1})={s:.2f}" for k, s in enumerate(cost.slowdown)))
+
+    if args.rate is None:
+        probe = make_workload(encode, seed=args.seed, requests=200, rate=1.0, prefixes=args.prefixes,
+                              output_tokens=args.output_tokens)
+        miss_s = statistics.mean(cost.prefill_s(len(r.token_ids), 0) + cost.decode_s(len(r.token_ids), args.output_tokens)
+                                 for r in probe.requests)
+        # REAL_SEEDS busy at once progress at share(REAL_SEEDS) each: that is the machine's capacity
+        rate = args.real_load * REAL_SEEDS * cost.share(REAL_SEEDS) / miss_s
+    else:
+        rate = args.rate
+    requests = max(min(requests, int(rate * args.real_seconds)), 20)
+    workload = make_workload(encode, seed=args.seed, requests=requests, rate=rate, prefixes=args.prefixes,
+                             output_tokens=args.output_tokens)
+    lengths = [p.tokens for p in workload.prefixes]
+    prompt_lengths = [len(r.token_ids) for r in workload.requests]
+    emit(lines, f"workload (seed {args.seed}): {args.prefixes} prefixes of {min(lengths)}-{max(lengths)} tokens, "
+                f"Zipf({ZIPF_S}) popularity, unique queries; prompts {min(prompt_lengths)}-{max(prompt_lengths)} "
+                f"tokens, {workload.output_tokens} output tokens, Poisson arrivals")
+    figures["cost"] = asdict(cost)
+
+    real: dict[str, dict[str, float]] = {}
+    real_outcomes: dict[str, list[Outcome]] = {}
+    why_not = None if not args.skip_real else "--skip-real"
+    why_not = why_not or forwarding_available()
+    if why_not is None:
+        emit(lines, "")
+        emit(lines, f"real run: tracker + {REAL_SEEDS} seeds on 127.0.0.1 (--kv-cache-mb {args.kv_cache_mb}), "
+                    f"{requests} requests at {rate:.1f}/s, entry seed uniform per request")
+        prompts = {p.index: p for p in probe_requests(encode, 24, args.seed)}
+        calibrations: dict[str, Calibration | None] = {}
+        all_probes: list[Outcome] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for policy in COMPARED:
+                probed, outcomes = real_run(workload, policy, args.kv_cache_mb, list(prompts.values()), Path(tmp))
+                calibrations[policy] = calibrate(cost, probed, prompts)
+                all_probes += probed
+                real_outcomes[policy] = outcomes
+                real[policy] = summarise(outcomes)
+                errors = sorted({o.error for o in outcomes if not o.ok})
+                print(f"  {policy}: done ({real[policy]['failed']:.0f} failed{': ' + '; '.join(errors) if errors else ''})",
+                      flush=True)
+        # one calibration from all 4 x 24 probes: each policy's 24 alone scatter more than the machine drifts
+        pooled = calibrate(cost, all_probes, prompts)
+        hop_s = (pooled.hop_s or 0.0) if pooled is not None else 0.0
+        table(f"real run, {REAL_SEEDS} seeds (ms; hit = prompt tokens from cache; fwd = answered by another seed; "
+              "top = the busiest seed's share)",
+              real, lines)
+        for line in lines[-len(real) - 2:]:
+            print(line, flush=True)
+        answered = [o.tokens for outcomes in real_outcomes.values() for o in outcomes if o.ok]
+        emit(lines, f"answers: {statistics.mean(answered):.1f} tokens on average of {args.output_tokens} asked "
+                    f"({sum(t < args.output_tokens for t in answered) / len(answered):.0%} ended early at the end token)")
+        emit(lines, "probes before each trace (24 sequential asks on idle seeds, half ~40 and half ~420 tokens; "
+                    "the seeds' own timings from each done):")
+        for policy, c in [*calibrations.items(), ("pooled", pooled)]:
+            if c is None:
+                emit(lines, f"  {policy:<11} too few answered probes")
+                continue
+            hop = f"{c.hop_s * 1e3:.1f} ms" if c.hop_s is not None else "none forwarded"
+            emit(lines, f"  {policy:<11} prefill {c.prefill_base_s * 1e3:.2f} ms + {c.prefill_per_token_s * 1e6:.1f} us/token, "
+                        f"decode {c.decode_base_s * 1e3:.3f} ms + {c.decode_per_context_s * 1e6:.2f} us/context token; "
+                        f"overhead {c.overhead_s * 1e3:.1f} ms (TTFT {c.ttft_overhead_s * 1e3:.1f} ms), hop {hop}")
+        if any(r["failed"] for r in real.values()):
+            emit(lines, "  note: some requests failed (a seed's queue full: 'busy'); they are left out of the "
+                        "figures, so the loaded policies look better than they were: lower --real-load")
+        figures["real"] = real
+        figures["calibration"] = {policy: asdict(c) if c is not None else None
+                                  for policy, c in [*calibrations.items(), ("pooled", pooled)]}
+    else:
+        emit(lines, "")
+        emit(lines, f"real run: NOT RUN ({why_not}); the simulation below is not validated against it")
+    figures["cost"] = asdict(cost)
+    seeds_cost = cost
+    if real and pooled is not None:
+        seeds_cost = pooled.apply(cost, hop_s)
+        figures["seeds_cost"] = asdict(seeds_cost)
+
+    if real:
+        emit(lines, "")
+        emit(lines, f"validation: the simulation configured as the real run ({REAL_SEEDS} seeds sharing this "
+                    "machine by s(k), the same trace and answer lengths, the seeds' timings and overheads), mean latency:")
+        verdicts = []
+        figures["validation"] = {}
+        for policy in COMPARED:
+            answered = {o.index: o.tokens for o in real_outcomes[policy] if o.ok}
+            tokens = [answered.get(r.index, workload.output_tokens) for r in workload.requests]
+            outcomes, _ = simulate(workload, policy, seeds_cost, seeds=REAL_SEEDS, cache_bytes=cache_bytes,
+                                   shared_machine=True, tokens=tokens)
+            sim = summarise(outcomes)
+            ratio = sim["mean_s"] / real[policy]["mean_s"]
+            good = abs(ratio - 1) <= VALIDATE_WITHIN
+            verdicts.append(good)
+            figures["validation"][policy] = {"sim": sim, "sim_over_real": ratio, "pass": good}
+            emit(lines, f"  {policy:<11} real {real[policy]['mean_s'] * 1e3:7.1f} ms  sim {sim['mean_s'] * 1e3:7.1f} ms"
+                        f"  sim/real {ratio:.3f}  hit real {real[policy]['hit_rate']:.1%} sim {sim['hit_rate']:.1%}"
+                        f"  {'PASS' if good else 'FAIL'} (within {VALIDATE_WITHIN:.0%})")
+        emit(lines, f"validation verdict: {'PASS' if all(verdicts) else 'FAIL'} "
+                    f"({sum(verdicts)}/{len(verdicts)} policies within {VALIDATE_WITHIN:.0%})")
+
+    # the paper's scale: the runtime as it runs inside a seed process when the probes measured it (one
+    # seed per machine: no sharing), else as measured in this process
+    sim_cost = seeds_cost if real else cost
+    if real:
+        emit(lines, "")
+        emit(lines, "the simulations below use the seeds' own timings and overheads from the probes (pooled)")
+    sim_rate = rate_for_load(sim_cost, encode, seed=args.seed, requests=sim_requests, seeds=SIM_SEEDS,
+                             cache_bytes=cache_bytes, load=args.sim_load, prefixes=args.prefixes,
+                             output_tokens=args.output_tokens)
+    big = make_workload(encode, seed=args.seed, requests=sim_requests, rate=sim_rate, prefixes=args.prefixes,
+                        output_tokens=args.output_tokens)
+    simulated: dict[str, dict[str, float]] = {}
+    busy: dict[str, float] = {}
+    for policy in COMPARED:
+        outcomes, busy[policy] = simulate(big, policy, sim_cost, seeds=SIM_SEEDS, cache_bytes=cache_bytes,
+                                          shared_machine=False)
+        simulated[policy] = summarise(outcomes)
+    oracle: dict[str, dict[str, float]] = {}
+    for policy in COMPARED:
+        outcomes, _ = simulate(big, policy, sim_cost, seeds=SIM_SEEDS, cache_bytes=cache_bytes, shared_machine=False,
+                               fresh=True)
+        oracle[policy] = summarise(outcomes)
+    emit(lines, "")
+    table(f"simulation at the paper's scale: {SIM_SEEDS} seeds (a machine each), {sim_requests} requests at "
+          f"{sim_rate:.1f}/s (rr busy {busy['rr']:.0%}), {big.output_tokens} output tokens; what an entry knows "
+          f"of the others is their summary of the last group exchange (every {REFRESH_S:g} s) and their load "
+          f"of the last push (every {LOAD_PUSH_MIN_S * 1000:g} ms at most), as in the seeds",
+          simulated, lines)
+    for line in lines[-len(simulated) - 2:]:
+        print(line, flush=True)
+    emit(lines, "  busy share: " + ", ".join(f"{p} {b:.0%}" for p, b in busy.items()))
+    table("diagnostic, the same with every member's state current at every request (as the paper's central "
+          "scheduler saw it; the seeds cannot)", oracle, lines)
+    for line in lines[-len(oracle) - 2:]:
+        print(line, flush=True)
+    figures["simulation"] = {"rate": sim_rate, "busy": busy, "results": simulated, "fresh_state": oracle}
+    emit(lines, "diagnostic, tree+lb / rr against the load (rr's busy share), seeds' state / current state:")
+    sweep = {}
+    for load in sorted({0.7, args.sim_load, 0.95}):
+        at = sim_rate if load == args.sim_load else rate_for_load(
+            sim_cost, encode, seed=args.seed, requests=sim_requests, seeds=SIM_SEEDS, cache_bytes=cache_bytes, load=load,
+            prefixes=args.prefixes, output_tokens=args.output_tokens)
+        trace = big if load == args.sim_load else make_workload(
+            encode, seed=args.seed, requests=sim_requests, rate=at, prefixes=args.prefixes,
+            output_tokens=args.output_tokens)
+        row = {}
+        for fresh in (False, True):
+            pair = [summarise(simulate(trace, policy, sim_cost, seeds=SIM_SEEDS, cache_bytes=cache_bytes,
+                                       shared_machine=False, fresh=fresh)[0]) for policy in ("rr", "tree+lb")]
+            row["fresh" if fresh else "seeds"] = (pair[1]["mean_s"] / pair[0]["mean_s"], pair[1]["p99_s"] / pair[0]["p99_s"])
+        sweep[load] = {"rate": at, **row}
+        emit(lines, f"  rr busy {load:.0%} ({at:.0f}/s): mean {row['seeds'][0]:.3f}x / {row['fresh'][0]:.3f}x, "
+                    f"p99 {row['seeds'][1]:.3f}x / {row['fresh'][1]:.3f}x")
+    figures["simulation"]["load_sweep"] = sweep
+
+    rr, best = simulated["rr"], simulated["tree+lb"]
+    mean_ratio, p99_ratio = best["mean_s"] / rr["mean_s"], best["p99_s"] / rr["p99_s"]
+    emit(lines, "")
+    emit(lines, f"target tree+lb / rr mean <= {TARGET_MEAN:.2f}x: {mean_ratio:.3f}x "
+                f"{'PASS' if mean_ratio <= TARGET_MEAN else 'FAIL'} (simulation, {SIM_SEEDS} seeds)")
+    emit(lines, f"target tree+lb / rr p99  <= {TARGET_P99:.2f}x: {p99_ratio:.3f}x "
+                f"{'PASS' if p99_ratio <= TARGET_P99 else 'FAIL'} (simulation, {SIM_SEEDS} seeds)")
+    if real:
+        real_mean = real["tree+lb"]["mean_s"] / real["rr"]["mean_s"]
+        real_p99 = real["tree+lb"]["p99_s"] / real["rr"]["p99_s"]
+        emit(lines, f"real run, {REAL_SEEDS} seeds: tree+lb / rr mean {real_mean:.3f}x "
+                    f"{'PASS' if real_mean <= TARGET_MEAN else 'FAIL'}, p99 {real_p99:.3f}x "
+                    f"{'PASS' if real_p99 <= TARGET_P99 else 'FAIL'}")
+    fresh_mean = oracle["tree+lb"]["mean_s"] / oracle["rr"]["mean_s"]
+    fresh_p99 = oracle["tree+lb"]["p99_s"] / oracle["rr"]["p99_s"]
+    emit(lines, f"diagnostic, current state: tree+lb / rr mean {fresh_mean:.3f}x, p99 {fresh_p99:.3f}x")
+    emit(lines, f"wall time {time.monotonic() - started:.0f} s")
+    figures["targets"] = {"mean_ratio": mean_ratio, "p99_ratio": p99_ratio, "fresh_mean_ratio": fresh_mean,
+                          "fresh_p99_ratio": fresh_p99}
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, default=str))
+    if args.report:
+        args.report.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""scripts/bench_forwarding.py: the workload generator's properties, the simulation (deterministic, routing
+with the real gtorrent.forwarding code over real prefix caches), and a --quick run of its simulation part.
+No timing assertions: the cost model here is fixed, and the smoke run only has to finish and report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_forwarding.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_forwarding", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_forwarding"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def encode(bench: ModuleType):  # type: ignore[no-untyped-def]
+    return bench.demo_encoder()
+
+
+@pytest.fixture(scope="module")
+def cost(bench: ModuleType):  # type: ignore[no-untyped-def]
+    """A fixed cost model of the demo model's order of magnitude (no measurement in tests)."""
+    return bench.CostModel(
+        miss_base_s=0.0, miss_per_token_s=66e-6, hit_base_s=1.2e-3, hit_per_token_s=44e-6, hit_per_cached_s=4e-6,
+        decode_base_s=0.6e-3, decode_per_context_s=1.3e-6, kv_bytes_per_token=4096, slowdown=[1.0, 2.2, 3.5, 4.7],
+        overhead_s=0.004, ttft_overhead_s=0.002, forward_s=0.003,
+    )
+
+
+def test_workload_is_deterministic_under_its_seed(bench: ModuleType, encode) -> None:  # type: ignore[no-untyped-def]
+    one = bench.make_workload(encode, seed=5, requests=50, rate=10.0, prefixes=8)
+    again = bench.make_workload(encode, seed=5, requests=50, rate=10.0, prefixes=8)
+    other = bench.make_workload(encode, seed=6, requests=50, rate=10.0, prefixes=8)
+    assert one == again
+    assert [r.prompt for r in one.requests] != [r.prompt for r in other.requests]
+    # a longer trace of the same seed shares the prefixes (the paper-scale trace reuses the catalogue)
+    assert bench.make_workload(encode, seed=5, requests=80, rate=3.0, prefixes=8).prefixes == one.prefixes
+
+
+def test_prefixes_are_long_shared_and_fit_the_context(bench: ModuleType, encode) -> None:  # type: ignore[no-untyped-def]
+    workload = bench.make_workload(encode, seed=1, requests=200, rate=10.0, prefixes=12)
+    low, high = bench.PREFIX_TOKENS
+    for prefix in workload.prefixes:
+        assert low - 10 <= prefix.tokens <= high, prefix.tokens
+        assert prefix.tokens == len(encode(prefix.text))
+    # no two prefixes share their first chunk: a hit always means the same prefix
+    firsts = {tuple(encode(p.text)[: bench.CHUNK_TOKENS]) for p in workload.prefixes}
+    assert len(firsts) == len(workload.prefixes)
+    for request in workload.requests:
+        prefix_ids = encode(workload.prefixes[request.prefix].text)
+        assert list(request.token_ids[: len(prefix_ids) - 1]) == prefix_ids[:-1]  # shared up to the last token
+        assert len(request.token_ids) + workload.output_tokens <= bench.CONTEXT_TOKENS
+        assert len(request.token_ids) - len(prefix_ids) <= 60  # a short query after it
+
+
+def test_queries_are_unique(bench: ModuleType, encode) -> None:  # type: ignore[no-untyped-def]
+    workload = bench.make_workload(encode, seed=2, requests=300, rate=10.0, prefixes=5)
+    prompts = [r.prompt for r in workload.requests]
+    assert len(set(prompts)) == len(prompts)
+    assert len({r.token_ids for r in workload.requests}) == len(prompts)
+
+
+def test_popularity_is_zipf(bench: ModuleType, encode) -> None:  # type: ignore[no-untyped-def]
+    n, prefixes = 4000, 10
+    workload = bench.make_workload(encode, seed=3, requests=n, rate=100.0, prefixes=prefixes)
+    counts = Counter(r.prefix for r in workload.requests)
+    weights = bench.zipf_weights(prefixes, 1.1)
+    assert weights[0] / weights[1] == pytest.approx(2**1.1)
+    for rank in range(prefixes):  # within 4 standard deviations of the binomial count
+        expected = n * weights[rank]
+        assert abs(counts[rank] - expected) <= 4 * (expected * (1 - weights[rank])) ** 0.5, (rank, counts[rank], expected)
+    assert counts[0] > counts[1] > counts[4] > counts[9]
+
+
+def test_arrivals_are_poisson_and_entries_uniform(bench: ModuleType, encode) -> None:  # type: ignore[no-untyped-def]
+    rate, n = 20.0, 3000
+    workload = bench.make_workload(encode, seed=4, requests=n, rate=rate, prefixes=4)
+    arrivals = [r.arrival_s for r in workload.requests]
+    gaps = [b - a for a, b in zip([0.0, *arrivals], arrivals, strict=False)]
+    assert all(gap > 0 for gap in gaps)
+    mean = statistics.mean(gaps)
+    assert mean == pytest.approx(1 / rate, rel=0.08)
+    assert statistics.stdev(gaps) / mean == pytest.approx(1.0, abs=0.08)  # exponential: CV 1
+    entries = Counter(r.entry_of(4) for r in workload.requests)
+    assert set(entries) == {0, 1, 2, 3}
+    assert all(abs(count - n / 4) < 4 * (n * 3 / 16) ** 0.5 for count in entries.values())
+
+
+def test_simulation_is_deterministic(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
+    workload = bench.make_workload(encode, seed=7, requests=150, rate=60.0, prefixes=10)
+    for policy in bench.COMPARED:
+        first = bench.simulate(workload, policy, cost, seeds=4, cache_bytes=8 << 20, shared_machine=True)
+        second = bench.simulate(workload, policy, cost, seeds=4, cache_bytes=8 << 20, shared_machine=True)
+        assert first == second
+        outcomes, busy = first
+        assert [o.index for o in outcomes] == list(range(150))
+        assert all(o.ok and o.latency_s > 0 and 0 < o.ttft_s <= o.latency_s for o in outcomes)
+        assert 0 < busy <= 1
+
+
+def test_simulation_routes_with_the_real_code(bench: ModuleType, encode, cost, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import gtorrent.forwarding as forwarding
+
+    workload = bench.make_workload(encode, seed=8, requests=300, rate=40.0, prefixes=10)
+    calls: list[str] = []
+    real_choose = forwarding.choose
+
+    def spy(policy, digests, members, self_id, *, turn):  # type: ignore[no-untyped-def]
+        calls.append(policy)
+        return real_choose(policy, digests, members, self_id, turn=turn)
+
+    monkeypatch.setattr(forwarding, "choose", spy)
+    results = {}
+    for policy in ("off", "rr", "tree"):
+        outcomes, _ = bench.simulate(workload, policy, cost, seeds=4, cache_bytes=8 << 20, shared_machine=False)
+        results[policy] = bench.summarise(outcomes)
+    assert Counter(calls) == {"off": 300, "rr": 300, "tree": 300}  # one routing decision per request
+    assert results["off"]["forwarded"] == 0  # "off" serves at the entry
+    assert results["rr"]["forwarded"] == pytest.approx(0.75, abs=0.06)  # round robin over 4: 3 in 4 leave
+    # the HR-tree policy sends a prefix where it is cached: more of the prompts come from the caches
+    assert results["tree"]["hit_rate"] > results["rr"]["hit_rate"] > 0
+
+
+def test_simulated_caches_evict(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
+    workload = bench.make_workload(encode, seed=9, requests=300, rate=40.0, prefixes=10)
+    roomy, _ = bench.simulate(workload, "tree", cost, seeds=4, cache_bytes=64 << 20, shared_machine=False)
+    # room for about one prompt's state per seed: most prefixes are evicted before they come back
+    tight, _ = bench.simulate(workload, "tree", cost, seeds=4, cache_bytes=2 << 20, shared_machine=False)
+    none, _ = bench.simulate(workload, "tree", cost, seeds=4, cache_bytes=0, shared_machine=False)
+    hit = {name: bench.summarise(o)["hit_rate"] for name, o in (("roomy", roomy), ("tight", tight), ("none", none))}
+    assert hit["roomy"] > hit["tight"] > hit["none"] == 0
+
+
+@pytest.mark.timeout(600)
+def test_quick_simulation_run(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    report = tmp_path / "report.txt"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--skip-real", "--sim-requests", "300", "--json", str(out),
+         "--report", str(report)],
+        capture_output=True, text=True, timeout=570,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["simulation"]["results"]) == {"rr", "least-load", "tree", "tree+lb"}
+    assert figures["cost"]["miss_per_token_s"] > 0 and figures["cost"]["kv_bytes_per_token"] > 0
+    text = report.read_text()
+    assert "real run: NOT RUN (--skip-real)" in text
+    assert "target tree+lb / rr mean <= 0.40x" in text and "target tree+lb / rr p99  <= 0.50x" in text
+    assert "prefill, miss" in text and "slowdown s(k)" in text
+
+
+def test_probe_calibration_recovers_the_seeds_timings_and_overheads(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
+    probes = bench.probe_requests(encode, 24, seed=1)
+    assert all(len(p.token_ids) <= 60 for p in probes[::2]) and all(len(p.token_ids) > 300 for p in probes[1::2])
+    prompts = {p.index: p for p in probes}
+    a, b, d0, d1, overhead, ttft_overhead, hop, tokens = 0.002, 90e-6, 0.0015, 3e-6, 0.012, 0.006, 0.009, 16
+    outcomes = []
+    for n, probe in enumerate(probes):
+        forwarded = n % 3 == 0
+        length = len(probe.token_ids)
+        seed_ttft = a + b * length
+        seed_total = seed_ttft + (tokens - 1) * (d0 + d1 * (length + tokens / 2))
+        extra = hop if forwarded else 0.0
+        outcomes.append(bench.Outcome(probe.index, 0, 1 if forwarded else 0, True,
+                                      latency_s=seed_total + overhead + extra, ttft_s=seed_ttft + ttft_overhead + extra,
+                                      tokens=tokens, prompt_tokens=length, seed_ttft_s=seed_ttft,
+                                      seed_total_s=seed_total))
+    found = bench.calibrate(cost, outcomes, prompts)
+    assert found.prefill_per_token_s == pytest.approx(b, rel=1e-6)
+    assert found.prefill_base_s == pytest.approx(a, abs=1e-7)
+    assert found.decode_per_context_s == pytest.approx(d1, rel=1e-6)
+    assert found.decode_base_s == pytest.approx(d0, abs=1e-7)
+    assert (found.overhead_s, found.ttft_overhead_s, found.hop_s) == pytest.approx((overhead, ttft_overhead, hop))
+    seeds = found.apply(cost, hop_s=0.004)
+    assert seeds.prefill_s(300, 0) == pytest.approx(a + b * 300)
+    # the hit prefill scales like the miss's per-token cost; sharing and the hop as given
+    assert seeds.prefill_s(300, 200) == pytest.approx(cost.prefill_s(300, 200) * b / cost.miss_per_token_s)
+    assert (seeds.forward_s, seeds.slowdown) == (0.004, cost.slowdown)
+    # too few, or only one length: no calibration
+    assert bench.calibrate(cost, outcomes[:3], prompts) is None
+    assert bench.calibrate(cost, outcomes[::2], prompts) is None
+
+
+def test_entries_count_their_own_forwards_as_the_seeds_do(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
+    # a few arrivals per group exchange: with only the members' last states, every entry would send its
+    # burst to the member that looked least loaded then (least-load about 2x round robin's mean here);
+    # counting its own forwards until the member's next state (group.note_forward, group.routing_view)
+    # spreads them, as in the seeds. Simulated time: deterministic, no wall clock involved.
+    workload = bench.make_workload(encode, seed=10, requests=600, rate=70.0, prefixes=10)
+    mean = {
+        policy: bench.summarise(bench.simulate(workload, policy, cost, seeds=4, cache_bytes=8 << 20,
+                                               shared_machine=False)[0])["mean_s"]
+        for policy in ("rr", "least-load")
+    }
+    assert mean["least-load"] < 1.3 * mean["rr"], mean
