@@ -36,6 +36,11 @@ Invariants:
   load (states and loads share the sender's stamp, and a state's load counts only if newer too), and
   at most MAX_LOADS_PER_S per member are checked at all (the rest are dropped before the signature is
   verified: a flood costs at most that many verifications per member per second).
+- the members' trust comes from the last listing taken (`update`): older than LISTING_STALE_S (the
+  trackers failed to answer, e.g. under load), it is not trusted any more and the seed forwards nothing
+  until a listing comes. Otherwise verdicts that made a member untrusted since would go unseen for as
+  long as the trackers stay silent, while askers, who read the verdicts at each ask, refuse that
+  member's signature as the entry's failure.
 - a member that fails a forward is no forwarding target for a while (FORWARD_BENCH_S, doubling per
   failure in a row), whatever its states claim; a forward it answers resets the count.
 """
@@ -73,6 +78,9 @@ MAX_LOADS_PER_S = 200.0  # `group_load`s checked per member per second; more are
 MISSED_TO_LEAVE = 3  # missed exchanges in a row after which a member leaves the group
 RETRY_MAX_S = 30.0  # a member away is tried again after a delay doubling up to this (retry_delay_s)
 DISCOVERY_INTERVAL_S = 5.0  # the trackers are asked for the model's seeds this often
+# with no listing taken for this long (trackers unreachable or too slow), the members' trust is unknown:
+# no forwarding until a listing comes (`routing_view`)
+LISTING_STALE_S = 2 * DISCOVERY_INTERVAL_S
 UNKNOWN_REFRESH_S = 1.0  # a state from an unlisted seed makes the group re-ask the trackers, at most this often
 MAX_MEMBERS = 32
 MAX_SUMMARY_DIGESTS = (MAX_GROUP_SUMMARY_CHARS * 3 // 4) // DIGEST_BYTES  # 2,062: b64 fits the schema
@@ -172,6 +180,7 @@ class ModelGroup:
         self._refresh_wanted = asyncio.Event()
         self._last_refresh = 0.0
         self._last_stamp = 0
+        self.listed_at: float | None = None  # time.monotonic() of the last listing taken (`update`)
         self._load_dirty = asyncio.Event()  # the load changed since the last push (load_changed)
         self._push_task: asyncio.Task[None] | None = None
 
@@ -184,6 +193,8 @@ class ModelGroup:
         """The members forwarding.choose weighs: this seed (`own`) and every live member that is not benched
         for failing a forward (`note_forward_failed`)."""
         now = time.monotonic()
+        if self.listed_at is None or now - self.listed_at > LISTING_STALE_S:
+            return [own]  # the members' trust is unknown (module doc): serve here
         return [own, *(Member(m.peer_id, m.summary, m.lb, m.queue + m.in_flight + m.forwarded, m.trusted)
                        for m in self.live_members() if m.benched_until <= now)]
 
@@ -360,6 +371,7 @@ class ModelGroup:
 
     def update(self, found: Discovery) -> None:
         """Take a tracker listing as the group's membership (pure apart from links and tasks)."""
+        self.listed_at = time.monotonic()
         records = [
             r for r in found.records.values()
             if r.peer_id != self.peer_id and "seed" in r.roles and not r.stopped

@@ -274,3 +274,20 @@ async def test_a_seed_pushes_its_load_to_its_members_as_it_changes(tmp_path: Pat
         for server in servers:
             server.close()
         ctx.destroy(linger=0)
+
+
+def test_no_forwarding_on_a_stale_listing() -> None:
+    """Trust comes from the trackers' listing: when none could be taken for a while (trackers silent or
+    slow under load), verdicts since are unseen, so the seed forwards nothing until a listing comes."""
+    from gtorrent.group import LISTING_STALE_S
+
+    me, peer = Identity.generate(), Identity.generate()
+    group = group_of(me, record_of(peer))
+    group.take_state(state_from(peer, me.peer_id))
+    own = Member(me.peer_id, PrefixSummary(frozenset()), 0.0, 0)
+    assert [m.peer_id for m in group.routing_view(own)] == [me.peer_id, peer.peer_id]
+    assert group.listed_at is not None
+    group.listed_at -= LISTING_STALE_S + 1  # no listing since
+    assert [m.peer_id for m in group.routing_view(own)] == [me.peer_id]
+    group.update(Discovery(records={peer.peer_id: record_of(peer)}))  # a listing again
+    assert [m.peer_id for m in group.routing_view(own)] == [me.peer_id, peer.peer_id]
