@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bind", default="tcp://127.0.0.1:0")
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
     parser.add_argument("--max-concurrency", type=int, default=1)
+    parser.add_argument("--forwarding", default=None, help="the model group's routing policy (default: tree+lb)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.honest_share <= 1.0:
         parser.error("--honest-share must be within 0..1")
@@ -84,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stopping=lambda: say("stopping: telling the trackers…"),
         )
         counters = run_seed(
-            node, model, bind=args.bind, name=None, max_concurrency=args.max_concurrency, events=events
+            node, model, bind=args.bind, name=None, max_concurrency=args.max_concurrency, events=events,
+            forwarding=args.forwarding,
         )
     except GtorrentError as exc:
         say(f"error: {exc.message}")

@@ -84,10 +84,12 @@ def test_cheater_untrusted_within_three_epochs_and_asks_go_to_the_honest_seed(tm
     try:
         url = tracker.wait_for(r"tracker (tcp://\S+)").group(1)
         assert "verdicts from 1 verifiers" in "".join(tracker.seen)
-        # started together, awaited together: the model loads overlap
-        honest_proc = Process([GTORRENT, "seed", "--tracker", url], tmp_path / "honest")
-        cheat_proc = Process([*CHEAT_ENTRY, "--kind", "other-weights", "--tracker", url, "--bind", "tcp://127.0.0.1:0"],
-                             tmp_path / "cheat")
+        # started together, awaited together: the model loads overlap. Each seed serves its own answers
+        # (--forwarding off): this test judges what one seed generates; forwarding between the two would
+        # make each epoch's sample depend on routing (credit across a forward: test_forwarded_answers.py)
+        honest_proc = Process([GTORRENT, "seed", "--tracker", url, "--forwarding", "off"], tmp_path / "honest")
+        cheat_proc = Process([*CHEAT_ENTRY, "--kind", "other-weights", "--tracker", url, "--bind", "tcp://127.0.0.1:0",
+                              "--forwarding", "off"], tmp_path / "cheat")
         relay = Process([GTORRENT, "relay", "--tracker", url], tmp_path / "relay")
         procs += [honest_proc, cheat_proc, relay]
         honest, cheater = seeding(honest_proc), seeding(cheat_proc)
