@@ -30,6 +30,13 @@ tell the tracker which seed served this ask, linking a private ask's circuits to
 reliability outcomes stay with the entry (it chose the target and relayed the answer); the answer's
 quality is the signer's (`AskResult.signer`, `.signing_key`: what verifier.py scores and credits).
 
+An entry judges its group members by the trackers' listing as it last read it (every few seconds), an
+asker by its own listing and reputation view at the ask: the two can differ (a verdict that landed
+since, a verifier one trusts and the other does not). So a refused signer is not yet the entry's
+failure: the entry is asked once more with forwarding declined (`"forward": false` in the request, which
+seeds honour by serving it themselves), and only an answer that still names another signer is
+(`SignerRefused`, `run_attempts`).
+
 This module's own mode is direct (CurveZMQ straight to the seed, with a throwaway client key so the
 seed cannot link a peer's asks by key); private.py supplies the private attempt.
 """
@@ -162,6 +169,12 @@ class SeedFailed(GtorrentError):
         self.stopped = stopped
 
 
+class SignerRefused(SeedFailed):
+    """The entry relayed an answer whose signer this ask does not accept (`Signers.refusal`), in an
+    attempt that allowed forwarding: the entry may have judged its group member by an older listing, so
+    it is asked once more with forwarding declined before anything counts against it (`run_attempts`)."""
+
+
 class RequestRefused(UsageError):
     """The seed refused the request as malformed (`bad_request`): the request, not the seed, is taken to
     be at fault (the ask stops). A verifier, whose requests fit the reference model, counts it as the
@@ -181,10 +194,11 @@ FINISH_REASONS = frozenset({"eos", "length", "context"})  # how a whole answer e
 SAMPLING_SEED_LIMIT = 1 << 63  # the `seed` field's range
 
 
-def generate_body(request: AskRequest, model_id: str, request_id: str) -> dict[str, object]:
+def generate_body(request: AskRequest, model_id: str, request_id: str, forward: bool = True) -> dict[str, object]:
     """The `generate` body of an ask. Every sampled ask carries a sampling seed (the user's, else a
     random one): a seed's sampled answer is then a function of the request, which a verifier can replay
-    exactly (runtime/score.py), and challenges carry one like every user ask."""
+    exactly (runtime/score.py), and challenges carry one like every user ask. `forward=False`: the seed
+    is to serve the request itself, not pass it to its group (SignerRefused)."""
     body: dict[str, object] = {
         "id": request_id,
         "model": model_id,
@@ -199,6 +213,8 @@ def generate_body(request: AskRequest, model_id: str, request_id: str) -> dict[s
         body["seed"] = request.seed
     elif request.temperature > 0:
         body["seed"] = secrets.randbelow(SAMPLING_SEED_LIMIT)
+    if not forward:
+        body["forward"] = False
     return body
 
 
@@ -441,9 +457,16 @@ class Signers:
 
     records: Mapping[str, PeerRecord] = field(default_factory=dict)
     standing: Callable[[str], PeerStanding] | None = None
+    declined: bool = False  # the request declined forwarding: no other signer at all (`declining`)
+
+    def declining(self) -> Signers:
+        """These signers for an attempt whose request declined forwarding: none but the entry."""
+        return replace(self, declined=True)
 
     def refusal(self, signer_id: str, model_id: str) -> str | None:
         """Why `signer_id` may not sign an answer of `model_id` relayed by another seed (None: it may)."""
+        if self.declined:
+            return "although the request declined forwarding"
         record = self.records.get(signer_id)
         if record is None or record.peer_id != signer_id:
             return "not a seed this ask listed"
@@ -490,7 +513,8 @@ def check_answer(
 
     A `done` whose `signer` names another peer (a forwarded answer) must be signed under the key of
     that peer's record in `signers` (this ask's own listing), and `signers.refusal` must find nothing
-    against it; otherwise the answer is the entry's failure: it chose the target and relayed the
+    against it; otherwise the answer is refused (SignerRefused, which the entry answers once more with
+    forwarding declined; with `signers.declined`, SeedFailed): it chose the target and relayed the
     signature, so an entry cannot pass its own bad answers off under a throwaway key, nor name a
     listed seed for an answer it signed itself (the signature would not verify under that seed's key)."""
     who = f"seed {short_id(seed.peer_id)}"
@@ -519,10 +543,12 @@ def check_answer(
     if signer_id != seed.peer_id:
         # the signer is judged only against this ask's own listing: looking it up at a tracker would
         # tell the tracker which seed served the ask (for a private ask, its circuits' real target)
-        refusal = (signers or Signers()).refusal(signer_id, model_id)
+        signers = signers or Signers()
+        refusal = signers.refusal(signer_id, model_id)
         if refusal is not None:
-            raise SeedFailed(f"{who} relayed an answer signed by {short_id(signer_id)}, {refusal}")
-        signer = (signers or Signers()).records[signer_id]
+            refused = SeedFailed if signers.declined else SignerRefused
+            raise refused(f"{who} relayed an answer signed by {short_id(signer_id)}, {refusal}")
+        signer = signers.records[signer_id]
     try:
         signature_bytes = unb64(signature)
         signed = transcript(request_bytes, model_id, sink.text, sink.token_ids, finish_reason)
@@ -563,7 +589,8 @@ def answer_result(seed: PeerRecord, model_id: str, sink: AnswerSink, request_byt
     )
 
 
-Attempt = Callable[[PeerRecord, str, AnswerSink], Awaitable[AskResult]]  # (seed, model id, sink)
+# (seed, model id, sink, forward): forward False declines the seed's group forwarding (SignerRefused)
+Attempt = Callable[[PeerRecord, str, AnswerSink, bool], Awaitable[AskResult]]
 Refresh = Callable[[str], Awaitable["set[str] | None"]]  # model id -> peer ids of its seeds listed now
 
 
@@ -584,7 +611,9 @@ async def run_attempts(
     """Try seeds in rank order until one answers; the one retry loop of direct and private asks.
 
     An attempt raises SeedFailed when the seed is at fault (written to the store; that seed is not
-    asked again in this ask) or RouteFailed when the way to it is (the seed may be asked again). Before
+    asked again in this ask) or RouteFailed when the way to it is (the seed may be asked again). A
+    SignerRefused, the first from a seed, is not yet its fault: the seed is asked again at once with
+    forwarding declined, an attempt more than `max_attempts` (module docstring). Before
     a retry `refresh` lists the seeds of a model still announced, so a seed that said `stopped` is not
     retried. `on_restart` comes before anything of the next attempt.
 
@@ -597,15 +626,18 @@ async def run_attempts(
     failed: set[str] = set()
     failures: list[dict[str, str]] = []
     errors: list[GtorrentError] = []
+    declined: set[str] = set()  # seeds re-asked with forwarding declined after a refused signer
     number = 0
     restart: tuple[PeerRecord, str, int] | None = None  # said just before the next attempt, if any comes
     for group, (current_id, seeds) in enumerate(groups):
         listed = await refresh(current_id) if refresh is not None and group > 0 else None
-        for _ in range(per_group):
+        tries = 0
+        while tries < per_group:
             remaining = [s for s in seeds if s.peer_id not in failed and (listed is None or s.peer_id in listed)]
             if not remaining:
                 break
             seed = remaining[0]  # rank order; a seed not at fault (route failure) stays first, asked again
+            forward = seed.peer_id not in declined
             number += 1
             if restart is not None and events.on_restart is not None:
                 events.on_restart(*restart)
@@ -613,13 +645,20 @@ async def run_attempts(
                 events.on_attempt(seed, number)
             sink = AnswerSink(seed, answer_budget(request.max_tokens), events.on_text, request.max_tokens)
             try:
-                result = await attempt(seed, current_id, sink)
+                result = await attempt(seed, current_id, sink, forward)
+            except SignerRefused as exc:
+                assert forward, "an attempt that declined forwarding refuses other signers as SeedFailed"
+                declined.add(seed.peer_id)  # asked again at once, serving itself: nothing against it yet
+                reason = exc.message
+                errors.append(exc)
             except SeedFailed as exc:
+                tries += 1
                 store.observe(seed.peer_id, exc.outcome, detail=exc.message)
                 failed.add(seed.peer_id)
                 reason = exc.message
                 errors.append(exc)
             except RouteFailed as exc:
+                tries += 1
                 reason = exc.message
                 errors.append(exc)
             else:
@@ -651,11 +690,15 @@ async def ask_seed(
     sink: AnswerSink,
     started: float,
     signers: Signers | None = None,
+    forward: bool = True,
 ) -> AskResult:
     """One attempt, straight to `seed` over CurveZMQ with a throwaway key. Every failure is the seed's,
-    a forwarded answer's included (`signers`: who besides `seed` may sign, check_answer)."""
+    a forwarded answer's included (`signers`: who besides `seed` may sign, check_answer; `forward`
+    False: the request declines forwarding, and no other signer is accepted)."""
     request_id = secrets.token_hex(8)
-    body = generate_body(request, model_id, request_id)
+    body = generate_body(request, model_id, request_id, forward)
+    if not forward:
+        signers = (signers or Signers()).declining()
     # the transcript's request bytes: what the seed will decode from the frames sent, canonically encoded
     request_bytes = direct_request_bytes(decode(encode("generate", body)).body)
     messages = 0
@@ -716,8 +759,8 @@ async def ask_direct(
     choice, ranked = await find_seeds(ctx, trackers, request, store, events)
     signers = signers_of(choice, store)
 
-    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
-        return await ask_seed(ctx, seed, model_id, request, ask_timeouts, sink, time.perf_counter(), signers)
+    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink, forward: bool) -> AskResult:
+        return await ask_seed(ctx, seed, model_id, request, ask_timeouts, sink, time.perf_counter(), signers, forward)
 
     return await run_attempts(
         ranked, attempt, store, events, request=request, started=started, model_id=choice.model_id,

@@ -65,6 +65,7 @@ from .asker import (
     RequestRefused,
     RouteFailed,
     SeedFailed,
+    SignerRefused,
     Signers,
     answer_result,
     check_answer,
@@ -333,6 +334,7 @@ async def _one_attempt(
     events: AskEvents,
     sink: AnswerSink,
     signers: Signers | None = None,
+    forward: bool = True,
 ) -> AskResult:
     started = time.perf_counter()
     plan = state.plan(seed)
@@ -350,7 +352,9 @@ async def _one_attempt(
         if events.on_route is not None:  # before the request goes out, so before any answer text
             events.on_route(seed, used.describe(), [circuit.route[:-1] for circuit in built])
         reply_key, ask_id = os.urandom(REPLY_KEY_BYTES), os.urandom(ASK_ID_BYTES)
-        body = generate_body(request, model_id, "private")
+        body = generate_body(request, model_id, "private", forward)
+        if not forward:
+            signers = (signers or Signers()).declining()
         del body["id"]
         request_bytes = json.dumps({**body, "reply_key": b64(reply_key)}, separators=(",", ":")).encode("utf-8")
         cloves = split(request_bytes, n=len(built), k=plan.k)
@@ -552,9 +556,11 @@ async def ask_private(
     if signers is None:
         signers = signers_of(choice, store)
 
-    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
+    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink, forward: bool) -> AskResult:
         try:
-            return await _one_attempt(ctx, seed, model_id, request, state, ask_timeouts, events, sink, signers)
+            return await _one_attempt(ctx, seed, model_id, request, state, ask_timeouts, events, sink, signers, forward)
+        except SignerRefused:
+            raise  # not yet the seed's fault: asked again at once with forwarding declined (run_attempts)
         except SeedFailed:
             state.suspects.add(seed.peer_id)  # it may be listed as a relay too: not on later paths either
             raise

@@ -217,6 +217,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "top_p": Field(NUMBER, minimum=0, maximum=1),
         "seed": Field(int, required=False, minimum=0, maximum=(1 << 63) - 1),
         "chat": Field(bool, required=False),
+        # false: the seed serves the request itself, never passing it to its model group (an asker that
+        # refused the signer of a forwarded answer asks the entry again so, asker.SignerRefused)
+        "forward": Field(bool, required=False),
     },
     "accepted": {"id": REQUEST_ID, "queue": Field(int, minimum=0)},
     "token": {

@@ -464,8 +464,9 @@ class SeedService:
         At most `max_routing` requests are being routed (tokenized for the policy) or forwarded from here
         at once; beyond that a request goes straight to `serve_request`, whose queue bound answers "busy"
         when full. So a flood costs this seed no more than it did before forwarding existed: no unbounded
-        tokenizing, tasks or links to members."""
-        if self.routing < self.max_routing:
+        tokenizing, tasks or links to members. A request with `"forward": false` is always served here
+        (the asker refused the signer of this seed's forwarded answer, asker.SignerRefused)."""
+        if self.routing < self.max_routing and request.get("forward") is not False:
             self.routing += 1
             try:
                 target = await self._choose(request)

@@ -16,6 +16,7 @@ from gtorrent.asker import (
     AskTimeouts,
     RouteFailed,
     SeedFailed,
+    SignerRefused,
     run_attempts,
 )
 from gtorrent.errors import GtorrentError
@@ -123,7 +124,7 @@ async def test_a_seed_that_failed_is_not_asked_again_but_one_whose_route_failed_
     asked: list[str] = []
     restarts: list[str] = []
 
-    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
+    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink, forward: bool) -> AskResult:
         asked.append(seed.peer_id)
         if seed is first:
             sink.add("partial")
@@ -142,7 +143,7 @@ async def test_a_seed_that_failed_is_not_asked_again_but_one_whose_route_failed_
     # a failed seed is never asked again, even with attempts to spare
     asked.clear()
 
-    async def always_fails(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
+    async def always_fails(seed: PeerRecord, model_id: str, sink: AnswerSink, forward: bool) -> AskResult:
         asked.append(seed.peer_id)
         raise SeedFailed("no")
 
@@ -153,12 +154,48 @@ async def test_a_seed_that_failed_is_not_asked_again_but_one_whose_route_failed_
     store.close()
 
 
+async def test_a_refused_signer_gets_its_entry_asked_again_with_forwarding_declined(tmp_path: Path) -> None:
+    """The entry forwarded to a seed this asker refuses (SignerRefused): it is asked again at once, with
+    forwarding declined, in an attempt beyond max_attempts and with nothing against it; relaying another
+    signer's answer then (SeedFailed) is its failure, and the next seed is asked normally."""
+    first, second = seed_record(1), seed_record(2)
+    store = Store.open(tmp_path)
+    asked: list[tuple[str, bool]] = []
+
+    async def honest_entry(seed: PeerRecord, model_id: str, sink: AnswerSink, forward: bool) -> AskResult:
+        asked.append((seed.peer_id, forward))
+        if forward:
+            raise SignerRefused("relayed an answer signed by x, an untrusted seed")
+        return answer(seed)
+
+    result = await run_attempts([first, second], honest_entry, store, AskEvents(), request=AskRequest(PROMPT),
+                                started=time.perf_counter(), model_id=MODEL_ID, max_attempts=1)
+    assert asked == [(first.peer_id, True), (first.peer_id, False)] and result.seed == first.peer_id
+    assert result.attempts == 2 and [f["seed"] for f in result.failures] == [first.peer_id]
+    assert store.standing(first.peer_id).asks_failed == 0 and store.standing(first.peer_id).asks_ok == 1
+    asked.clear()
+
+    async def stubborn_entry(seed: PeerRecord, model_id: str, sink: AnswerSink, forward: bool) -> AskResult:
+        asked.append((seed.peer_id, forward))
+        if seed is first:
+            if forward:
+                raise SignerRefused("relayed an answer signed by x, an untrusted seed")
+            raise SeedFailed("relayed an answer signed by x, although the request declined forwarding")
+        return answer(seed)
+
+    result = await run_attempts([first, second], stubborn_entry, store, AskEvents(), request=AskRequest(PROMPT),
+                                started=time.perf_counter(), model_id=MODEL_ID, max_attempts=2)
+    assert asked == [(first.peer_id, True), (first.peer_id, False), (second.peer_id, True)]
+    assert result.seed == second.peer_id and store.standing(first.peer_id).asks_failed == 1
+    store.close()
+
+
 async def test_a_seed_that_said_stopped_is_not_retried(tmp_path: Path) -> None:
     first, second = seed_record(1), seed_record(2)
     store = Store.open(tmp_path)
     asked: list[str] = []
 
-    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink) -> AskResult:
+    async def attempt(seed: PeerRecord, model_id: str, sink: AnswerSink, forward: bool) -> AskResult:
         asked.append(seed.peer_id)
         if seed is first:
             raise RouteFailed("paths broke")  # not the seed's fault: it would be asked again...

@@ -25,9 +25,11 @@ import pytest
 
 from gtorrent.asker import (
     AnswerSink,
+    AskEvents,
     AskRequest,
     AttemptsFailed,
     SeedFailed,
+    SignerRefused,
     Signers,
     answer_result,
     ask_direct,
@@ -151,18 +153,30 @@ def test_malformed_forwarding_fields_are_the_entrys_failure(fields: dict[str, ob
 # ------------------------------------------------------------------ real seeds that relay another key's answer
 
 
+class Forged(dict[str, Identity]):
+    """{seed peer id: identity} (`forge`); `honouring`: seeds that sign themselves when the request
+    declines forwarding, as an honest entry serves it itself (the others forge regardless)."""
+
+    honouring: set[str]
+
+
+def declines_forwarding(request: bytes) -> bool:
+    return json.loads(request).get("forward") is False
+
+
 @pytest.fixture
-def forge(monkeypatch: pytest.MonkeyPatch) -> dict[str, Identity]:
+def forge(monkeypatch: pytest.MonkeyPatch) -> Forged:
     """{seed peer id: identity}: that seed signs every transcript with the identity and names it in
     `done` (what an entry relaying the identity's answer sends), direct and private alike."""
     from gtorrent import seed as seed_module
 
-    forged: dict[str, Identity] = {}
+    forged = Forged()
+    forged.honouring = set()
     original_signed = seed_module.Responder.signed
 
     def signed(self: Any, identity: Identity, model_id: str, finish_reason: str) -> str:
         signer = forged.get(identity.peer_id)
-        if signer is None:
+        if signer is None or (identity.peer_id in forged.honouring and declines_forwarding(self.request)):
             return original_signed(self, identity, model_id, finish_reason)
         self.forged_signer = signer.peer_id
         return original_signed(self, signer, model_id, finish_reason)
@@ -200,7 +214,7 @@ def untrust(store: Store, peer_id: str, model_id: str) -> None:
 
 @pytest.mark.timeout(90)
 async def test_a_direct_ask_accepts_an_answer_a_listed_seed_signed(swarm: Swarm, tmp_path: Path,
-                                                                   forge: dict[str, Identity]) -> None:
+                                                                   forge: Forged) -> None:
     await swarm.start(relays=0)
     entry, target = swarm.seeds[0].identity, Identity.generate()
     forge[entry.peer_id] = target
@@ -219,7 +233,7 @@ async def test_a_direct_ask_accepts_an_answer_a_listed_seed_signed(swarm: Swarm,
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("why", ["unlisted", "untrusted"])
 async def test_a_direct_ask_refuses_an_answer_an_ineligible_key_signed(swarm: Swarm, tmp_path: Path, why: str,
-                                                                       forge: dict[str, Identity]) -> None:
+                                                                       forge: Forged) -> None:
     """A throwaway key (no record in the listing) or an untrusted seed's: the entry failed the attempt."""
     await swarm.start(relays=0)
     entry, target = swarm.seeds[0].identity, Identity.generate()
@@ -231,15 +245,46 @@ async def test_a_direct_ask_refuses_an_answer_an_ineligible_key_signed(swarm: Sw
         assert store.standing(target.peer_id).state == "untrusted"
     with pytest.raises(AttemptsFailed) as failed:
         await ask_direct(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=8), store)
+    # refused, then asked again with forwarding declined: relaying that signer's answer anyway is the
+    # entry's failure
     errors = failed.value.errors
-    assert len(errors) == 1 and isinstance(errors[0], SeedFailed) and short_id(target.peer_id) in errors[0].message
+    assert [type(e) for e in errors] == [SignerRefused, SeedFailed], errors
+    assert all(short_id(target.peer_id) in e.message for e in errors)
+    assert "declined forwarding" in errors[1].message
     assert store.standing(entry.peer_id).asks_failed == 1  # the entry's failure, in the asker's store
     assert store.standing(target.peer_id).asks_failed == 0
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["direct", "private"])
+async def test_an_entry_whose_group_still_trusts_a_seed_the_asker_does_not_serves_the_ask_itself(
+        swarm: Swarm, tmp_path: Path, forge: Forged, mode: str) -> None:
+    """The trust race: a verdict the asker has and the entry's group has not read yet. The entry forwards
+    to the seed the asker now calls untrusted; the asker asks the entry again with forwarding declined
+    and gets the entry's own answer, with nothing against either seed (the entry forwarded in good
+    faith; the refused answer was never checked, so it says nothing of the target either)."""
+    await swarm.start(relays=12 if mode == "private" else 0)
+    entry, target = swarm.seeds[0].identity, Identity.generate()
+    forge[entry.peer_id] = target
+    forge.honouring.add(entry.peer_id)
+    await list_target(swarm, target)
+    store = Store.open(tmp_path)
+    untrust(store, target.peer_id, swarm.model.model_id)
+    ask = ask_direct if mode == "direct" else ask_private
+    restarts: list[str] = []
+    events = AskEvents(on_restart=lambda seed, reason, pieces: restarts.append(reason))
+    result = await ask(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=12), store, events)
+    assert result.text == swarm.local(12)
+    assert not result.forwarded and result.signer == entry.peer_id and result.attempts == 2
+    assert len(result.failures) == 1
+    assert "an untrusted seed" in result.failures[0]["reason"] and restarts == [result.failures[0]["reason"]]
+    assert store.standing(entry.peer_id).asks_failed == 0 and store.standing(entry.peer_id).asks_ok == 1
+    assert store.standing(target.peer_id).asks_failed == 0
+
+
+@pytest.mark.timeout(90)
 async def test_a_private_ask_accepts_an_answer_a_listed_seed_signed(swarm: Swarm, tmp_path: Path,
-                                                                    forge: dict[str, Identity]) -> None:
+                                                                    forge: Forged) -> None:
     await swarm.start(relays=12)
     entry, target = swarm.seeds[0].identity, Identity.generate()
     forge[entry.peer_id] = target
@@ -254,15 +299,16 @@ async def test_a_private_ask_accepts_an_answer_a_listed_seed_signed(swarm: Swarm
 
 @pytest.mark.timeout(90)
 async def test_a_private_ask_refuses_an_answer_a_throwaway_key_signed(swarm: Swarm, tmp_path: Path,
-                                                                      forge: dict[str, Identity]) -> None:
+                                                                      forge: Forged) -> None:
     await swarm.start(relays=12)
     entry, throwaway = swarm.seeds[0].identity, Identity.generate()
     forge[entry.peer_id] = throwaway
     store = Store.open(tmp_path)
     with pytest.raises(AttemptsFailed) as failed:
         await ask_private(swarm.ctx, [swarm.url], AskRequest(PROMPT, max_tokens=8), store)
-    assert [type(e) for e in failed.value.errors] == [SeedFailed]
+    assert [type(e) for e in failed.value.errors] == [SignerRefused, SeedFailed]
     assert "not a seed this ask listed" in failed.value.errors[0].message
+    assert "declined forwarding" in failed.value.errors[1].message
     assert store.standing(entry.peer_id).asks_failed == 1
 
 
@@ -299,7 +345,7 @@ def test_a_forwarded_challenge_counts_for_its_signer_and_neither_for_nor_against
 
 @pytest.mark.timeout(120)
 async def test_the_verifier_credits_a_listed_signer_and_fails_the_entry_for_an_unlisted_one(
-    swarm: Swarm, tmp_path: Path, forge: dict[str, Identity], monkeypatch: pytest.MonkeyPatch
+    swarm: Swarm, tmp_path: Path, forge: Forged, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One epoch over two seeds of the model: X relays answers signed by Y (a listed seed): the scores
     are Y's, in Y's verdict and evidence (with the signer and the seed the challenge went to), and X
