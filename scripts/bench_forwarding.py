@@ -229,6 +229,9 @@ class CostModel:
     overhead_s: float = 0.0  # client-observed end-to-end minus model time, answered by the entry
     ttft_overhead_s: float = 0.0
     forward_s: float = 0.0  # the extra of a forwarded answer (group hop), on both latency and TTFT
+    # a forwarded answer's generation over a local one's when entry and target share the machine (the
+    # entry relays the tokens as they come, on the same cores): applied only with shared_machine
+    forwarded_factor: float = 1.0
 
     def prefill_s(self, prompt_tokens: int, cached: int) -> float:
         if cached <= 0:
@@ -388,6 +391,8 @@ def summarise(outcomes: Sequence[Outcome]) -> dict[str, float]:
         "forwarded": sum(o.forwarded for o in ok) / len(ok) if ok else 0.0,
         # the busiest seed's share of the answers: how unevenly a policy spreads them
         "top": max(Counter(o.server for o in ok).values()) / len(ok) if ok else 0.0,
+        # the generating seed's own time per answer (done.total_s; simulated: from start to done)
+        "service_mean_s": statistics.mean(o.seed_total_s for o in ok) if ok else float("nan"),
     }
 
 
@@ -404,6 +409,7 @@ class _Job:
     lease: Any = None
     cached: int = 0
     first_token_s: float = 0.0
+    started_s: float = 0.0
 
 
 @dataclass
@@ -431,16 +437,23 @@ def simulate(
     shared_machine: bool,
     tokens: Sequence[int] | None = None,
     fresh: bool = False,
+    background_cores: float = 0.0,
 ) -> tuple[list[Outcome], float]:
     """Run the trace through `seeds` simulated seeds routing with the real code; return the outcomes and
     round-robin-style utilisation (busy seed-seconds over seed-seconds until the last arrival).
     `shared_machine`: the seeds share this machine's cores (processor sharing by cost.slowdown), as the
     real run's processes do; else each seed has a machine of its own. `tokens`: per request, the answer
     length (default: the workload's fixed output). `fresh`: every member's state is current at every
-    request (an oracle the seeds cannot have; a diagnostic of what stale state costs)."""
+    request (an oracle the seeds cannot have; a diagnostic of what stale state costs). `background_cores`:
+    with `shared_machine`, the cores the processes that do not generate take on average (the client, the
+    tracker, measured in the real run), which the generating seeds lose."""
     from gtorrent.forwarding import LbFactor, Member, choose
 
     state = [_SimSeed(f"seed{i:02d}", PrefixCache(cache_bytes), LbFactor()) for i in range(seeds)]
+    left = max(1.0 - background_cores / (os.cpu_count() or 1), 0.1)
+
+    def slower(job: _Job) -> float:
+        return cost.forwarded_factor if shared_machine and job.forwarded else 1.0
     index_of = {s.peer_id: i for i, s in enumerate(state)}
 
     def member(s: _SimSeed) -> Any:
@@ -460,8 +473,9 @@ def simulate(
         usable = (len(job.request.token_ids) - 1) // CHUNK_TOKENS
         job.lease = s.cache.acquire(job.digests[:usable], prompt_tokens=len(job.request.token_ids))
         job.cached = job.lease.depth * CHUNK_TOKENS if job.lease is not None else 0
+        job.started_s = now
         s.job, s.phase = job, "prefill"
-        s.remaining = cost.prefill_s(len(job.request.token_ids), job.cached)
+        s.remaining = cost.prefill_s(len(job.request.token_ids), job.cached) * slower(job)
 
     def phase_done(s: _SimSeed) -> None:
         job = s.job
@@ -472,7 +486,7 @@ def simulate(
             if job.digests and not s.cache.covers(job.digests):
                 s.cache.insert(job.digests, None, len(job.digests) * CHUNK_TOKENS * cost.kv_bytes_per_token)
             job.first_token_s = now
-            s.phase, s.remaining = "decode", cost.decode_s(len(job.request.token_ids), job.tokens)
+            s.phase, s.remaining = "decode", cost.decode_s(len(job.request.token_ids), job.tokens) * slower(job)
             if s.remaining > 0:
                 return
         arrival = job.request.arrival_s
@@ -483,6 +497,7 @@ def simulate(
             latency_s=now - arrival + cost.overhead_s + hop,
             ttft_s=job.first_token_s - arrival + cost.ttft_overhead_s + hop,
             cached=job.cached, prompt_tokens=len(job.request.token_ids), tokens=job.tokens,
+            seed_ttft_s=job.first_token_s - job.started_s, seed_total_s=now - job.started_s,
         ))
         s.job = None
         if s.queue:
@@ -490,7 +505,7 @@ def simulate(
 
     while next_arrival < len(requests) or any(s.job is not None for s in state):
         busy = [s for s in state if s.job is not None]
-        rate = cost.share(len(busy)) if shared_machine else 1.0
+        rate = cost.share(len(busy)) * left if shared_machine else 1.0
         finishing = min(busy, key=lambda s: s.remaining) if busy else None
         t_finish = now + finishing.remaining / rate if finishing is not None else math.inf
         t_arrival = requests[next_arrival].arrival_s if next_arrival < len(requests) else math.inf
@@ -540,6 +555,19 @@ def simulate(
     utilisation = sum(s.busy_s for s in state) / (seeds * max(now, horizon))
     outcomes.sort(key=lambda o: o.index)
     return outcomes, utilisation
+
+
+def full_hit_ratio(workload: Workload, cost: CostModel) -> float:
+    """Mean end-to-end time without queueing if every request found its whole prefix cached (its whole
+    chunks), over the mean if none did: the most a prefix cache can save on this trace at light load."""
+    hit = miss = 0.0
+    for r in workload.requests:
+        n = len(r.token_ids)
+        cached = min(workload.prefixes[r.prefix].tokens, n - 1) // CHUNK_TOKENS * CHUNK_TOKENS
+        rest = cost.decode_s(n, workload.output_tokens) + cost.overhead_s
+        hit += cost.prefill_s(n, cached) + rest
+        miss += cost.prefill_s(n, 0) + rest
+    return hit / miss if miss else 1.0
 
 
 def rate_for_load(cost: CostModel, encode: Callable[[str], list[int]], *, seed: int, requests: int,
@@ -612,8 +640,32 @@ async def _one(ctx: Any, record: Any, model_id: str, request: Request, entry: in
         return Outcome(request.index, entry, -1, False, error=exc.message)
 
 
-async def _drive(urls: list[str], peer_ids: list[str], workload: Workload, probes: list[Request]
-                 ) -> tuple[list[Outcome], list[Outcome]]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc; 0 where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+@dataclass
+class CpuUse:
+    """Cores used on average during a real trace (CPU seconds over its wall seconds), by kind of process."""
+
+    client: float = 0.0
+    tracker: float = 0.0
+    seeds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def background(self) -> float:
+        """Cores taken by the processes that generate nothing (what the seeds' generation loses)."""
+        return self.client + self.tracker
+
+
+async def _drive(urls: list[str], peer_ids: list[str], workload: Workload, probes: list[Request],
+                 pids: dict[str, list[int]] | None = None) -> tuple[list[Outcome], list[Outcome], CpuUse]:
     from gtorrent.discovery import discover
     from gtorrent.transport import new_context
 
@@ -632,10 +684,17 @@ async def _drive(urls: list[str], peer_ids: list[str], workload: Workload, probe
         peer_index = {p: i for i, p in enumerate(peer_ids)}
         loop = asyncio.get_running_loop()
         probed = []
-        for n, probe in enumerate(probes):  # sequential, on idle seeds
-            entry = n % len(records)
+        for probe in probes:  # sequential, on idle seeds
+            entry = probe.entry_of(len(records))
             probed.append(await _one(ctx, records[entry], model_id, probe, entry, loop.time(),
                                      workload.output_tokens, peer_index))
+        pids = pids or {}
+
+        def sample() -> dict[str, float]:
+            return {"client": time.process_time(), "wall": time.monotonic(),
+                    **{kind: sum(cpu_seconds(pid) for pid in group) for kind, group in pids.items()}}
+
+        before = sample()
         begin = loop.time() + 0.2
         tasks = []
         for request in workload.requests:
@@ -644,13 +703,17 @@ async def _drive(urls: list[str], peer_ids: list[str], workload: Workload, probe
             entry = request.entry_of(len(records))
             tasks.append(asyncio.create_task(_one(ctx, records[entry], model_id, request, entry, scheduled,
                                                   workload.output_tokens, peer_index)))
-        return probed, list(await asyncio.gather(*tasks))
+        outcomes = list(await asyncio.gather(*tasks))
+        after = sample()
+        wall = max(after["wall"] - before["wall"], 1e-9)
+        use = CpuUse(**{kind: (after[kind] - before[kind]) / wall for kind in ("client", *pids)}, seconds=wall)
+        return probed, outcomes, use
     finally:
         ctx.destroy(linger=0)
 
 
 def real_run(workload: Workload, policy: str, kv_cache_mb: int, probes: list[Request], base: Path
-             ) -> tuple[list[Outcome], list[Outcome]]:
+             ) -> tuple[list[Outcome], list[Outcome], CpuUse]:
     from tests.procs import Proc, start_tracker
 
     tracker, url = start_tracker(base / f"{policy}-tracker")
@@ -661,7 +724,8 @@ def real_run(workload: Workload, policy: str, kv_cache_mb: int, probes: list[Req
                               base / f"{policy}-seed{i}"))
         peer_ids = [seed.wait_for(READY_SEED, timeout_s=120).group(1) for seed in seeds]
         wait_for_groups(seeds, REAL_SEEDS)
-        return asyncio.run(_drive([url], peer_ids, workload, probes))
+        pids = {"tracker": [tracker.popen.pid], "seeds": [seed.popen.pid for seed in seeds]}
+        return asyncio.run(_drive([url], peer_ids, workload, probes, pids))
     finally:
         for proc in [*seeds, tracker]:
             try:
@@ -678,16 +742,30 @@ def wait_for_groups(seeds: list[Any], size: int) -> None:
             seed.wait_for(r"group: \S+ joined", timeout_s=max(deadline - time.monotonic(), 0.1))
 
 
+PROBES = 24  # unique ones; then HIT_PROBES
+HIT_PROBES = (4, 5)  # shared prefixes x asks of each, to one entry in a row (the last ones hit, whatever the policy)
+
+
 def probe_requests(encode: Callable[[str], list[int]], count: int, seed: int) -> list[Request]:
-    """Unique prompts, half short (~40 tokens) and half long (~420): a line through their latencies
-    separates the machine's speed at the time (the slope) from the per-answer overhead (the intercept)."""
+    """Unique prompts, half short (~40 tokens) and half long (~420), each to the next entry: a line
+    through their latencies separates the machine's speed at the time (the slope) from the per-answer
+    overhead (the intercept). Then HIT_PROBES: a ~340-token prefix with 5 queries in a row to one entry,
+    per prefix: every policy serves a later one from cache (rr's 5th comes back to the seed of the first),
+    so the seeds' own prefill of a hit is measured too (`done.cached`)."""
     rng = np.random.default_rng([seed, 2])
     made = []
     for n in range(count):
         target = 40 if n % 2 == 0 else 420
         words = [f"Probe {n} {secrets.token_hex(4)}:", *(str(w) for w in rng.choice(WORDS, size=target))]
         prompt = _fit_words(words, target, encode)
-        made.append(Request(-1 - n, 0.0, -1, prompt, tuple(encode(prompt)), 0.0))
+        made.append(Request(-1 - n, 0.0, -1, prompt, tuple(encode(prompt)), (n % REAL_SEEDS + 0.5) / REAL_SEEDS))
+    prefixes, asks = HIT_PROBES
+    for h in range(prefixes):
+        words = [f"Shared probe {h} {secrets.token_hex(4)}:", *(str(w) for w in rng.choice(WORDS, size=340))]
+        prefix = _fit_words(words, 340, encode)
+        for a in range(asks):
+            prompt = f"{prefix} Query {a}: {' '.join(str(w) for w in rng.choice(WORDS, size=6))}?\nAnswer:"
+            made.append(Request(-1 - len(made), 0.0, -1, prompt, tuple(encode(prompt)), (h % REAL_SEEDS + 0.5) / REAL_SEEDS))
     return made
 
 
@@ -704,11 +782,15 @@ class Calibration:
     ttft_overhead_s: float
     hop_s: float | None  # the extra of a forwarded answer; None: no probe was forwarded
     probes: int
+    hit_scale: float | None = None  # a hit's prefill in a seed over the in-process model's; None: no hit probe
+    forwarded_factor: float = 1.0  # a forwarded answer's generation over a local one's (CostModel)
 
     def apply(self, cost: CostModel, hop_s: float) -> CostModel:
         """`cost` with the seeds' timings: the miss prefill and decode as measured in the seeds, the hit
-        prefill scaled like the miss's per-token cost (the probes are misses), the overheads."""
+        prefill scaled by the hit probes (else like the miss's per-token cost), the overheads."""
         ratio = self.prefill_per_token_s / cost.miss_per_token_s if cost.miss_per_token_s > 0 else 1.0
+        if self.hit_scale is not None:
+            ratio = self.hit_scale
         return CostModel(**{
             **asdict(cost),
             "miss_base_s": self.prefill_base_s, "miss_per_token_s": self.prefill_per_token_s,
@@ -716,6 +798,7 @@ class Calibration:
             "hit_per_cached_s": cost.hit_per_cached_s * ratio,
             "decode_base_s": self.decode_base_s, "decode_per_context_s": self.decode_per_context_s,
             "overhead_s": self.overhead_s, "ttft_overhead_s": self.ttft_overhead_s, "forward_s": hop_s,
+            "forwarded_factor": self.forwarded_factor,
         })
 
 
@@ -743,10 +826,25 @@ def calibrate(cost: CostModel, probes: Sequence[Outcome], prompts: dict[int, Req
     overhead = statistics.median(o.latency_s - o.seed_total_s for o in base)
     ttft_overhead = statistics.median(o.ttft_s - o.seed_ttft_s for o in base)
     hop = statistics.median(o.latency_s - o.seed_total_s for o in there) - overhead if here and there else None
+    prefill_base = max(ttft[False] - per_token * n[False], 0.0)
+    decode_base = max(step[False] - per_context * context[False], 0.0)
+
+    def modelled(o: Outcome) -> float:  # a miss's generation by the fit above
+        prompt = len(prompts[o.index].token_ids)
+        return (prefill_base + per_token * prompt
+                + (o.tokens - 1) * (decode_base + per_context * (prompt + o.tokens / 2)))
+
+    forwarded_factor = 1.0
+    if len(here) >= 2 and len(there) >= 2:
+        forwarded_factor = (statistics.median(o.seed_total_s / modelled(o) for o in there)
+                            / statistics.median(o.seed_total_s / modelled(o) for o in here))
+    hits = [o for o in probes if o.ok and o.seed_total_s > 0 and o.cached > 0]
+    hit_scale = statistics.median(o.seed_ttft_s / cost.prefill_s(len(prompts[o.index].token_ids), o.cached)
+                                  for o in hits) if hits else None
     return Calibration(
-        max(ttft[False] - per_token * n[False], 0.0), per_token,
-        max(step[False] - per_context * context[False], 0.0), per_context,
+        prefill_base, per_token, decode_base, per_context,
         max(overhead, 0.0), max(ttft_overhead, 0.0), None if hop is None else max(hop, 0.0), len(ok),
+        hit_scale, max(forwarded_factor, 0.5),
     )
 
 
@@ -787,10 +885,15 @@ def main() -> None:
     parser.add_argument("--sim-requests", type=int, default=None, help="the paper-scale simulation's requests (6000)")
     parser.add_argument("--sim-load", type=float, default=0.85, help="round robin's busy share at the paper's scale")
     parser.add_argument("--skip-real", action="store_true", help="cost model and simulation only")
+    parser.add_argument("--policies", default=",".join(COMPARED),
+                        help="the policies compared, comma-separated (rr and tree+lb always among them)")
     parser.add_argument("--json", type=Path, help="write every figure as JSON")
     parser.add_argument("--report", type=Path, help="write the printed report")
     parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    compared = tuple(p for p in COMPARED if p in {*args.policies.split(","), "rr", "tree+lb"})
+    if unknown := set(args.policies.split(",")) - set(COMPARED):
+        parser.error(f"unknown policies {', '.join(sorted(unknown))} (of {', '.join(COMPARED)})")
     if args.worker is not None:
         _worker(args.worker)
         return
@@ -846,12 +949,14 @@ def main() -> None:
         emit(lines, "")
         emit(lines, f"real run: tracker + {REAL_SEEDS} seeds on 127.0.0.1 (--kv-cache-mb {args.kv_cache_mb}), "
                     f"{requests} requests at {rate:.1f}/s, entry seed uniform per request")
-        prompts = {p.index: p for p in probe_requests(encode, 24, args.seed)}
+        prompts = {p.index: p for p in probe_requests(encode, PROBES, args.seed)}
         calibrations: dict[str, Calibration | None] = {}
+        cpu: dict[str, CpuUse] = {}
         all_probes: list[Outcome] = []
         with tempfile.TemporaryDirectory() as tmp:
-            for policy in COMPARED:
-                probed, outcomes = real_run(workload, policy, args.kv_cache_mb, list(prompts.values()), Path(tmp))
+            for policy in compared:
+                probed, outcomes, cpu[policy] = real_run(workload, policy, args.kv_cache_mb, list(prompts.values()),
+                                                         Path(tmp))
                 calibrations[policy] = calibrate(cost, probed, prompts)
                 all_probes += probed
                 real_outcomes[policy] = outcomes
@@ -870,8 +975,9 @@ def main() -> None:
         answered = [o.tokens for outcomes in real_outcomes.values() for o in outcomes if o.ok]
         emit(lines, f"answers: {statistics.mean(answered):.1f} tokens on average of {args.output_tokens} asked "
                     f"({sum(t < args.output_tokens for t in answered) / len(answered):.0%} ended early at the end token)")
-        emit(lines, "probes before each trace (24 sequential asks on idle seeds, half ~40 and half ~420 tokens; "
-                    "the seeds' own timings from each done):")
+        emit(lines, f"probes before each trace ({PROBES} sequential asks on idle seeds, half ~40 and half ~420 tokens, "
+                    f"then {HIT_PROBES[0]} ~340-token prefixes asked {HIT_PROBES[1]} times in a row; the seeds' own "
+                    "timings from each done):")
         for policy, c in [*calibrations.items(), ("pooled", pooled)]:
             if c is None:
                 emit(lines, f"  {policy:<11} too few answered probes")
@@ -879,11 +985,21 @@ def main() -> None:
             hop = f"{c.hop_s * 1e3:.1f} ms" if c.hop_s is not None else "none forwarded"
             emit(lines, f"  {policy:<11} prefill {c.prefill_base_s * 1e3:.2f} ms + {c.prefill_per_token_s * 1e6:.1f} us/token, "
                         f"decode {c.decode_base_s * 1e3:.3f} ms + {c.decode_per_context_s * 1e6:.2f} us/context token; "
-                        f"overhead {c.overhead_s * 1e3:.1f} ms (TTFT {c.ttft_overhead_s * 1e3:.1f} ms), hop {hop}")
+                        f"overhead {c.overhead_s * 1e3:.1f} ms (TTFT {c.ttft_overhead_s * 1e3:.1f} ms), hop {hop}; "
+                        f"hit prefill {f'{c.hit_scale:.2f}x' if c.hit_scale is not None else 'no hit'} the "
+                        f"in-process model; forwarded generation {c.forwarded_factor:.2f}x a local one")
         if any(r["failed"] for r in real.values()):
             emit(lines, "  note: some requests failed (a seed's queue full: 'busy'); they are left out of the "
                         "figures, so the loaded policies look better than they were: lower --real-load")
         figures["real"] = real
+        figures["real_outcomes"] = {policy: [asdict(o) for o in outcomes] for policy, outcomes in real_outcomes.items()}
+        emit(lines, "CPU during each trace (cores on average; the machine has "
+                    f"{os.cpu_count()}): the client and the tracker generate nothing, and what they take the "
+                    "seeds lose (the validation's simulation takes it out of the machine)")
+        for policy, use in cpu.items():
+            emit(lines, f"  {policy:<11} client {use.client:.2f}, tracker {use.tracker:.2f}, "
+                        f"seeds {use.seeds:.2f} over {use.seconds:.0f} s")
+        figures["cpu"] = {policy: asdict(use) for policy, use in cpu.items()}
         figures["calibration"] = {policy: asdict(c) if c is not None else None
                                   for policy, c in [*calibrations.items(), ("pooled", pooled)]}
     else:
@@ -898,14 +1014,15 @@ def main() -> None:
     if real:
         emit(lines, "")
         emit(lines, f"validation: the simulation configured as the real run ({REAL_SEEDS} seeds sharing this "
-                    "machine by s(k), the same trace and answer lengths, the seeds' timings and overheads), mean latency:")
+                    "machine by s(k), less the client's and tracker's cores; the same trace and answer lengths, the "
+                    "seeds' timings and overheads), mean latency:")
         verdicts = []
         figures["validation"] = {}
-        for policy in COMPARED:
+        for policy in compared:
             answered = {o.index: o.tokens for o in real_outcomes[policy] if o.ok}
             tokens = [answered.get(r.index, workload.output_tokens) for r in workload.requests]
             outcomes, _ = simulate(workload, policy, seeds_cost, seeds=REAL_SEEDS, cache_bytes=cache_bytes,
-                                   shared_machine=True, tokens=tokens)
+                                   shared_machine=True, tokens=tokens, background_cores=cpu[policy].background)
             sim = summarise(outcomes)
             ratio = sim["mean_s"] / real[policy]["mean_s"]
             good = abs(ratio - 1) <= VALIDATE_WITHIN
@@ -913,6 +1030,7 @@ def main() -> None:
             figures["validation"][policy] = {"sim": sim, "sim_over_real": ratio, "pass": good}
             emit(lines, f"  {policy:<11} real {real[policy]['mean_s'] * 1e3:7.1f} ms  sim {sim['mean_s'] * 1e3:7.1f} ms"
                         f"  sim/real {ratio:.3f}  hit real {real[policy]['hit_rate']:.1%} sim {sim['hit_rate']:.1%}"
+                        f"  service real {real[policy]['service_mean_s'] * 1e3:.1f} ms sim {sim['service_mean_s'] * 1e3:.1f} ms"
                         f"  {'PASS' if good else 'FAIL'} (within {VALIDATE_WITHIN:.0%})")
         emit(lines, f"validation verdict: {'PASS' if all(verdicts) else 'FAIL'} "
                     f"({sum(verdicts)}/{len(verdicts)} policies within {VALIDATE_WITHIN:.0%})")
@@ -930,12 +1048,12 @@ def main() -> None:
                         output_tokens=args.output_tokens)
     simulated: dict[str, dict[str, float]] = {}
     busy: dict[str, float] = {}
-    for policy in COMPARED:
+    for policy in compared:
         outcomes, busy[policy] = simulate(big, policy, sim_cost, seeds=SIM_SEEDS, cache_bytes=cache_bytes,
                                           shared_machine=False)
         simulated[policy] = summarise(outcomes)
     oracle: dict[str, dict[str, float]] = {}
-    for policy in COMPARED:
+    for policy in compared:
         outcomes, _ = simulate(big, policy, sim_cost, seeds=SIM_SEEDS, cache_bytes=cache_bytes, shared_machine=False,
                                fresh=True)
         oracle[policy] = summarise(outcomes)
@@ -955,7 +1073,7 @@ def main() -> None:
     figures["simulation"] = {"rate": sim_rate, "busy": busy, "results": simulated, "fresh_state": oracle}
     emit(lines, "diagnostic, tree+lb / rr against the load (rr's busy share), seeds' state / current state:")
     sweep = {}
-    for load in sorted({0.7, args.sim_load, 0.95}):
+    for load in sorted({0.7, args.sim_load, 0.95, 0.97, 0.99}):
         at = sim_rate if load == args.sim_load else rate_for_load(
             sim_cost, encode, seed=args.seed, requests=sim_requests, seeds=SIM_SEEDS, cache_bytes=cache_bytes, load=load,
             prefixes=args.prefixes, output_tokens=args.output_tokens)
@@ -968,9 +1086,16 @@ def main() -> None:
                                        shared_machine=False, fresh=fresh)[0]) for policy in ("rr", "tree+lb")]
             row["fresh" if fresh else "seeds"] = (pair[1]["mean_s"] / pair[0]["mean_s"], pair[1]["p99_s"] / pair[0]["p99_s"])
         sweep[load] = {"rate": at, **row}
+        met = row["seeds"][0] <= TARGET_MEAN and row["seeds"][1] <= TARGET_P99
         emit(lines, f"  rr busy {load:.0%} ({at:.0f}/s): mean {row['seeds'][0]:.3f}x / {row['fresh'][0]:.3f}x, "
-                    f"p99 {row['seeds'][1]:.3f}x / {row['fresh'][1]:.3f}x")
+                    f"p99 {row['seeds'][1]:.3f}x / {row['fresh'][1]:.3f}x{'  (targets met)' if met else ''}")
     figures["simulation"]["load_sweep"] = sweep
+    ceiling = full_hit_ratio(big, sim_cost)
+    figures["simulation"]["full_hit_ratio"] = ceiling
+    emit(lines, f"bound: with every request's whole prefix cached, a request's time without queueing would be "
+                f"{ceiling:.3f}x a miss's here (prefill is {sim_cost.prefill_s(370, 0) * 1e3:.0f} ms of a 370-token "
+                f"prompt's {(sim_cost.prefill_s(370, 0) + sim_cost.decode_s(370, big.output_tokens) + sim_cost.overhead_s) * 1e3:.0f} ms): "
+                "below that, only shorter queues can take tree+lb, so the ratio falls only as rr nears saturation")
 
     rr, best = simulated["rr"], simulated["tree+lb"]
     mean_ratio, p99_ratio = best["mean_s"] / rr["mean_s"], best["p99_s"] / rr["p99_s"]

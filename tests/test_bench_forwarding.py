@@ -168,34 +168,53 @@ def test_quick_simulation_run(tmp_path: Path) -> None:
 
 def test_probe_calibration_recovers_the_seeds_timings_and_overheads(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
     probes = bench.probe_requests(encode, 24, seed=1)
-    assert all(len(p.token_ids) <= 60 for p in probes[::2]) and all(len(p.token_ids) > 300 for p in probes[1::2])
+    unique, shared = probes[:24], probes[24:]
+    assert all(len(p.token_ids) <= 60 for p in unique[::2]) and all(len(p.token_ids) > 300 for p in unique[1::2])
+    assert [p.entry_of(4) for p in unique[:5]] == [0, 1, 2, 3, 0]
+    prefixes, asks = bench.HIT_PROBES
+    assert len(shared) == prefixes * asks
+    for h in range(prefixes):  # one prefix, asked `asks` times in a row at one entry
+        group = shared[h * asks:(h + 1) * asks]
+        assert len({p.entry_of(4) for p in group}) == 1 and len({p.prompt for p in group}) == asks
+        assert len(set(p.token_ids[:300] for p in group)) == 1 and len(group[0].token_ids) > 300
     prompts = {p.index: p for p in probes}
     a, b, d0, d1, overhead, ttft_overhead, hop, tokens = 0.002, 90e-6, 0.0015, 3e-6, 0.012, 0.006, 0.009, 16
+    slower, hit_scale = 1.2, 1.5  # a forwarded answer's generation, a hit's prefill over the in-process model
     outcomes = []
     for n, probe in enumerate(probes):
         forwarded = n % 3 == 0
         length = len(probe.token_ids)
-        seed_ttft = a + b * length
-        seed_total = seed_ttft + (tokens - 1) * (d0 + d1 * (length + tokens / 2))
+        cached = 300 if probe in shared and (n - 24) % asks else 0
+        seed_ttft = (cost.prefill_s(length, cached) * hit_scale if cached else a + b * length) * (slower if forwarded else 1)
+        seed_total = seed_ttft + (tokens - 1) * (d0 + d1 * (length + tokens / 2)) * (slower if forwarded else 1)
         extra = hop if forwarded else 0.0
         outcomes.append(bench.Outcome(probe.index, 0, 1 if forwarded else 0, True,
                                       latency_s=seed_total + overhead + extra, ttft_s=seed_ttft + ttft_overhead + extra,
-                                      tokens=tokens, prompt_tokens=length, seed_ttft_s=seed_ttft,
+                                      cached=cached, tokens=tokens, prompt_tokens=length, seed_ttft_s=seed_ttft,
                                       seed_total_s=seed_total))
-    found = bench.calibrate(cost, outcomes, prompts)
+    local = [o for o in outcomes if not o.forwarded]
+    found = bench.calibrate(cost, local, prompts)  # local ones alone: the fit is exact
     assert found.prefill_per_token_s == pytest.approx(b, rel=1e-6)
     assert found.prefill_base_s == pytest.approx(a, abs=1e-7)
     assert found.decode_per_context_s == pytest.approx(d1, rel=1e-6)
     assert found.decode_base_s == pytest.approx(d0, abs=1e-7)
-    assert (found.overhead_s, found.ttft_overhead_s, found.hop_s) == pytest.approx((overhead, ttft_overhead, hop))
+    assert (found.overhead_s, found.ttft_overhead_s, found.hop_s) == pytest.approx((overhead, ttft_overhead, None))
+    assert found.hit_scale == pytest.approx(hit_scale) and found.forwarded_factor == 1.0
+    both = bench.calibrate(cost, outcomes, prompts)
+    assert both.forwarded_factor == pytest.approx(slower, rel=0.05) and both.hit_scale == pytest.approx(hit_scale, rel=0.25)
+    assert both.hop_s == pytest.approx(hop, rel=0.3) and both.overhead_s == pytest.approx(overhead)
     seeds = found.apply(cost, hop_s=0.004)
     assert seeds.prefill_s(300, 0) == pytest.approx(a + b * 300)
-    # the hit prefill scales like the miss's per-token cost; sharing and the hop as given
-    assert seeds.prefill_s(300, 200) == pytest.approx(cost.prefill_s(300, 200) * b / cost.miss_per_token_s)
-    assert (seeds.forward_s, seeds.slowdown) == (0.004, cost.slowdown)
+    # the hit prefill as the hit probes found it; sharing and the hop as given
+    assert seeds.prefill_s(300, 200) == pytest.approx(cost.prefill_s(300, 200) * hit_scale)
+    assert (seeds.forward_s, seeds.slowdown, seeds.forwarded_factor) == (0.004, cost.slowdown, 1.0)
+    # without hit probes the hit prefill scales like the miss's per-token cost
+    misses = bench.calibrate(cost, [o for o in local if not o.cached], prompts)
+    assert misses.hit_scale is None
+    assert misses.apply(cost, 0.0).prefill_s(300, 200) == pytest.approx(cost.prefill_s(300, 200) * b / cost.miss_per_token_s)
     # too few, or only one length: no calibration
     assert bench.calibrate(cost, outcomes[:3], prompts) is None
-    assert bench.calibrate(cost, outcomes[::2], prompts) is None
+    assert bench.calibrate(cost, outcomes[:24:2], prompts) is None
 
 
 def test_entries_count_their_own_forwards_as_the_seeds_do(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
