@@ -12,6 +12,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -164,6 +165,30 @@ def test_quick_simulation_run(tmp_path: Path) -> None:
     assert "real run: NOT RUN (--skip-real)" in text
     assert "target tree+lb / rr mean <= 0.40x" in text and "target tree+lb / rr p99  <= 0.50x" in text
     assert "prefill, miss" in text and "slowdown s(k)" in text
+    assert "model_simulation" not in figures and "(simulation, 8 seeds, demo model)" in text
+
+
+@pytest.mark.timeout(600)
+def test_quick_simulation_with_another_models_cost(tmp_path: Path) -> None:
+    """--sim-model: the paper-scale simulation runs again with that model's cost (measured here), and
+    the targets are judged on it; a model that cannot hold the trace is refused."""
+    out = tmp_path / "figures.json"
+    model = Path(__file__).parent / "models" / "llama-small"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--skip-real", "--sim-requests", "200", "--policies", "rr,tree+lb",
+         "--sim-model", str(model), "--json", str(out)],
+        capture_output=True, text=True, timeout=570,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["model_simulation"]["results"]) == {"rr", "tree+lb"}
+    assert figures["model_cost"]["kv_bytes_per_token"] != figures["cost"]["kv_bytes_per_token"]
+    assert figures["targets"]["where"] == "simulation, 8 seeds, llama-small"
+    assert "the same at the paper's scale with" in run.stdout or "llama-small" in json.dumps(figures)
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--skip-real", "--sim-requests", "100",
+                              "--sim-model", str(Path(__file__).parent / "models" / "gpt2-tiny")],
+                             capture_output=True, text=True, timeout=570)
+    assert refused.returncode != 0 and "fewer than the trace's 512" in refused.stderr
 
 
 def test_probe_calibration_recovers_the_seeds_timings_and_overheads(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
@@ -229,3 +254,48 @@ def test_entries_count_their_own_forwards_as_the_seeds_do(bench: ModuleType, enc
         for policy in ("rr", "least-load")
     }
     assert mean["least-load"] < 1.3 * mean["rr"], mean
+
+
+def test_a_shared_machine_slows_forwards_and_loses_the_background_cores(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
+    """On one machine a forward's generation is slower by the probes' factor (its entry relays on the same
+    cores) and the client's and tracker's cores are the seeds' loss; a machine per seed has neither.
+    Arrivals far apart: no two requests overlap, so every service time is exact."""
+    import os
+    from dataclasses import replace
+
+    made = bench.make_workload(encode, seed=11, requests=30, rate=0.5, prefixes=10)
+    workload = replace(made, requests=tuple(replace(r, arrival_s=10.0 * r.index) for r in made.requests))
+    slow = replace(cost, forwarded_factor=2.0)
+
+    def service(model, shared: bool, background: float = 0.0) -> list[tuple[bool, float]]:  # type: ignore[no-untyped-def]
+        outcomes, _ = bench.simulate(workload, "rr", model, seeds=4, cache_bytes=8 << 20, shared_machine=shared,
+                                     background_cores=background)
+        return [(o.forwarded, o.seed_total_s) for o in outcomes]
+
+    plain, slowed = service(cost, True), service(slow, True)
+    assert {f for f, _ in plain} == {True, False}
+    for (forwarded, a), (_, b) in zip(plain, slowed, strict=True):
+        assert b == pytest.approx(2 * a if forwarded else a)
+    assert service(slow, False) == service(cost, False) == plain  # no sharing: no factor
+    half = (os.cpu_count() or 1) / 2
+    for (_, a), (_, b) in zip(plain, service(cost, True, half), strict=True):
+        assert b == pytest.approx(2 * a)  # half the cores gone: each request takes twice as long
+
+
+def test_alone_keeps_the_requests_that_had_the_machine_to_themselves(bench: ModuleType, encode) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    made = bench.make_workload(encode, seed=12, requests=4, rate=1.0, prefixes=4)
+    workload = replace(made, requests=tuple(replace(r, arrival_s=1.0 * r.index) for r in made.requests))
+    at = [r.arrival_s for r in workload.requests]
+
+    def outcome(index: int, latency: float, service: float) -> Any:
+        return bench.Outcome(index, 0, 0, True, latency_s=latency, seed_total_s=service, tokens=16)
+
+    # 0 and 1 alone (1 generates until just after 2 arrives: 2 waits for it, its time overlapped, so 2 is
+    # not alone); 3 unanswered
+    gap = at[2] - at[1]
+    outcomes = [outcome(0, 0.05, 0.04), outcome(1, gap + 0.03, gap + 0.02), outcome(2, 0.2, 0.05),
+                bench.Outcome(3, 0, -1, False, error="busy")]
+    assert [o.index for o in bench.alone(outcomes, workload)] == [0, 1]
+    assert [o.index for o in bench.alone(outcomes, workload, most=0.2)] == [0, 1, 2]  # 0.03 s of 0.2 s
