@@ -646,15 +646,13 @@ async def run_attempts(
             sink = AnswerSink(seed, answer_budget(request.max_tokens), events.on_text, request.max_tokens)
             try:
                 result = await attempt(seed, current_id, sink, forward)
-            except SignerRefused as exc:
-                assert forward, "an attempt that declined forwarding refuses other signers as SeedFailed"
-                declined.add(seed.peer_id)  # asked again at once, serving itself: nothing against it yet
-                reason = exc.message
-                errors.append(exc)
             except SeedFailed as exc:
-                tries += 1
-                store.observe(seed.peer_id, exc.outcome, detail=exc.message)
-                failed.add(seed.peer_id)
+                if isinstance(exc, SignerRefused) and forward:
+                    declined.add(seed.peer_id)  # asked again at once, serving itself: nothing against it yet
+                else:
+                    tries += 1
+                    store.observe(seed.peer_id, exc.outcome, detail=exc.message)
+                    failed.add(seed.peer_id)
                 reason = exc.message
                 errors.append(exc)
             except RouteFailed as exc:

@@ -183,6 +183,12 @@ async def test_a_prompt_repeated_at_another_seed_is_forwarded_to_the_seed_holdin
         assert [m["n"] for m in got if m.kind == "token"] == list(range(len(got) - 2))
         await asyncio.to_thread(b.wait_for, rf"forwarded to {a_id[:8]}: served \d+ tokens · cached [1-9]\d*/", 10)
         await asyncio.to_thread(a.wait_for, rf"cached [1-9]\d*/\d+ prompt tokens .* forwarded by {b_id[:8]}", 10)
+        # the same kind of prompt with forwarding declined (an asker that refused the signer, asker.SignerRefused)
+        # is B's own answer, under B's key
+        body = {**generate_body(model_id, SHARED + "Question three: and in July?"), "forward": False}
+        got, done = await ask_at(ctx, b_record, body)
+        assert done.kind == "done" and "signer" not in done.body and done["cached"] == 0
+        assert signature_checks(b_record, body, got)
     finally:
         stop(procs)
 
