@@ -16,7 +16,7 @@ words take several), output 16.
    worker processes in a closed loop; s(1) = 1).
 2. Real run: a tracker and 4 seeds as real processes on 127.0.0.1 (`gtorrent seed --forwarding P
    --kv-cache-mb N`), restarted per policy (caches start cold), the same trace for rr, least-load, tree
-   and tree+lb. Each request goes to an entry seed drawn uniformly per request, as a direct ask over a
+   and tree+lb (`--real-rounds R`: R runs of each, the policies interleaved, pooled). Each request goes to an entry seed drawn uniformly per request, as a direct ask over a
    fresh CurveZMQ connection with a throwaway key (what `gtorrent ask --direct` does after discovery;
    the signature is not checked here). End-to-end latency and TTFT are measured by this client from the
    request's scheduled arrival (open loop: a late client counts against the policy, never for it); the
@@ -50,8 +50,8 @@ words take several), output 16.
 Targets (tree+lb against rr, at the paper's scale): mean <= 0.40x, p99 <= 0.50x.
 
 Usage: python scripts/bench_forwarding.py [--quick] [--seed 9] [--requests 400] [--real-seconds 75] [--rate R]
-           [--sim-requests 6000] [--sim-load 0.85] [--kv-cache-mb 8] [--skip-real] [--policies rr,tree+lb,...]
-           [--json FILE] [--report FILE]
+           [--real-rounds 1] [--sim-requests 6000] [--sim-load 0.85] [--kv-cache-mb 8] [--skip-real]
+           [--policies rr,tree+lb,...] [--sim-model DIR] [--json FILE] [--report FILE]
 """
 
 from __future__ import annotations
@@ -1000,6 +1000,8 @@ def main() -> None:
                         help="at most this long a trace per policy (fewer requests at a low rate)")
     parser.add_argument("--rate", type=float, default=None, help="real run arrivals per second (default: from the cost model)")
     parser.add_argument("--real-load", type=float, default=0.4, help="real run: round robin's modelled busy share")
+    parser.add_argument("--real-rounds", type=int, default=1,
+                        help="real runs of every policy, interleaved, pooled in the figures and the validation")
     parser.add_argument("--prefixes", type=int, default=40)
     parser.add_argument("--output-tokens", type=int, default=OUTPUT_TOKENS, help="max_tokens of every request")
     parser.add_argument("--kv-cache-mb", type=int, default=8, help="each seed's prefix cache")
@@ -1016,6 +1018,8 @@ def main() -> None:
     parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     compared = tuple(p for p in COMPARED if p in {*args.policies.split(","), "rr", "tree+lb"})
+    if args.real_rounds < 1:
+        parser.error("--real-rounds must be at least 1")
     if unknown := set(args.policies.split(",")) - set(COMPARED):
         parser.error(f"unknown policies {', '.join(sorted(unknown))} (of {', '.join(COMPARED)})")
     if args.worker is not None:
@@ -1072,25 +1076,39 @@ def main() -> None:
     if why_not is None:
         emit(lines, "")
         emit(lines, f"real run: tracker + {REAL_SEEDS} seeds on 127.0.0.1 (--kv-cache-mb {args.kv_cache_mb}), "
-                    f"{requests} requests at {rate:.1f}/s, entry seed uniform per request")
+                    f"{requests} requests at {rate:.1f}/s, entry seed uniform per request"
+                    + (f"; {args.real_rounds} rounds of every policy, interleaved, pooled" if args.real_rounds > 1 else ""))
         prompts = {p.index: p for p in [*probe_requests(encode, PROBES, args.seed), *workload.requests]}
         calibrations: dict[str, Calibration | None] = {}
         cpu: dict[str, CpuUse] = {}
         all_probes: list[Outcome] = []
+        # per policy, each round's (outcomes, the seeds' timings in that run, CPU use); the rounds interleave
+        # the policies, so a drift of the shared machine falls on all of them alike
+        runs: dict[str, list[tuple[list[Outcome], Calibration | None, CpuUse]]] = {p: [] for p in compared}
+        timed_by_policy: dict[str, list[Outcome]] = {p: [] for p in compared}
         with tempfile.TemporaryDirectory() as tmp:
-            for policy in compared:
-                probed, outcomes, cpu[policy] = real_run(workload, policy, args.kv_cache_mb, list(prompts.values()),
-                                                         Path(tmp))
-                # the probes, and the trace's requests that ran alone: the seeds' timings under the
-                # trace's own conditions (a shared machine drifts between the probes and the trace)
-                timed = probed + alone(outcomes, workload)
-                calibrations[policy] = calibrate(cost, timed, prompts)
-                all_probes += timed
-                real_outcomes[policy] = outcomes
-                real[policy] = summarise(outcomes)
-                errors = sorted({o.error for o in outcomes if not o.ok})
-                print(f"  {policy}: done ({real[policy]['failed']:.0f} failed{': ' + '; '.join(errors) if errors else ''})",
-                      flush=True)
+            for round_number in range(args.real_rounds):
+                base = Path(tmp) / f"round{round_number}"
+                base.mkdir()
+                for policy in compared:
+                    probed, outcomes, use = real_run(workload, policy, args.kv_cache_mb, list(prompts.values()), base)
+                    # the probes, and the trace's requests that ran alone: the seeds' timings under the
+                    # trace's own conditions (a shared machine drifts between the probes and the trace)
+                    timed = probed + alone(outcomes, workload)
+                    runs[policy].append((outcomes, calibrate(cost, timed, prompts), use))
+                    timed_by_policy[policy] += timed
+                    all_probes += timed
+                    errors = sorted({o.error for o in outcomes if not o.ok})
+                    failed = sum(not o.ok for o in outcomes)
+                    print(f"  {policy} (round {round_number + 1}): done ({failed} failed"
+                          f"{': ' + '; '.join(errors) if errors else ''})", flush=True)
+        for policy in compared:
+            real_outcomes[policy] = [o for outcomes, _, _ in runs[policy] for o in outcomes]
+            real[policy] = summarise(real_outcomes[policy])
+            calibrations[policy] = calibrate(cost, timed_by_policy[policy], prompts)
+            uses = [use for _, _, use in runs[policy]]
+            cpu[policy] = CpuUse(*(statistics.mean(getattr(u, name) for u in uses)
+                                   for name in ("client", "tracker", "seeds", "seconds")))
         # one calibration from all 4 x 24 probes: each policy's 24 alone scatter more than the machine drifts
         pooled = calibrate(cost, all_probes, prompts)
         hop_s = (pooled.hop_s or 0.0) if pooled is not None else 0.0
@@ -1147,14 +1165,15 @@ def main() -> None:
         verdicts = []
         figures["validation"] = {}
         for policy in compared:
-            answered = {o.index: o.tokens for o in real_outcomes[policy] if o.ok}
-            tokens = [answered.get(r.index, workload.output_tokens) for r in workload.requests]
-            # each policy's run with the seeds' timings of that run (the machine's speed drifts between runs)
-            own = calibrations.get(policy)
-            run_cost = own.apply(cost, own.hop_s if own.hop_s is not None else hop_s) if own is not None else seeds_cost
-            outcomes, _ = simulate(workload, policy, run_cost, seeds=REAL_SEEDS, cache_bytes=cache_bytes,
-                                   shared_machine=True, tokens=tokens, background_cores=cpu[policy].background)
-            sim = summarise(outcomes)
+            simulated_runs: list[Outcome] = []
+            for outcomes, own, use in runs[policy]:  # each run with the seeds' timings of that run
+                answered = {o.index: o.tokens for o in outcomes if o.ok}
+                tokens = [answered.get(r.index, workload.output_tokens) for r in workload.requests]
+                own_hop = own.hop_s if own is not None and own.hop_s is not None else hop_s
+                run_cost = own.apply(cost, own_hop) if own is not None else seeds_cost
+                simulated_runs += simulate(workload, policy, run_cost, seeds=REAL_SEEDS, cache_bytes=cache_bytes,
+                                           shared_machine=True, tokens=tokens, background_cores=use.background)[0]
+            sim = summarise(simulated_runs)
             ratio = sim["mean_s"] / real[policy]["mean_s"]
             good = abs(ratio - 1) <= VALIDATE_WITHIN
             verdicts.append(good)
