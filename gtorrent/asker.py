@@ -647,13 +647,14 @@ async def run_attempts(
             try:
                 result = await attempt(seed, current_id, sink, forward)
             except SeedFailed as exc:
+                reason = exc.message
                 if isinstance(exc, SignerRefused) and forward:
                     declined.add(seed.peer_id)  # asked again at once, serving itself: nothing against it yet
+                    reason += "; asking it to serve the ask itself"
                 else:
                     tries += 1
                     store.observe(seed.peer_id, exc.outcome, detail=exc.message)
                     failed.add(seed.peer_id)
-                reason = exc.message
                 errors.append(exc)
             except RouteFailed as exc:
                 tries += 1
