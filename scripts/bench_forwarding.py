@@ -266,17 +266,9 @@ def _fit(rows: list[list[float]], ys: list[float]) -> list[float]:
     return [max(float(c), 0.0) for c in coefficients]
 
 
-def measure_cost(repeats: int, model: Path | None = None) -> CostModel:
-    """The cost model of `model` (default: the bundled demo model), in this process."""
-    return _measure(repeats, model)[0]
-
-
-def measure_model_cost(repeats: int, model: Path) -> tuple[CostModel, int]:
-    """The cost model of the model at `model`, and its context length in tokens."""
-    return _measure(repeats, model)
-
-
-def _measure(repeats: int, model: Path | None) -> tuple[CostModel, int]:
+def measure_cost(repeats: int, model: Path | None = None) -> tuple[CostModel, int]:
+    """The cost model of `model` (default: the bundled demo model), in this process, and its context
+    length in tokens."""
     from gtorrent.runtime import GenerationParams, LanguageModel
 
     lm = LanguageModel.load(model)
@@ -1036,7 +1028,7 @@ def main() -> None:
     encode = demo_encoder()
     started = time.monotonic()
 
-    cost = measure_cost(repeats=2 if args.quick else 5)
+    cost, _ = measure_cost(repeats=2 if args.quick else 5)
     cost.slowdown = measure_slowdown(REAL_SEEDS, 1.0 if args.quick else 2.0, rounds=1 if args.quick else 3)
     emit(lines, f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
                 f"demo model, context {CONTEXT_TOKENS}")
@@ -1197,7 +1189,7 @@ def main() -> None:
     figures["simulation"] = demo
     headline, where = demo, "simulation, 8 seeds, demo model"
     if args.sim_model is not None:
-        model_cost, context = measure_model_cost(2 if args.quick else 3, args.sim_model)
+        model_cost, context = measure_cost(2 if args.quick else 3, args.sim_model)
         # the transport stays as the seeds measured it; the generation is the larger model's, in process
         # (a seed's own fixed costs, ~2 ms, are small beside it); the cache holds as many tokens as the
         # real run's seeds did (the larger model's state per token is larger)
