@@ -299,3 +299,12 @@ def test_alone_keeps_the_requests_that_had_the_machine_to_themselves(bench: Modu
                 bench.Outcome(3, 0, -1, False, error="busy")]
     assert [o.index for o in bench.alone(outcomes, workload)] == [0, 1]
     assert [o.index for o in bench.alone(outcomes, workload, most=0.2)] == [0, 1, 2]  # 0.03 s of 0.2 s
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--real-rounds", "0"], "--real-rounds must be at least 1"),
+    (["--policies", "rr,fastest"], "unknown policies fastest"),
+])
+def test_bad_flags_are_refused_before_anything_is_measured(args: list[str], message: str) -> None:
+    run = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr

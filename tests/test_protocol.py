@@ -179,3 +179,16 @@ def test_a_query_by_endpoint_is_bounded_and_typed() -> None:
     for bad in ("x" * 257, 7000, ["tcp://127.0.0.1:7000"], None):
         with pytest.raises(ProtocolError):
             decode(encode("query", {"endpoint": bad}))
+
+
+@pytest.mark.parametrize("value", ["false", 0, 1, None, [False]])
+def test_a_generate_whose_forward_field_is_not_a_boolean_is_refused(value: object) -> None:
+    """`forward` (decline forwarding, asker.SignerRefused) is a boolean or absent; anything else is a
+    malformed request, as a seed refuses it, never read as true or false."""
+    body = {"id": "x", "model": "m", "prompt": "p", "max_tokens": 1, "temperature": 0, "top_k": 0, "top_p": 1}
+    assert decode(encode("generate", {**body, "forward": False})).body["forward"] is False
+    assert "forward" not in decode(encode("generate", body)).body
+    valid = json.loads(encode("generate", body)[0])
+    assert decode([json.dumps(valid).encode()]).kind == "generate"  # the frame as sent, re-encoded here
+    with pytest.raises(ProtocolError):
+        decode([json.dumps({**valid, "forward": value}).encode()])
