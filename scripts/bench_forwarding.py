@@ -13,7 +13,8 @@ words take several), output 16.
    the seeds' default threads): prefill of n tokens from scratch (a + b·n), prefill of n new tokens after
    c cached ones (a + b·n + c·cached), one decode step at context m (d0 + d1·m), the KV bytes per token,
    and the slowdown s(k) of a request when k seed processes generate at once on this machine (k real
-   worker processes in a closed loop; s(1) = 1).
+   worker processes in a closed loop; s(1) = 1; it sets the real run's default rate, and the validation
+   uses it only where the seeds' own s(k) below has no data).
 2. Real run: a tracker and 4 seeds as real processes on 127.0.0.1 (`gtorrent seed --forwarding P
    --kv-cache-mb N`), restarted per policy (caches start cold), the same trace for rr, least-load, tree
    and tree+lb (`--real-rounds R`: R runs of each, the policies interleaved, pooled). Each request goes to an entry seed drawn uniformly per request, as a direct ask over a
@@ -38,19 +39,28 @@ words take several), output 16.
    0.25 s here), their load as of their last push (the seeds push it on every change, at most every
    group.LOAD_PUSH_MIN_S = 10 ms: refreshed every 10 ms here) plus what the entry forwarded to each since
    (group.note_forward), the entry's own state current, all formed as seed._choose and
-   group.routing_view form them. Validated first:
-   configured as the real run (4 seeds sharing this machine's cores, processor sharing by s(k), less
-   the client's and tracker's cores, a forward's generation slower by the probes' factor, the same
-   trace, the answer lengths, the seeds' timings and overheads from the probes), its mean latency per
-   policy must be within 15 % of the real run's. Then the paper's scale: 8 seeds, one machine each (no
-   sharing, no forward factor), `--sim-requests` requests at the rate that keeps round robin
-   `--sim-load` busy (found by a pilot rr simulation), and a sweep of that load up to 99 %. The bound
+   group.routing_view form them. Validated first: configured as the real run (4 seeds sharing this
+   machine's cores, processor sharing by s(k), less the client's and tracker's cores, a forward's
+   generation slower by the probes' factor, the same trace, the answer lengths), with the cost model the
+   paper-scale simulations use (the seeds' timings and overheads pooled over every run's probes and alone
+   requests), its mean latency per policy must be within 15 % of the real run's. The sharing there is
+   s(k) as the seeds themselves showed it during the traces: each request's alone time over the time it
+   took is the average of 1/s(k) over its generation, k the seeds generating at each moment, fitted by
+   least squares; the worker processes' closed loop overstates it (they never pause between requests,
+   the seeds do). Each policy is checked with the fit from the other policies' traces, never from its
+   own. Then the paper's scale: 8 seeds, one machine each (no sharing, no forward factor),
+   `--sim-requests` requests at the rate that keeps round robin
+   `--sim-load` busy (found by a pilot rr simulation), and a sweep of that load from 70 % to 99 %.
+   The default, 95 %, is what "a load that keeps round robin busy" means here: its seeds idle one
+   moment in twenty, and their queues are still stable, so the figures do not grow with the trace's
+   length. The paper's harness ran beyond saturation (72 requests/s onto 8 servers of at most 4
+   requests at once, 128-token answers): the sweep shows lower loads too. The bound
    printed last: a request's time without queueing if its whole prefix were cached, over a miss's.
 
 Targets (tree+lb against rr, at the paper's scale): mean <= 0.40x, p99 <= 0.50x.
 
 Usage: python scripts/bench_forwarding.py [--quick] [--seed 9] [--requests 400] [--real-seconds 75] [--rate R]
-           [--real-rounds 1] [--sim-requests 6000] [--sim-load 0.85] [--kv-cache-mb 8] [--skip-real]
+           [--real-rounds 1] [--sim-requests 6000] [--sim-load 0.95] [--kv-cache-mb 8] [--skip-real]
            [--policies rr,tree+lb,...] [--sim-model DIR] [--json FILE] [--report FILE]
 """
 
@@ -653,7 +663,7 @@ def paper_scale(lines: list[str], label: str, sim_cost: CostModel, shape: Shape,
         print(line, flush=True)
     emit(lines, "diagnostic, tree+lb / rr against the load (rr's busy share), seeds' state / current state:")
     sweep = {}
-    for load in sorted({0.7, sim_load, 0.95, 0.97, 0.99}):
+    for load in sorted({0.7, 0.85, sim_load, 0.95, 0.97, 0.99}):
         at = sim_rate if load == sim_load else rate_for_load(
             sim_cost, encode, seed=seed, requests=sim_requests, seeds=SIM_SEEDS, cache_bytes=cache_bytes, load=load,
             shape=shape)
@@ -915,6 +925,60 @@ def alone(outcomes: Sequence[Outcome], workload: Workload, most: float = 0.05) -
     return found
 
 
+def busy_shares(outcomes: Sequence[Outcome], workload: Workload, cost: CostModel, most: int = REAL_SEEDS
+                ) -> list[tuple[np.ndarray, float, float]]:
+    """Per answered request of one real run: the share of its generation during which k = 1..`most` seeds
+    were generating (itself included), how long it took, and how long `cost` says it takes alone (a
+    forwarded one slower by the cost's forward factor, as the simulation has it). A generation ends about
+    when the client has its `done` (arrival + latency) and took the seed's own total_s, as in `alone`."""
+    timed = [o for o in outcomes if o.ok and o.seed_total_s > 0]
+    spans = [(workload.requests[o.index].arrival_s + o.latency_s - o.seed_total_s,
+              workload.requests[o.index].arrival_s + o.latency_s) for o in timed]
+    edges = sorted({t for span in spans for t in span})
+    # how many generations cover each stretch between consecutive edges
+    covering = np.zeros(len(edges))
+    position = {t: i for i, t in enumerate(edges)}
+    for start, end in spans:
+        covering[position[start]:position[end]] += 1
+    widths = np.diff(np.asarray(edges))
+    found = []
+    for o, (start, end) in zip(timed, spans, strict=True):
+        lo, hi = position[start], position[end]
+        shares = np.zeros(most)
+        for busy, width in zip(covering[lo:hi], widths[lo:hi], strict=True):
+            shares[min(max(int(busy), 1), most) - 1] += width
+        prompt = len(workload.requests[o.index].token_ids)
+        modelled = cost.prefill_s(prompt, o.cached) + cost.decode_s(prompt, o.tokens)
+        if o.forwarded:
+            modelled *= cost.forwarded_factor
+        found.append((shares / (end - start), end - start, modelled))
+    return found
+
+
+def slowdown_in_seeds(samples: Sequence[tuple[np.ndarray, float, float]], fallback: Sequence[float],
+                      least_s: float = 2.0) -> list[float]:
+    """s(k) as the seeds showed it while serving traces: processor sharing makes a request's alone time
+    over its time the average of 1/s(k) over its generation, so a least-squares fit of alone/taken on the
+    busy shares gives 1/s(k) (normalised so that s(1) = 1, as the calibration's alone requests define it).
+    A k the traces spent less than `least_s` seconds at, or whose fit is not usable, is extrapolated
+    linearly from the last measured one (`fallback`, the worker processes' s(k), when none is)."""
+    if not samples:
+        return list(fallback)
+    shares = np.vstack([s for s, _, _ in samples])
+    taken = np.asarray([t for _, t, _ in samples])
+    rates, *_ = np.linalg.lstsq(shares, np.asarray([m for _, _, m in samples]) / taken, rcond=None)
+    seconds = (shares * taken[:, None]).sum(axis=0)
+    if rates[0] <= 0 or seconds[0] < least_s:
+        return list(fallback)
+    found = [1.0]
+    for k in range(1, len(rates)):
+        if seconds[k] >= least_s and rates[k] > 0.02 * rates[0]:
+            found.append(max(float(rates[0] / rates[k]), found[-1]))
+        else:
+            found.append(found[-1] * (k + 1) / k)
+    return found
+
+
 def calibrate(cost: CostModel, probes: Sequence[Outcome], prompts: dict[int, Request]) -> Calibration | None:
     """Fits on the probes' seed-side timings (medians per prompt length, robust to a shared machine's
     bursts) and the client's overheads beyond them; None with too few answered probes."""
@@ -998,7 +1062,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=OUTPUT_TOKENS, help="max_tokens of every request")
     parser.add_argument("--kv-cache-mb", type=int, default=8, help="each seed's prefix cache")
     parser.add_argument("--sim-requests", type=int, default=None, help="the paper-scale simulation's requests (6000)")
-    parser.add_argument("--sim-load", type=float, default=0.85, help="round robin's busy share at the paper's scale")
+    parser.add_argument("--sim-load", type=float, default=0.95, help="round robin's busy share at the paper's scale")
     parser.add_argument("--skip-real", action="store_true", help="cost model and simulation only")
     parser.add_argument("--sim-model", type=Path, default=None,
                         help="a model folder whose cost (measured here) the paper-scale simulation also runs with, "
@@ -1152,19 +1216,45 @@ def main() -> None:
     if real:
         emit(lines, "")
         emit(lines, f"validation: the simulation configured as the real run ({REAL_SEEDS} seeds sharing this "
-                    "machine by s(k), less the client's and tracker's cores; the same trace and answer lengths, the "
-                    "seeds' timings and overheads of that policy's run), mean latency:")
+                    "machine by the seeds' s(k), less the client's and tracker's cores; the same trace and answer "
+                    "lengths; the seeds' timings and overheads pooled over every run, as the simulations below "
+                    "use them), mean latency:")
         verdicts = []
         figures["validation"] = {}
-        for policy in compared:
-            simulated_runs: list[Outcome] = []
-            for outcomes, own, use in runs[policy]:  # each run with the seeds' timings of that run
+
+        def run_cost(own: Calibration | None) -> CostModel:  # the seeds' timings of one run alone (a diagnostic)
+            own_hop = own.hop_s if own is not None and own.hop_s is not None else hop_s
+            return own.apply(cost, own_hop) if own is not None else seeds_cost
+
+        def simulate_runs(policy: str, slowdown: list[float], own_timings: bool) -> list[Outcome]:
+            simulated: list[Outcome] = []
+            for outcomes, own, use in runs[policy]:
                 answered = {o.index: o.tokens for o in outcomes if o.ok}
                 tokens = [answered.get(r.index, workload.output_tokens) for r in workload.requests]
-                own_hop = own.hop_s if own is not None and own.hop_s is not None else hop_s
-                run_cost = own.apply(cost, own_hop) if own is not None else seeds_cost
-                simulated_runs += simulate(workload, policy, run_cost, seeds=REAL_SEEDS, cache_bytes=cache_bytes,
-                                           shared_machine=True, tokens=tokens, background_cores=use.background)[0]
+                model = replace(run_cost(own) if own_timings else seeds_cost, slowdown=slowdown)
+                simulated += simulate(workload, policy, model, seeds=REAL_SEEDS, cache_bytes=cache_bytes,
+                                      shared_machine=True, tokens=tokens, background_cores=use.background)[0]
+            return simulated
+        shares = {policy: [sample for outcomes, _, _ in runs[policy]
+                           for sample in busy_shares(outcomes, workload, seeds_cost)] for policy in compared}
+        seen = slowdown_in_seeds([x for samples in shares.values() for x in samples], cost.slowdown)
+        emit(lines, "  s(k) as the seeds showed it during the traces (processor sharing fitted on each request's "
+                    "busy seeds): " + ", ".join(f"s({k + 1})={x:.2f}" for k, x in enumerate(seen))
+                    + "; each policy's simulation takes it from the other policies' traces")
+        figures["slowdown_in_seeds"] = {"all": seen}
+        per_run: dict[str, float] = {}
+        for policy in compared:
+            # the contention of this machine as the other policies' traces showed it: measured on the
+            # seeds themselves, never fitted to the run it is checked against
+            others = [x for other in compared if other != policy for x in shares[other]]
+            slowdown = slowdown_in_seeds(others, cost.slowdown)
+            figures["slowdown_in_seeds"][policy] = slowdown
+            # the cost model checked is the one the paper-scale simulations use: the seeds' timings
+            # pooled over every run's probes and alone requests (one run's own scatter more than the
+            # machine drifts between the interleaved runs)
+            simulated_runs = simulate_runs(policy, slowdown, own_timings=False)
+            per_run[policy] = (summarise(simulate_runs(policy, slowdown, own_timings=True))["mean_s"]
+                               / real[policy]["mean_s"])
             sim = summarise(simulated_runs)
             ratio = sim["mean_s"] / real[policy]["mean_s"]
             good = abs(ratio - 1) <= VALIDATE_WITHIN
@@ -1174,6 +1264,9 @@ def main() -> None:
                         f"  sim/real {ratio:.3f}  hit real {real[policy]['hit_rate']:.1%} sim {sim['hit_rate']:.1%}"
                         f"  service real {real[policy]['service_mean_s'] * 1e3:.1f} ms sim {sim['service_mean_s'] * 1e3:.1f} ms"
                         f"  {'PASS' if good else 'FAIL'} (within {VALIDATE_WITHIN:.0%})")
+        emit(lines, "  diagnostic, each run simulated with that run's own timings instead: sim/real "
+                    + ", ".join(f"{policy} {ratio:.3f}" for policy, ratio in per_run.items()))
+        figures["validation_per_run_timings"] = per_run
         emit(lines, f"validation verdict: {'PASS' if all(verdicts) else 'FAIL'} "
                     f"({sum(verdicts)}/{len(verdicts)} policies within {VALIDATE_WITHIN:.0%})")
 

@@ -301,6 +301,34 @@ def test_alone_keeps_the_requests_that_had_the_machine_to_themselves(bench: Modu
     assert [o.index for o in bench.alone(outcomes, workload, most=0.2)] == [0, 1, 2]  # 0.03 s of 0.2 s
 
 
+def test_the_seeds_slowdown_is_recovered_from_a_trace_served_by_processor_sharing(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
+    """A trace served on one machine by a known s(k): fitting each request's busy shares against its
+    alone time over the time it took gives that s(k) back (the validation's sharing comes from this fit
+    on the real seeds, not from the worker processes' closed loop)."""
+    from dataclasses import replace
+
+    truth = [1.0, 2.4, 3.6, 5.0]
+    exact = replace(cost, slowdown=truth, overhead_s=0.0, ttft_overhead_s=0.0, forward_s=0.0)
+    workload = bench.make_workload(encode, seed=13, requests=400, rate=14.0, prefixes=12)
+    samples = []
+    for policy in ("rr", "tree+lb"):
+        outcomes, _ = bench.simulate(workload, policy, exact, seeds=4, cache_bytes=8 << 20, shared_machine=True)
+        shares = bench.busy_shares(outcomes, workload, exact)
+        assert len(shares) == len(outcomes)
+        for share, taken, alone in shares:
+            assert share.sum() == pytest.approx(1.0) and taken > 0 and alone > 0
+        samples += shares
+    assert sum(share[3] * taken for share, taken, _ in samples) > 2.0  # the trace reached 4 busy seeds
+    found = bench.slowdown_in_seeds(samples, fallback=[1.0, 9.0, 9.0, 9.0])
+    assert found == pytest.approx(truth, rel=0.02)
+    # the worker processes' s(k) is only the fallback: with no sample, and past the k the traces reached
+    assert bench.slowdown_in_seeds([], fallback=[1.0, 9.0]) == [1.0, 9.0]
+    two = [s for s in samples if s[0][2:].sum() == 0]  # only requests that never saw 3 seeds busy
+    partial = bench.slowdown_in_seeds(two, fallback=[1.0, 9.0, 9.0, 9.0])
+    assert partial[1] == pytest.approx(truth[1], rel=0.02)
+    assert partial[2:] == pytest.approx([partial[1] * 3 / 2, partial[1] * 4 / 2])  # linear beyond the data
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--real-rounds", "0"], "--real-rounds must be at least 1"),
     (["--policies", "rr,fastest"], "unknown policies fastest"),
