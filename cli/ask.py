@@ -15,29 +15,47 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gtorrent.identity import b64, short_id
+from gtorrent.private import DEFAULT_HOPS, DEFAULT_PATHS
 from gtorrent.routing import DEFAULT_MIN_RELAY_AGE_S
 
 from . import output
-from .common import JsonOption, TrackerOption, VerboseOption, VerifierOption, settings
+from .common import (
+    FileOption,
+    JsonOption,
+    PathsOption,
+    PromptArgument,
+    TopPOption,
+    TrackerOption,
+    VerboseOption,
+    VerifierOption,
+    check_path_count,
+    check_top_p,
+    read_prompt,
+    settings,
+)
 
 if TYPE_CHECKING:
     from gtorrent.asker import AskResult
 
 
 def ask_command(
-    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    prompt: PromptArgument = None,
+    file: FileOption = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model name or id (optional when the swarm serves one).")] = None,
     tracker: TrackerOption = None,
     verifier: VerifierOption = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, max=65536, help="New tokens at most.")] = 128,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", min=1, max=65536,
+                          help="New tokens at most (the model's context, in tokens, bounds prompt + answer).")
+    ] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, max=100.0, help="0 is greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the K likeliest tokens (0: all).")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, max=1 << 20, help="Sample among the K likeliest tokens (0: all).")] = 0,
+    top_p: TopPOption = 1.0,
     seed: Annotated[int | None, typer.Option("--seed", min=0, help="Seed for reproducible sampling.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Format the prompt with the model's chat template.")] = False,
     direct: Annotated[bool, typer.Option("--direct", help="Go straight to the seed (faster; the seed then sees who asks).")] = False,
-    paths: Annotated[int, typer.Option("--paths", min=1, max=16, help="Disjoint onion paths for a private ask.")] = 4,
-    hops: Annotated[int, typer.Option("--hops", min=1, max=8, help="Relays per path (at most 8).")] = 3,
+    paths: Annotated[int, PathsOption()] = DEFAULT_PATHS,
+    hops: Annotated[int, typer.Option("--hops", min=1, max=8, help="Relays per path (at most 8).")] = DEFAULT_HOPS,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse instead of using fewer paths or hops.")] = False,
     allow_one_hop: Annotated[
         bool, typer.Option("--allow-one-hop", help="Let a private ask use one-hop paths (that relay sees you and the seed).")
@@ -53,14 +71,24 @@ def ask_command(
     json_output: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Ask the swarm: find a seed of the model, stream its answer (retrying on another seed if one fails)."""
+    """Ask the swarm PROMPT (or --file, or stdin): find a seed of the model, stream its answer (retrying on another
+    seed if one fails)."""
     from gtorrent.asker import AskEvents, AskRequest, ModelChoice
-    from gtorrent.errors import UsageError
     from gtorrent.node import PrivacyOptions, ask
 
-    if top_p <= 0:
-        raise UsageError("top-p must be in (0, 1]", hint="use --top-p 1 to disable it")
-    request = AskRequest(prompt, model, max_tokens, temperature, top_k, top_p, seed, chat)
+    check_top_p(top_p)
+    check_path_count(paths)
+    text = read_prompt(prompt, file, "ask")
+    if direct:
+        ignored = [flag for flag, given in (("--paths", paths != DEFAULT_PATHS), ("--hops", hops != DEFAULT_HOPS), ("--strict", strict),
+                                            ("--allow-one-hop", allow_one_hop), ("--allow-same-network", allow_same_network),
+                                            ("--min-relay-age", min_relay_age != DEFAULT_MIN_RELAY_AGE_S)) if given]
+        if ignored:
+            one = len(ignored) == 1
+            output.warning(f"{', '.join(ignored)} {'shapes' if one else 'shape'} private routes, which --direct does not use: "
+                           f"{'it has' if one else 'they have'} no effect",
+                           f"drop --direct for a private ask, or drop {'it' if one else 'them'}")
+    request = AskRequest(text, model, max_tokens, temperature, top_k, top_p, seed, chat)
     # streamed only to a terminal: elsewhere the final answer is written once, at the end
     stream = not json_output and sys.stdout.isatty()
     streamed = {"any": False}

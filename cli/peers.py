@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from gtorrent.errors import GtorrentError
 from gtorrent.identity import short_id
 from gtorrent.node import PeerHistory, PeerRow, list_peers, peer_history
 from gtorrent.reputation import state_of
@@ -70,13 +71,20 @@ def peers_command(
             output.out.print(history_header(history))
             output.out.print(history_table(history))
         return
-    rows, failed = list_peers(settings(tracker, verifiers=verifier, client=True), model)
+    node = settings(tracker, verifiers=verifier, client=True)
+    rows, failed = list_peers(node, model)
     for url, message in failed.items():
         output.warning(f"tracker {url} did not answer: {message}")
     if json_output:
         output.print_json([row.as_json() for row in rows])
-        return
-    output.out.print(peers_table(rows))
+    elif rows or model is None:
+        output.out.print(peers_table(rows))
+    if model is not None and not any(row.online for row in rows) and len(failed) < len(node.trackers):
+        # an empty table with exit 0 reads as "nothing wrong"; a script checking for a model needs the code
+        raise GtorrentError(
+            f"no peer the trackers list serves model {model!r}",
+            hint="list the models served with `gtorrent peers`, or serve it with `gtorrent seed MODEL --name NAME`",
+        )
 
 
 def peers_table(rows: list[PeerRow]) -> Table:

@@ -10,6 +10,7 @@ import typer
 from gtorrent.paths import home_dir
 
 from . import output
+from .common import FileOption, PromptArgument, TopPOption, check_top_p, read_prompt
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -17,28 +18,29 @@ MODEL_HELP = "Path of a model.onnx file or of its folder (default: the bundled d
 
 
 def run_command(
-    prompt: Annotated[str, typer.Argument(help="The prompt to continue.")],
+    prompt: PromptArgument = None,
+    file: FileOption = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="New tokens at most.")] = 128,
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy.")
     ] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the K likeliest tokens (0: all).")] = 0,
-    top_p: Annotated[
-        float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample from the smallest set with this mass.")
-    ] = 1.0,
+    top_p: TopPOption = 1.0,
     seed: Annotated[int | None, typer.Option("--seed", min=0, help="Seed for reproducible sampling.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Format the prompt with the model's chat template.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto (GPU when usable), cpu or cuda.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timing and provider after the answer.")] = False,
 ) -> None:
-    """Generate a continuation of PROMPT locally, streaming it to the terminal."""
+    """Generate a continuation of PROMPT (or of --file, or stdin) locally, streaming it to the terminal."""
     from gtorrent.errors import UsageError
     from gtorrent.runtime import GenerationParams, LanguageModel, SamplingParams
 
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}", hint="use --device auto, cpu or cuda")
+    check_top_p(top_p)
+    text = read_prompt(prompt, file, "run")
     params = GenerationParams(
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
@@ -46,7 +48,7 @@ def run_command(
     )
     with output.err.status("loading model…", spinner="dots") if not json_output else _nothing():
         lm = LanguageModel.load(model, device=device, cache_dir=home_dir() / "cache")  # type: ignore[arg-type]
-    result = lm.generate(prompt, params, chat=chat, on_text=None if json_output else output.write_text)
+    result = lm.generate(text, params, chat=chat, on_text=None if json_output else output.write_text)
     if json_output:
         output.print_json(
             {

@@ -20,11 +20,19 @@ import typer
 
 from gtorrent.errors import UsageError
 from gtorrent.identity import short_id
-from gtorrent.private import DEFAULT_HOPS, DEFAULT_K, DEFAULT_PATHS
+from gtorrent.private import DEFAULT_HOPS, DEFAULT_PATHS
 from gtorrent.routing import DEFAULT_MIN_HOPS, ONE_HOP_HINT
 
 from . import output
-from .common import AdvertiseOption, JsonOption, TrackerOption, settings
+from .common import (
+    PATHS_HELP,
+    AdvertiseOption,
+    JsonOption,
+    PathsOption,
+    TrackerOption,
+    check_path_count,
+    settings,
+)
 from .run import MODEL_HELP
 
 if TYPE_CHECKING:
@@ -35,8 +43,7 @@ _AS_USERS = " Challenges should look like users' asks: keep users' default unles
 
 def check_paths(paths: int, hops: int, allow_one_hop: bool) -> None:
     """Refuse a path shape no private ask can take, as `gtorrent ask` does (private.ask_private's checks)."""
-    if paths < DEFAULT_K:
-        raise UsageError(f"--paths must be at least {DEFAULT_K} (the S-IDA threshold)", hint=f"use --paths {DEFAULT_K} or more")
+    check_path_count(paths)
     if hops < (1 if allow_one_hop else DEFAULT_MIN_HOPS):
         raise UsageError(f"--hops {hops}: with one relay per path, that relay sees both you and the seed",
                          hint=f"use --hops {DEFAULT_MIN_HOPS} or more, or {ONE_HOP_HINT}")
@@ -63,9 +70,7 @@ def verify_command(
         Path | None, typer.Option("--recheck", help="Re-score an evidence file with MODEL and say whether you agree.")
     ] = None,
     max_epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Stop after this many epochs.")] = None,
-    paths: Annotated[
-        int, typer.Option("--paths", min=1, max=16, help=f"Disjoint onion paths for a private ask.{_AS_USERS}")
-    ] = DEFAULT_PATHS,
+    paths: Annotated[int, PathsOption(f"{PATHS_HELP}{_AS_USERS}")] = DEFAULT_PATHS,
     hops: Annotated[int, typer.Option("--hops", min=1, max=8, help=f"Relays per path (at most 8).{_AS_USERS}")] = DEFAULT_HOPS,
     allow_one_hop: Annotated[
         bool, typer.Option("--allow-one-hop", help="Let a private ask use one-hop paths (that relay sees you and the seed)."

@@ -54,7 +54,7 @@ from .discovery import Discovery, discover
 from .errors import GtorrentError, UsageError
 from .garlic import direct_request_bytes, transcript
 from .identity import short_id, unb64, verify_signature
-from .protocol import PeerRecord, ProtocolError, decode, encode
+from .protocol import MAX_PROMPT_CHARS, PeerRecord, ProtocolError, decode, encode
 from .reputation import PeerStanding, choice_key
 from .routing import candidate_records
 from .store import Store
@@ -180,6 +180,8 @@ class RequestRefused(UsageError):
     be at fault (the ask stops). A verifier, whose requests fit the reference model, counts it as the
     seed's refusal (verifier.py)."""
 
+    default_hint = "change what the seed's message names (a prompt over the model's context, in tokens: shorten it)"
+
 
 class AttemptsFailed(GtorrentError):
     """Every attempt of an ask failed; `errors` are the attempts' own errors, in order (SeedFailed or
@@ -230,10 +232,16 @@ def check_request(request: AskRequest) -> None:
                 f"({text[exc.start]!a})",
                 hint=f"remove that character from the {what}, or pass the text as UTF-8",
             ) from None
+    if len(request.prompt) > MAX_PROMPT_CHARS:  # the one bound a user meets: named in its own words
+        raise UsageError(
+            f"the request is not valid: the prompt is {len(request.prompt)} characters; an ask carries at most "
+            f"{MAX_PROMPT_CHARS}",
+            hint="shorten the prompt (the model's context length, in tokens, bounds prompt + answer too)",
+        )
     try:
         decode(encode("generate", generate_body(request, "0" * 64, "0" * 16)))
     except ProtocolError as exc:
-        raise UsageError(f"the request is not valid: {exc}", hint="shorten the prompt or lower --top-k / --max-tokens") from exc
+        raise UsageError(f"the request is not valid: {exc}", hint="see `gtorrent ask --help` for each flag's range") from exc
 
 
 def answer_budget(max_tokens: int) -> int:

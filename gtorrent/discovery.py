@@ -565,7 +565,10 @@ async def discover(
     found.admitted = admitted_by_majority([c.verifiers for c in clients if c.address in found.reached])
     if not found.reached:
         detail = "; ".join(found.failed.values())
-        raise TrackerUnreachable(detail if len(urls) == 1 else f"no tracker answered ({detail})")
+        # a hint all failures share (a pin mismatch, a broken tracker) names the fix; "start one" may not
+        hints = {result.hint for result in results if isinstance(result, GtorrentError)}
+        raise TrackerUnreachable(detail if len(urls) == 1 else f"no tracker answered ({detail})",
+                                 hint=hints.pop() if len(hints) == 1 else None)
     return found
 
 

@@ -52,7 +52,8 @@ class ModelError(GtorrentError):
 
 
 class ModelNotFoundError(ModelError):
-    default_hint = "pass the path of a model.onnx file or of the folder that holds it (--model PATH)"
+    # no flag named: `run` takes the path with --model, `seed` and `verify` as an argument
+    default_hint = "give the path of a model.onnx file or of the folder that holds it (with its tokenizer.json)"
 
 
 class NotACausalLMError(ModelError):

@@ -1,9 +1,12 @@
 """Finding a model's files on disk and computing its model id (its "infohash").
 
-A model is the Hugging Face optimum export layout: `model.onnx` (plus external weights, usually
-`model.onnx_data`) with `tokenizer.json`, `config.json` and optionally `generation_config.json`,
-`tokenizer_config.json` and `special_tokens_map.json` in the same folder. MODEL may name the `.onnx`
-file or its folder.
+A model is one folder in either of two layouts, MODEL naming the `.onnx` file or its folder:
+- Hugging Face optimum's export: `model.onnx` (plus external weights, usually `model.onnx_data`) with
+  `tokenizer.json`, `config.json` and optionally `generation_config.json`, `tokenizer_config.json`,
+  `special_tokens_map.json` and `chat_template.jinja` (where transformers 4.57 and 5.x save the template).
+- ONNX Runtime GenAI's (`onnxruntime_genai.models.builder`): `genai_config.json` instead of
+  `config.json`, weights in `model.onnx.data`; the graph file is the one `genai_config.json` names
+  (`model.decoder.filename`), so a folder of several `.onnx` files still resolves.
 
 The model id is SHA-256 over a canonical manifest of those files (name, size, SHA-256 of the bytes),
 so two peers with byte-identical files get the same id, like a torrent's infohash. Hashing a 500 MB
@@ -31,7 +34,10 @@ SIDECAR_NAMES = (
     "generation_config.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
+    "genai_config.json",
 )
+GENAI_CONFIG_NAME = "genai_config.json"
 HASH_CACHE_NAME = "model-hashes.json"
 _CHUNK_BYTES = 4 << 20
 
@@ -78,7 +84,7 @@ def locate_model(model: str | os.PathLike[str] | None) -> ModelFiles:
     if path.is_dir():
         folder = path
         candidates = sorted(folder.glob("*.onnx"))
-        preferred = folder / "model.onnx"
+        preferred = _genai_graph(folder) or folder / "model.onnx"
         if preferred.is_file():
             onnx_path = preferred
         elif len(candidates) == 1:
@@ -89,7 +95,7 @@ def locate_model(model: str | os.PathLike[str] | None) -> ModelFiles:
             names = ", ".join(c.name for c in candidates)
             raise ModelNotFoundError(
                 f"folder {folder} holds several .onnx files ({names})",
-                hint="name the one to use, e.g. --model " + str(candidates[0]),
+                hint="give the .onnx file to use instead of its folder, e.g. " + str(candidates[0]),  # seed: no --model
             )
     else:
         onnx_path, folder = path, path.parent
@@ -104,6 +110,25 @@ def locate_model(model: str | os.PathLike[str] | None) -> ModelFiles:
         if p.is_file()
     )
     return ModelFiles(folder=folder, onnx_path=onnx_path, external_data=external, tokenizer_path=tokenizer_path)
+
+
+def _genai_graph(folder: Path) -> Path | None:
+    """The graph file a GenAI folder's genai_config.json names (`model.decoder.filename`), if any.
+    Only a plain file name in the folder counts: the config comes with the model and is not trusted to
+    point elsewhere."""
+    path = folder / GENAI_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # reported when the model is loaded (ModelFiles.read_json)
+    model = doc.get("model") if isinstance(doc, dict) else None
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    name = decoder.get("filename") if isinstance(decoder, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".onnx"):
+        return None
+    return folder / name
 
 
 def _file_sha256(path: Path) -> str:

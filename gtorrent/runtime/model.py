@@ -3,6 +3,10 @@
 Invariants:
 - Inputs are bound by name, never by position: Llama-style exports order them `input_ids,
   attention_mask, position_ids, past…` and GPT-2-style `input_ids, past…, attention_mask, position_ids`.
+- The cache shape comes from the graph where its dims are numbers, else from config.json, or from
+  genai_config.json in the ONNX Runtime GenAI layout (`config_from_genai`), whose graph declares the KV
+  head size symbolically; its GroupQueryAttention is fed a growing past like any other export (not the
+  fixed-size shared buffer onnxruntime-genai uses), and gives the same greedy tokens as its generator.
 - With a KV-cache export (`past_key_values.{i}.key/value` -> `present.{i}.key/value`) the prompt is
   prefilled once and each new token costs one single-token step; on a GPU the cache stays in device
   memory (IOBinding) and never crosses to the host. Without a cache the whole sequence is re-run each
@@ -38,9 +42,9 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ..errors import ModelError, NotACausalLMError, UnsupportedModelError, UsageError
-from .chat import chat_template_of, render_chat
+from .chat import find_chat_template, render_chat
 from .detok import IncrementalDetokenizer
-from .files import ModelFiles, bundled_model_path, locate_model, model_id
+from .files import GENAI_CONFIG_NAME, ModelFiles, bundled_model_path, locate_model, model_id
 from .prefix_cache import CHUNK_TOKENS, PrefixCache, chunk_hashes
 from .providers import CUDA, Device, providers_for
 from .sampling import SamplingParams, log_softmax, sample_token
@@ -155,7 +159,9 @@ def _inspect(session: ort.InferenceSession, config: dict[str, Any], onnx_path: P
             hidden // attention_heads if hidden and attention_heads else 0
         )
         if not heads or not head_dim:
-            raise UnsupportedModelError(f"cannot tell the KV-cache shape of {onnx_path} from the graph or config.json")
+            raise UnsupportedModelError(
+                f"cannot tell the KV-cache shape of {onnx_path} from the graph, config.json or genai_config.json"
+            )
         if first.type not in _ORT_DTYPES:
             raise UnsupportedModelError(f"{onnx_path} has a KV cache of unsupported type {first.type}")
         dtype = _ORT_DTYPES[first.type]
@@ -166,6 +172,35 @@ def _inspect(session: ort.InferenceSession, config: dict[str, Any], onnx_path: P
         past_shape=(heads, head_dim),
         past_dtype=dtype,
     )
+
+
+def config_from_genai(genai: dict[str, Any]) -> dict[str, Any]:
+    """The config.json keys gtorrent reads, from an ONNX Runtime GenAI genai_config.json.
+
+    Its schema (onnxruntime_genai.models.builder, `make_genai_config`): `model.{bos,eos,pad}_token_id`
+    (eos an int or a list), `model.context_length`, `model.vocab_size`, `model.type` ("llama", ...) and
+    `model.decoder.{filename, head_size, hidden_size, num_attention_heads, num_hidden_layers,
+    num_key_value_heads, inputs, outputs}`; `search` holds sampling defaults. The graph declares the KV
+    head size as a symbolic dim (`kv_cache_dim`), so head_size is where the cache shape comes from.
+    Absent or malformed fields are left out ({} for a document that is not GenAI's)."""
+    model = genai.get("model")
+    if not isinstance(model, dict):
+        return {}
+    decoder = model.get("decoder")
+    decoder = decoder if isinstance(decoder, dict) else {}
+    mapping = {
+        "head_dim": decoder.get("head_size"),
+        "hidden_size": decoder.get("hidden_size"),
+        "num_attention_heads": decoder.get("num_attention_heads"),
+        "num_key_value_heads": decoder.get("num_key_value_heads"),
+        "num_hidden_layers": decoder.get("num_hidden_layers"),
+        # the graph's rotary tables are built for this many positions: the context is no longer
+        "max_position_embeddings": model.get("context_length"),
+        "vocab_size": model.get("vocab_size"),
+        "eos_token_id": model.get("eos_token_id"),
+        "bos_token_id": model.get("bos_token_id"),
+    }
+    return {key: value for key, value in mapping.items() if value is not None}
 
 
 def _eos_ids(*configs: dict[str, Any]) -> frozenset[int]:
@@ -199,7 +234,9 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.load_s = load_s
-        self.config = files.read_json("config.json")
+        # a GenAI folder has genai_config.json, usually instead of config.json; where both exist the
+        # GenAI values win, since they describe the very graph (its context length, its KV head size)
+        self.config = {**files.read_json("config.json"), **config_from_genai(files.read_json(GENAI_CONFIG_NAME))}
         self.generation_config = files.read_json("generation_config.json")
         self.tokenizer_config = files.read_json("tokenizer_config.json")
         self.layout = _inspect(session, self.config, files.onnx_path)
@@ -215,7 +252,7 @@ class LanguageModel:
             _int_from(self.config, "max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
             or DEFAULT_CONTEXT_LENGTH
         )
-        self.chat_template = chat_template_of(self.tokenizer_config)
+        self.chat_template = find_chat_template(files.folder, self.tokenizer_config)
         self._output_names = ["logits", *self.layout.present_names]
         # read-only views of these are sliced per step instead of allocating new arrays
         self._ones = np.ones((1, self.context_length), dtype=np.int64)
@@ -256,8 +293,9 @@ class LanguageModel:
         if intra_op_threads > 0:
             options.intra_op_num_threads = intra_op_threads
 
+        providers = providers_for(device)  # a ProviderError (no GPU) is not a bad model: raise it as is
         try:
-            session = ort.InferenceSession(str(files.onnx_path), options, providers=providers_for(device))
+            session = ort.InferenceSession(str(files.onnx_path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
             raise NotACausalLMError(f"cannot load {files.onnx_path} as an ONNX model ({_first_line(exc)})") from exc
         identifier = model_id(files, cache_dir)
@@ -290,7 +328,8 @@ class LanguageModel:
         if chat:
             if self.chat_template is None:
                 raise UsageError(
-                    f"model {self.name} has no chat template (no chat_template in tokenizer_config.json)",
+                    f"model {self.name} has no chat template (no chat_template.jinja, and no chat_template in "
+                    "tokenizer_config.json)",
                     hint="run without --chat",
                 )
             text = render_chat(self.chat_template, [{"role": "user", "content": prompt}], self.tokenizer_config)
