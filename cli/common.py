@@ -17,6 +17,8 @@ from gtorrent.discovery import trackers_from, verifiers_from
 from gtorrent.node import NodeSettings
 from gtorrent.paths import home_dir
 
+from . import output
+
 TrackerOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -68,6 +70,21 @@ FileOption = Annotated[
 ]
 TOP_P_HELP = "Nucleus sampling: sample from the smallest set of tokens with this mass, in (0, 1]; 1 turns it off."
 TopPOption = Annotated[float, typer.Option("--top-p", metavar="P", help=TOP_P_HELP)]
+
+
+def load_model(model: Path | None, cache_dir: Path, device: str = "auto", spinner: bool = True) -> Any:
+    """The model at `model` (None: the bundled demo), its files hashed first with a byte progress bar (a
+    large model's first use takes a while; later loads find the digests in `cache_dir`), then loaded
+    under a spinner."""
+    from contextlib import nullcontext
+
+    from gtorrent.runtime import LanguageModel
+    from gtorrent.runtime.files import locate_model, model_id
+
+    with output.byte_progress("hashing the model's files (first use only)") as progress:
+        model_id(locate_model(model), cache_dir, progress)
+    with output.err.status("loading model…", spinner="dots") if spinner else nullcontext():
+        return LanguageModel.load(model, device=device, cache_dir=cache_dir)  # type: ignore[arg-type]
 
 
 def check_top_p(top_p: float) -> None:

@@ -17,8 +17,12 @@ from __future__ import annotations
 import json
 import re
 import sys
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 
@@ -84,6 +88,89 @@ def json_text(value: Any) -> str:
 def print_json(value: Any) -> None:
     sys.stdout.write(json_text(value) + "\n")
     sys.stdout.flush()
+
+
+def event_text(value: dict[str, Any]) -> str:
+    """`value` as one line of JSON, ASCII only: every non-ASCII character (remote text included) is a
+    `\\uXXXX` escape, and so is DEL, the one ASCII control json.dumps leaves raw."""
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":")).replace("\x7f", "\\u007f")
+
+
+def print_event(value: dict[str, Any]) -> None:
+    """One JSON event on one stdout line (`--json` of the long-running commands)."""
+    sys.stdout.write(event_text(value) + "\n")
+    sys.stdout.flush()
+
+
+# the long-running commands' output flags (seed, tracker, relay)
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No activity lines (start, stop, warnings and errors still show).")
+]
+EventsOption = Annotated[
+    bool, typer.Option("--json", help="Print each line as one JSON event on stdout (start and stop lines show on stderr too).")
+]
+
+
+class NodeLog:
+    """What a long-running node (seed, tracker, relay) says it does.
+
+    Text goes to stderr; with `json_events`, each line is one JSON event on stdout instead (`print_event`;
+    "event" names it, "ts" is the Unix time), start-up and stop lines showing on stderr as well. Activity
+    lines (a request served, a tracker's round, a relay's circuits) start with the local time; `quiet`
+    drops them, while start-up, stop, warnings and errors always show. Callers put remote strings
+    through `remote` in text and pass them raw in events (the event line escapes them)."""
+
+    def __init__(self, *, quiet: bool = False, json_events: bool = False,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.quiet, self.json_events, self.clock = quiet, json_events, clock
+
+    def status(self, text: str, event: str, **fields: Any) -> None:
+        """A start-up or stop line: always shown."""
+        info(text)
+        if self.json_events:
+            print_event({"event": event, "ts": round(self.clock(), 3), **fields})
+
+    def activity(self, text: str, event: str, **fields: Any) -> None:
+        """One activity line (unless quiet): `HH:MM:SS text` on stderr, or with json the event alone."""
+        if self.quiet:
+            return
+        now = self.clock()
+        if self.json_events:
+            print_event({"event": event, "ts": round(now, 3), **fields})
+        else:
+            info(f"[dim]{time.strftime('%H:%M:%S', time.localtime(now))}[/] {text}")
+
+
+@contextmanager
+def byte_progress(description: str, console: Console | None = None) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback `(bytes done, total)` that draws a transient bar with rate and time left on
+    `console` (stderr by default), only when it is a terminal: piped or logged output gets nothing (a
+    bar there is a stream of control sequences). The bar disappears when done."""
+    console = console or err
+    if not console.is_terminal:
+        yield lambda done, total: None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn(escape(description)), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        task: TaskID | None = None
+
+        def update(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = progress.add_task(description, total=total)
+            progress.update(task, completed=done, total=total)
+
+        yield update
 
 
 def error(message: str, hint: str | None = None) -> None:

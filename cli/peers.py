@@ -1,5 +1,9 @@
 """`gtorrent peers [PEER_ID]`: peers known to the trackers and to this peer's store, with their verification
-reputation and trust state; with a peer id, that peer's verdict history from the local store."""
+reputation and trust state; with a peer id, that peer's verdict history from the local store.
+
+The list fits the terminal: every column when they fit, else the NARROW ones (80 columns: peer, roles,
+models, trust, last seen, endpoint), with `--wide` for all of them anyway. Output that is not a terminal
+is 200 columns wide (output.out), so pipes and scripts get every column."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import time
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from gtorrent.errors import GtorrentError
@@ -57,6 +63,10 @@ def peers_command(
     verifier: VerifierOption = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Only peers serving this model (name or id).")] = None,
     json_output: JsonOption = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", "-w", help="Every column (reputation details, ask outcomes, speed, load), "
+                           "even where the terminal is too narrow for them.")
+    ] = False,
 ) -> None:
     """List peers: roles, models, verification reputation and trust state, and what this peer observed of them."""
     if peer is not None:
@@ -78,7 +88,8 @@ def peers_command(
     if json_output:
         output.print_json([row.as_json() for row in rows])
     elif rows or model is None:
-        output.out.print(peers_table(rows))
+        table = peers_table(rows)
+        output.out.print(table if wide or fits(output.out, table) else peers_table(rows, wide=False))
     if model is not None and not any(row.online for row in rows) and len(failed) < len(node.trackers):
         # an empty table with exit 0 reads as "nothing wrong"; a script checking for a model needs the code
         raise GtorrentError(
@@ -87,42 +98,88 @@ def peers_command(
         )
 
 
-def peers_table(rows: list[PeerRow]) -> Table:
-    """The `ollama ps`-style table of peers, with a total row."""
-    now = time.time()
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    numeric = ("REPUTATION", "LAST C", "AGREED", "OK", "FAILED", "TTFT", "TOK/S", "QUEUE", "CACHE HIT")
-    columns = ("PEER", "ROLES", "MODELS", "ENDPOINT", "REPUTATION", "STATE", "LAST C", "AGREED", "OK", "FAILED",
-               "TTFT", "TOK/S", "QUEUE", "CACHE HIT", "LAST SEEN")
+NOT_LISTED = "not listed by these trackers (known from this peer's store)"
+# the columns shown at any width; `--wide` (or a terminal wide enough for all) adds the rest
+NARROW = ("PEER", "ROLES", "MODELS", "TRUST", "LAST SEEN", "ENDPOINT")
+WIDE = ("PEER", "ROLES", "MODELS", "ENDPOINT", "REPUTATION", "STATE", "LAST C", "AGREED", "OK", "FAILED",
+        "TTFT", "TOK/S", "QUEUE", "CACHE HIT", "LAST SEEN")
+_NUMERIC = ("REPUTATION", "LAST C", "AGREED", "OK", "FAILED", "TTFT", "TOK/S", "QUEUE", "CACHE HIT")
+_SHRINKABLE = ("MODELS", "ENDPOINT")  # cut with "…" when the terminal is narrow; the others never wrap
+
+
+def short_endpoint(endpoint: str) -> str:
+    """An endpoint without its scheme: every peer speaks tcp://, so it says nothing in a narrow table."""
+    return endpoint.removeprefix("tcp://")
+
+
+def short_roles(roles: list[str]) -> list[str]:
+    """The roles without "relay" beside "seed": every seed relays (gtorrent's seeds announce both)."""
+    return [role for role in roles if role != "relay"] if "seed" in roles else roles
+
+
+def _trust(row: PeerRow) -> str:
+    """State and reputation in one cell ("trusted 0.69"; "unverified" alone: no R yet)."""
+    return state_text(row.state) + (f" {row.reputation:.2f}" if row.reputation is not None else "")
+
+
+def _cells(row: PeerRow, now: float) -> dict[str, str]:
+    # every string in a row came from a peer's record: data, never markup (output.remote)
+    seen = row.announced if row.announced is not None else row.last_seen
+    return {
+        "PEER": output.remote(short_id(row.peer_id)) + ("" if row.online else " [dim]*[/]"),
+        "ROLES": output.remote(",".join(row.roles)),
+        "MODELS": output.remote(", ".join(m["name"] for m in row.models)) or "-",
+        "TRUST": _trust(row),
+        "ENDPOINT": output.remote(row.endpoint),
+        "REPUTATION": f"{row.reputation:.2f}" if row.reputation is not None else "-",
+        "STATE": state_text(row.state),
+        "LAST C": f"{row.last_consensus:.2f}" if row.last_consensus is not None else "-",
+        "AGREED": f"{row.verifiers_agreed}/{row.verifiers}" if row.verifiers else "-",
+        "OK": str(row.asks_ok),
+        "FAILED": str(row.asks_failed),
+        "TTFT": output.human_seconds(row.median_ttft_s) if row.median_ttft_s is not None else "-",
+        "TOK/S": f"{row.median_tokens_per_s:.1f}" if row.median_tokens_per_s is not None else "-",
+        "QUEUE": f"{row.queue:g}" if row.queue is not None else "-",
+        "CACHE HIT": cache_hit_text(row.cache_hit) if "seed" in row.roles else "-",
+        "LAST SEEN": _ago(seen, now),
+    }
+
+
+def peers_table(rows: list[PeerRow], wide: bool = True, now: float | None = None) -> Table:
+    """The `ollama ps`-style table of peers, with a total row: every column (`wide`), or the NARROW ones,
+    which fit 80 columns (roles without a seed's "relay", the endpoint without its scheme; long model
+    names and endpoints cut with "…").
+    LAST SEEN is when the peer last announced (its record's `seq`, node.announced_at), else when this
+    peer last saw it listed. Peers only this peer's store knows are marked `*`, explained under the table."""
+    now = time.time() if now is None else now
+    columns = WIDE if wide else NARROW
+    unlisted = any(not row.online for row in rows)
+    table = Table(box=None, header_style="bold", pad_edge=False, caption=f"* {NOT_LISTED}" if unlisted else None,
+                  caption_justify="left", caption_style="dim")
     for column in columns:
-        table.add_column(column, justify="right" if column in numeric else "left")
+        # narrow: one line per peer, only the model and endpoint cut short (wide: as rich fits it)
+        table.add_column(column, justify="right" if column in _NUMERIC else "left",
+                         no_wrap=not wide and column not in _SHRINKABLE, overflow="ellipsis")
     for row in rows:
-        # every string in a row came from a peer's record: data, never markup (output.remote)
-        table.add_row(
-            output.remote(short_id(row.peer_id)) + ("" if row.online else " [dim](offline)[/]"),
-            output.remote(",".join(row.roles)),
-            output.remote(", ".join(m["name"] for m in row.models)) or "-",
-            output.remote(row.endpoint),
-            f"{row.reputation:.2f}" if row.reputation is not None else "-",
-            state_text(row.state),
-            f"{row.last_consensus:.2f}" if row.last_consensus is not None else "-",
-            f"{row.verifiers_agreed}/{row.verifiers}" if row.verifiers else "-",
-            str(row.asks_ok),
-            str(row.asks_failed),
-            output.human_seconds(row.median_ttft_s) if row.median_ttft_s is not None else "-",
-            f"{row.median_tokens_per_s:.1f}" if row.median_tokens_per_s is not None else "-",
-            f"{row.queue:g}" if row.queue is not None else "-",
-            cache_hit_text(row.cache_hit) if "seed" in row.roles else "-",
-            _ago(row.last_seen, now),
-        )
-    online = sum(1 for r in rows if r.online)
-    untrusted = sum(1 for r in rows if r.state == "untrusted")
+        cells = _cells(row, now)
+        if not wide:
+            cells["ENDPOINT"] = output.remote(short_endpoint(row.endpoint))
+            cells["ROLES"] = output.remote(",".join(short_roles(row.roles)))
+        table.add_row(*(cells[column] for column in columns))
+    listed = sum(1 for r in rows if r.online)
+    totals = {"PEER": f"[bold]{len(rows)} peers[/]", "ROLES": f"{listed} listed",
+              "STATE": f"{sum(1 for r in rows if r.state == 'untrusted')} untrusted",
+              "OK": str(sum(r.asks_ok for r in rows)), "FAILED": str(sum(r.asks_failed for r in rows))}
+    totals["TRUST"] = totals["STATE"]
     table.add_section()
-    table.add_row(
-        f"[bold]{len(rows)} peers[/]", f"{online} online", "", "", "", f"{untrusted} untrusted", "", "",
-        str(sum(r.asks_ok for r in rows)), str(sum(r.asks_failed for r in rows)), "", "", "", "", "",
-    )
+    table.add_row(*(totals.get(column, "") for column in columns))
     return table
+
+
+def fits(console: Console, table: Table) -> bool:
+    """Whether `table` fits `console`'s width without shrinking a column."""
+    # measured unbounded: Measurement.get caps what it returns at the options' width
+    return Measurement.get(console, console.options.update_width(1 << 16), table).maximum <= console.width
 
 
 def history_header(history: PeerHistory) -> str:

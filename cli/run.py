@@ -10,7 +10,7 @@ import typer
 from gtorrent.paths import home_dir
 
 from . import output
-from .common import FileOption, PromptArgument, TopPOption, check_top_p, read_prompt
+from .common import FileOption, PromptArgument, TopPOption, check_top_p, load_model, read_prompt
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -35,7 +35,7 @@ def run_command(
 ) -> None:
     """Generate a continuation of PROMPT (or of --file, or stdin) locally, streaming it to the terminal."""
     from gtorrent.errors import UsageError
-    from gtorrent.runtime import GenerationParams, LanguageModel, SamplingParams
+    from gtorrent.runtime import GenerationParams, SamplingParams
 
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}", hint="use --device auto, cpu or cuda")
@@ -46,8 +46,7 @@ def run_command(
         sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
         seed=seed,
     )
-    with output.err.status("loading model…", spinner="dots") if not json_output else _nothing():
-        lm = LanguageModel.load(model, device=device, cache_dir=home_dir() / "cache")  # type: ignore[arg-type]
+    lm = load_model(model, home_dir() / "cache", device, spinner=not json_output)
     result = lm.generate(text, params, chat=chat, on_text=None if json_output else output.write_text)
     if json_output:
         output.print_json(
@@ -75,11 +74,3 @@ def run_command(
             f"({result.finish_reason}) in {output.human_seconds(result.total_s)} · "
             f"{result.decode_tokens_per_s:.1f} tokens/s · {lm.provider}[/]"
         )
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -1,4 +1,9 @@
-"""`gtorrent seed`: serve a model to the swarm."""
+"""`gtorrent seed`: serve a model to the swarm.
+
+Order matters to a new user: the flags are checked, then the listening address is bound (node.PortHold,
+so a port clash fails at once, not after minutes of loading), then the model's files are hashed (a byte
+progress bar on a terminal, first use only) and loaded. While serving, one line per request finished
+here (`request_line`); `-q` drops them, `--json` makes every line a JSON event on stdout."""
 
 from __future__ import annotations
 
@@ -8,11 +13,11 @@ from typing import Annotated
 import typer
 
 from gtorrent.forwarding import DEFAULT_POLICY, POLICIES
-from gtorrent.node import DEFAULT_SEED_BIND, SeedEvents, run_seed
+from gtorrent.node import DEFAULT_SEED_BIND, PortHold, SeedEvents, run_seed
 from gtorrent.protocol import MAX_MODEL_NAME_CHARS, MODEL_NAME_CHARS, model_name_problem
 
 from . import output
-from .common import AdvertiseOption, TrackerOption, settings
+from .common import AdvertiseOption, TrackerOption, load_model, settings
 from .run import MODEL_HELP
 
 NAME_HINT = f"pass --name with 1 to {MAX_MODEL_NAME_CHARS} {MODEL_NAME_CHARS}, e.g. --name my-model"
@@ -28,6 +33,19 @@ def served_line(served) -> str:  # type: ignore[no-untyped-def]
     elif served.forwarded_by is not None:
         line = f"{line} · forwarded by {output.remote(served.forwarded_by[:8])}"
     return line
+
+
+def request_line(served) -> str:  # type: ignore[no-untyped-def]
+    """The per-request line: how the asker came (direct: the seed sees who asks; private: over circuits),
+    then `served_line`."""
+    return f"{output.remote(served.mode)} ask · {served_line(served)}"
+
+
+def request_event(served) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """The per-request JSON event's fields (peer ids as sent: the event line escapes them)."""
+    return {"asker": served.mode, "tokens": served.tokens, "prompt_tokens": served.prompt_tokens,
+            "cached": served.cached, "total_s": round(served.total_s, 4), "forwarded_to": served.forwarded_to,
+            "forwarded_by": served.forwarded_by}
 
 
 def seed_command(
@@ -46,11 +64,12 @@ def seed_command(
     kv_cache_mb: Annotated[
         int, typer.Option("--kv-cache-mb", min=0, max=1 << 20, help="Prefix KV cache budget in MiB (0: none).")
     ] = DEFAULT_KV_CACHE_MB,
+    quiet: output.QuietOption = False,
+    json_events: output.EventsOption = False,
 ) -> None:
     """Serve MODEL to the swarm (without MODEL: the bundled demo model)."""
     from gtorrent.errors import UsageError
     from gtorrent.paths import NODE_LOCK, lock_home
-    from gtorrent.runtime import LanguageModel
 
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}", hint="use --device auto, cpu or cuda")
@@ -59,12 +78,19 @@ def seed_command(
     if name is not None and (problem := model_name_problem(name)):  # before loading anything
         raise UsageError(f"cannot announce the model name {name!r}: {problem}", hint=NAME_HINT)
     node = settings(tracker, advertise)
+    log = output.NodeLog(quiet=quiet, json_events=json_events)
     lock_home(node.home, NODE_LOCK, "seed").release()  # refuse a busy home before a long model load
-    with output.err.status("loading model (hashing its files on first use)…", spinner="dots"):
-        lm = LanguageModel.load(model, device=device, cache_dir=node.home / "cache")  # type: ignore[arg-type]
-    if name is None and (problem := model_name_problem(lm.name)):  # the folder name is the default
-        raise UsageError(f"cannot announce the folder name {lm.name!r} as the model name: {problem}", hint=NAME_HINT)
-    output.info(f"loaded [bold]{name or lm.name}[/] ({lm.model_id[:12]}) in {output.human_seconds(lm.load_s)} on {lm.provider}")
+    held = PortHold(bind, node.advertise)  # a busy port or an unreachable address fails now, not after the load
+    try:
+        lm = load_model(model, node.home / "cache", device)
+        if name is None and (problem := model_name_problem(lm.name)):  # the folder name is the default
+            raise UsageError(f"cannot announce the folder name {lm.name!r} as the model name: {problem}", hint=NAME_HINT)
+    except BaseException:
+        held.release()
+        raise
+    log.status(f"loaded [bold]{output.remote(name or lm.name)}[/] ({lm.model_id[:12]}) in {output.human_seconds(lm.load_s)} "
+               f"on {lm.provider}", "loaded", model=name or lm.name, model_id=lm.model_id, load_s=round(lm.load_s, 3),
+               provider=lm.provider)
 
     def tracker_started(url: str) -> None:
         output.info(f"[yellow]no tracker answered at {url}: started one in this process[/]")
@@ -77,10 +103,12 @@ def seed_command(
         )
 
     def ready(seed) -> None:  # type: ignore[no-untyped-def]
-        output.info(
+        trackers = [t.address for t in seed.announcer.trackers]
+        log.status(
             f"[green]seeding[/] as {seed.identity.peer_id} on {seed.server.endpoint} "
-            f"to {', '.join(t.address for t in seed.announcer.trackers)} · up to {max_concurrency} at once · "
-            f"forwarding {forwarding} · KV cache {kv_cache_mb} MiB · Ctrl-C to stop"
+            f"to {output.remote(', '.join(trackers))} · up to {max_concurrency} at once · "
+            f"forwarding {forwarding} · KV cache {kv_cache_mb} MiB · Ctrl-C to stop",
+            "ready", peer_id=seed.identity.peer_id, endpoint=seed.server.endpoint, trackers=trackers,
         )
 
     def announced(errors: dict[str, str]) -> None:
@@ -91,15 +119,17 @@ def seed_command(
         output.info("stopping: telling the trackers…")
 
     def served(request) -> None:  # type: ignore[no-untyped-def]
-        output.info(served_line(request))
+        log.activity(request_line(request), "served", **request_event(request))
 
     def group_changed(peer_id: str, joined: bool) -> None:
-        output.info(f"group: {output.remote(peer_id[:8])} {'joined' if joined else 'left'}")
+        log.activity(f"group: {output.remote(peer_id[:8])} {'joined' if joined else 'left'}", "group",
+                     peer_id=peer_id, joined=joined)
 
     events = SeedEvents(
         tracker_started=tracker_started, tracker_skipped=tracker_skipped, ready=ready, announced=announced, stopping=stopping,
         served=served, group_changed=group_changed,
     )
     counters = run_seed(node, lm, bind=bind, name=name, max_concurrency=max_concurrency, events=events,
-                        forwarding=forwarding, kv_cache_mb=kv_cache_mb)
-    output.info(f"seed stopped ({counters.get('received', 0)} requests, {counters.get('dropped', 0)} dropped)")
+                        forwarding=forwarding, kv_cache_mb=kv_cache_mb, held=held)
+    log.status(f"seed stopped ({counters.get('received', 0)} requests, {counters.get('dropped', 0)} dropped)", "stopped",
+               requests=counters.get("received", 0), dropped=counters.get("dropped", 0))

@@ -31,6 +31,7 @@ from .common import (
     PathsOption,
     TrackerOption,
     check_path_count,
+    load_model,
     settings,
 )
 from .run import MODEL_HELP
@@ -81,7 +82,6 @@ def verify_command(
     """Verify the seeds that serve MODEL (without MODEL: the bundled demo model): hidden challenges over
     private paths, scored against MODEL, one signed verdict per seed and epoch."""
     from gtorrent.challenges import PROBATION_FACTOR
-    from gtorrent.runtime import LanguageModel
     from gtorrent.verifier import VerifierSettings
 
     # before the model loads: a shape no challenge could take is refused at once
@@ -89,8 +89,7 @@ def verify_command(
     shape = VerifierSettings(epoch_s=epoch, challenges=challenges, probation=probation or PROBATION_FACTOR,
                              paths=paths, hops=hops, allow_one_hop=allow_one_hop)
     node = settings(tracker, advertise)
-    with output.err.status("loading model…", spinner="dots"):
-        lm = LanguageModel.load(model, cache_dir=node.home / "cache")
+    lm = load_model(model, node.home / "cache")
     if recheck_file is not None:
         _recheck(recheck_file, lm, json_out)
         return

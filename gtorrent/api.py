@@ -18,6 +18,9 @@ Invariants:
 - Without an API key the server binds only loopback addresses (`check_bind`).
 - `stop` strings are applied here, to the text the seed sends (the protocol has no stop field): the
   answer is cut at the first stop string and the ask still runs to its end, so `usage` stays exact.
+- A chat of one user message is asked as a prompt (rendered by the seed as one user turn); any other
+  conversation goes to the seed whole, as the generate's `messages`, under the answer's signature.
+- The library never prints: a server's log is the caller's, one `RequestLog` per request (`on_request`).
 """
 
 from __future__ import annotations
@@ -31,14 +34,25 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from .asker import SAMPLING_SEED_LIMIT, AskEvents, AskRequest, AskResult, AttemptsFailed, NoSeedError
+from .asker import (
+    SAMPLING_SEED_LIMIT,
+    AskEvents,
+    AskRequest,
+    AskResult,
+    AttemptsFailed,
+    NoSeedError,
+    UnknownModelError,
+)
 from .discovery import TrackerUnreachable, discover
 from .errors import GtorrentError, UsageError
+from .protocol import MAX_CHAT_MESSAGES, MAX_PROMPT_CHARS
 from .routing import RelayRules
 
 if TYPE_CHECKING:
@@ -78,10 +92,9 @@ def error_for(exc: GtorrentError) -> ApiError:
     """The HTTP error of a library error an ask raised."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, UnknownModelError):  # a name or id nobody serves (asker.resolve_model)
+        return ApiError(exc.message, 404, "invalid_request_error", "model", "model_not_found", exc.hint)
     if isinstance(exc, NoSeedError):
-        # resolve_model's wording for a name or id nobody serves (asker.resolve_model): the model is unknown
-        if exc.message.startswith("no seed serves model"):
-            return ApiError(exc.message, 404, "invalid_request_error", "model", "model_not_found", exc.hint)
         return ApiError(exc.message, 503, "service_unavailable", None, "no_seed", exc.hint)
     if isinstance(exc, TrackerUnreachable):
         return ApiError(exc.message, 503, "service_unavailable", None, "tracker_unreachable", exc.hint)
@@ -145,7 +158,8 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _common(body: Any, prompt: str, chat: bool, max_tokens_names: tuple[str, ...]) -> ApiRequest:
+def _common(body: Any, prompt: str, chat: bool, max_tokens_names: tuple[str, ...],
+            messages: tuple[tuple[str, str], ...] = ()) -> ApiRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required: a model name or id from GET /v1/models", "model")
@@ -183,6 +197,7 @@ def _common(body: Any, prompt: str, chat: bool, max_tokens_names: tuple[str, ...
         top_p=top_p,
         seed=_integer(body, "seed", 0, SAMPLING_SEED_LIMIT - 1),
         chat=chat,
+        messages=messages,
     )
     return ApiRequest(request, model, stream, include_usage, _stop(body))
 
@@ -195,31 +210,55 @@ def _content(message: dict[str, Any], index: int) -> str:
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"messages[{index}]: only text content parts are supported", "messages")
+                kind = part.get("type") if isinstance(part, dict) else None
+                shown = f" (got {json.dumps(kind)})" if isinstance(kind, str) else ""
+                raise _bad(f"messages[{index}]: only text content parts are supported{shown}", "messages")
             texts.append(part["text"])
         return "".join(texts)
     raise _bad(f"messages[{index}].content must be a string or a list of text parts", "messages")
 
 
-def chat_request(body: Any) -> ApiRequest:
-    """A `POST /v1/chat/completions` body as an ask with the model's chat template (`chat=True`).
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # OpenAI's -> ours
 
-    The protocol carries one user turn (the seed renders it with the model's template), so exactly one
-    `user` message is taken; system messages and earlier turns are refused, not dropped silently."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object", None)
-    messages = body.get("messages")
+
+def _turns(messages: Any) -> tuple[tuple[str, str], ...]:
+    """OpenAI's `messages` as (role, content) turns; system, developer (as system), user and assistant
+    messages of text only, within the protocol's bounds (protocol.MAX_CHAT_MESSAGES, MAX_PROMPT_CHARS)."""
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", "messages")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise _bad(f"'messages' holds {len(messages)} messages; a request carries at most {MAX_CHAT_MESSAGES}",
+                   "messages")
+    turns = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _bad(f"messages[{index}] must be an object with a 'role'", "messages")
-    if len(messages) != 1 or messages[0]["role"] != "user":
-        raise _bad(
-            "the swarm takes one user message per chat request (system messages and earlier turns cannot "
-            "be passed to a seed yet)", "messages",
-        )
-    return _common(body, _content(messages[0], 0), True, ("max_completion_tokens", "max_tokens"))
+        role = ROLES.get(message["role"])
+        if role is None:
+            raise _bad(f"messages[{index}]: role {json.dumps(message['role'])} is not supported (system, user "
+                       "and assistant messages are; the swarm runs no tools)", "messages")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise _bad(f"messages[{index}]: tool calls are not supported", "messages")
+        turns.append((role, _content(message, index)))
+    size = sum(len(content) for _, content in turns)
+    if size > MAX_PROMPT_CHARS:
+        raise _bad(f"the messages' contents are {size} characters; a request carries at most {MAX_PROMPT_CHARS}",
+                   "messages")
+    return tuple(turns)
+
+
+def chat_request(body: Any) -> ApiRequest:
+    """A `POST /v1/chat/completions` body as an ask with the model's chat template (`chat=True`).
+
+    One user message goes as the prompt, which the seed renders as one user turn (any seed reads that);
+    any other conversation goes whole as the generate's `messages`, rendered by the seed with the
+    model's template and covered by the answer's signature like the prompt."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None)
+    turns = _turns(body.get("messages"))
+    if len(turns) == 1 and turns[0][0] == "user":
+        return _common(body, turns[0][1], True, ("max_completion_tokens", "max_tokens"))
+    return _common(body, "", True, ("max_completion_tokens", "max_tokens"), turns)
 
 
 def completion_request(body: Any) -> ApiRequest:
@@ -392,7 +431,35 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def _error_response(error: ApiError) -> web.Response:
+@dataclass(frozen=True)
+class RequestLog:
+    """What one HTTP request did, for a server's log line (`make_app`'s `on_request`). The strings
+    `path` and `model` come from the client as sent: show them as data."""
+
+    method: str
+    path: str
+    status: int  # the HTTP status sent; 499: the client went away first
+    seconds: float
+    model: str | None = None  # as the client named it
+    model_id: str | None = None  # the model id the ask went to
+    stream: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None  # the error's code (also for an error sent inside a stream, after a 200)
+
+
+# what the request being handled will say in its RequestLog (set by the logging middleware in the
+# request's own task; a context variable rather than request storage, whose typed keys need aiohttp 3.12)
+_LOG: ContextVar[dict[str, Any] | None] = ContextVar("gtorrent_api_log", default=None)
+
+
+def _log_info(request: web.Request) -> dict[str, Any]:
+    info = _LOG.get()
+    return info if info is not None else {}
+
+
+def _error_response(request: web.Request, error: ApiError) -> web.Response:
+    _log_info(request)["error"] = error.code or error.kind
     return web.json_response(error.body(), status=error.status)
 
 
@@ -401,18 +468,48 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
     try:
         return await handler(request)
     except ApiError as exc:
-        return _error_response(exc)
+        return _error_response(request, exc)
     except GtorrentError as exc:
-        return _error_response(error_for(exc))
+        return _error_response(request, error_for(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
-        return _error_response(ApiError(exc.reason, exc.status, "invalid_request_error", None, code))
+        return _error_response(request, ApiError(exc.reason, exc.status, "invalid_request_error", None, code))
 
 
-def make_app(models: Callable[[], Awaitable[list[dict[str, Any]]]], asker: Asker, api_key: str | None) -> web.Application:
-    """The aiohttp application: `models()` lists the swarm's models, `asker` runs one ask."""
+def _logging(on_request: Callable[[RequestLog], None]) -> Middleware:
+    """The outermost middleware: one RequestLog per request, when its response is sent or the client
+    went away."""
+
+    @web.middleware
+    async def log(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        started = time.perf_counter()
+        info: dict[str, Any] = {}
+        token = _LOG.set(info)
+        status = 499
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            info.setdefault("error", "client_disconnected")
+            raise
+        except Exception:  # aiohttp answers 500 for what no handler caught
+            status = 500
+            info.setdefault("error", "internal")
+            raise
+        finally:
+            _LOG.reset(token)
+            on_request(RequestLog(request.method, request.path, status, time.perf_counter() - started, **info))
+
+    return log
+
+
+def make_app(models: Callable[[], Awaitable[list[dict[str, Any]]]], asker: Asker, api_key: str | None,
+             on_request: Callable[[RequestLog], None] | None = None) -> web.Application:
+    """The aiohttp application: `models()` lists the swarm's models, `asker` runs one ask, `on_request`
+    hears of each request as it ends (RequestLog)."""
 
     @web.middleware
     async def _auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
@@ -441,10 +538,16 @@ def make_app(models: Callable[[], Awaitable[list[dict[str, Any]]]], asker: Asker
 
     async def answer(request: web.Request, api: ApiRequest) -> web.StreamResponse:
         ident, created = completion_id(api.ask.chat), int(time.time())
+        _log_info(request).update(model=api.model, stream=api.stream)
         if not api.stream:
             result = await asker(api.ask, AskEvents())
+            _answered(request, result)
             return web.json_response(response_body(api, result, ident, created))
         return await stream(request, api, ident, created)
+
+    def _answered(request: web.Request, result: AskResult) -> None:
+        _log_info(request).update(model_id=result.model_id, prompt_tokens=result.prompt_tokens,
+                                  completion_tokens=result.tokens)
 
     async def stream(request: web.Request, api: ApiRequest, ident: str, created: int) -> web.StreamResponse:
         restarted = object()
@@ -476,6 +579,7 @@ def make_app(models: Callable[[], Awaitable[list[dict[str, Any]]]], asker: Asker
                 if text:
                     await send(text)
             result = task.result()  # raises the ask's error
+            _answered(request, result)
             await send(stops.flush() or None)
             await send(None, finish_reason(result.finish_reason, stops.stopped))
             if api.include_usage:
@@ -485,7 +589,9 @@ def make_app(models: Callable[[], Awaitable[list[dict[str, Any]]]], asker: Asker
         except GtorrentError as exc:
             if not started:
                 raise
-            await response.write(_sse(error_for(exc).body()))  # the status went out with the headers
+            error = error_for(exc)
+            _log_info(request)["error"] = error.code or error.kind
+            await response.write(_sse(error.body()))  # the status went out with the headers
         finally:
             if not task.done():  # the client went away, or the answer could not be streamed
                 task.cancel()
@@ -495,7 +601,10 @@ def make_app(models: Callable[[], Awaitable[list[dict[str, Any]]]], asker: Asker
         await response.write_eof()
         return response
 
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY_BYTES)
+    middlewares: list[Middleware] = [_errors, _auth]
+    if on_request is not None:
+        middlewares.insert(0, _logging(on_request))  # outermost: it sees the status the others settle on
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app.router.add_get("/v1/models", get_models)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
@@ -539,15 +648,18 @@ def app_runner(app: web.Application) -> web.AppRunner:
 
 
 async def serve_api(settings: NodeSettings, host: str, port: int, privacy: PrivacyOptions, api_key: str | None,
-                    on_ready: Callable[[str], None], stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (or `stop`); `on_ready` gets the base URL (`http://HOST:PORT/v1`)."""
+                    on_ready: Callable[[str], None], stop: asyncio.Event | None = None,
+                    on_request: Callable[[RequestLog], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (or `stop`); `on_ready` gets the base URL (`http://HOST:PORT/v1`),
+    `on_request` each request as it ends."""
     from .store import Store
     from .transport import new_context
 
     check_bind(host, api_key)
     store = Store.open(settings.home, None if settings.verifiers is None else set(settings.verifiers))
     ctx = new_context()
-    app = make_app(lambda: list_models(ctx, settings.trackers), run_ask(ctx, settings.trackers, store, privacy), api_key)
+    app = make_app(lambda: list_models(ctx, settings.trackers), run_ask(ctx, settings.trackers, store, privacy), api_key,
+                   on_request)
     runner = app_runner(app)
     await runner.setup()
     try:
@@ -574,9 +686,9 @@ async def serve_api(settings: NodeSettings, host: str, port: int, privacy: Priva
 
 
 def run_api(settings: NodeSettings, bind: str, privacy: PrivacyOptions, api_key: str | None,
-            on_ready: Callable[[str], None]) -> None:
+            on_ready: Callable[[str], None], on_request: Callable[[RequestLog], None] | None = None) -> None:
     host, port = parse_bind(bind)
     check_bind(host, api_key)
-    asyncio.run(serve_api(settings, host, port, privacy, api_key, on_ready))
+    asyncio.run(serve_api(settings, host, port, privacy, api_key, on_ready, on_request=on_request))
 
 

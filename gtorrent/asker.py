@@ -81,6 +81,9 @@ class AskRequest:
     top_p: float = 1.0
     seed: int | None = None
     chat: bool = False
+    # a conversation, (role, content) turns, in place of `prompt` (then empty) and rendered by the model's
+    # chat template (`chat` true); empty: the prompt (protocol `generate.messages`)
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,10 @@ class NoSeedError(GtorrentError):
     default_hint = "serve one with `gtorrent seed MODEL`, or list what is served with `gtorrent peers`"
 
 
+class UnknownModelError(NoSeedError):
+    """The model asked for is a name or id no seed in the swarm announces (`resolve_model`)."""
+
+
 class SeedFailed(GtorrentError):
     """The seed is at fault for an attempt. `reached`: False when no path or connection got to the
     seed at all (it may simply be down). `answered`: False when nothing of the seed's came back (a
@@ -211,6 +218,8 @@ def generate_body(request: AskRequest, model_id: str, request_id: str, forward: 
         "top_p": request.top_p,
         "chat": request.chat,
     }
+    if request.messages:
+        body["messages"] = [{"role": role, "content": content} for role, content in request.messages]
     if request.seed is not None:
         body["seed"] = request.seed
     elif request.temperature > 0:
@@ -222,22 +231,26 @@ def generate_body(request: AskRequest, model_id: str, request_id: str, forward: 
 
 def check_request(request: AskRequest) -> None:
     """Refuse locally what every seed would refuse, before blaming any seed for it."""
-    for what, text in (("prompt", request.prompt), ("model", request.model or "")):
+    texts = [("the prompt", request.prompt), ("the model", request.model or "")]
+    texts += [(f"message {index}", content) for index, (_, content) in enumerate(request.messages)]
+    for what, text in texts:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             # a lone surrogate (e.g. from undecodable bytes in argv) has no UTF-8 form: no seed can read it
             raise UsageError(
-                f"the {what} is not valid text: character {exc.start} is a lone surrogate "
+                f"{what} is not valid text: character {exc.start} is a lone surrogate "
                 f"({text[exc.start]!a})",
-                hint=f"remove that character from the {what}, or pass the text as UTF-8",
+                hint=f"remove that character from {what}, or pass the text as UTF-8",
             ) from None
-    if len(request.prompt) > MAX_PROMPT_CHARS:  # the one bound a user meets: named in its own words
-        raise UsageError(
-            f"the request is not valid: the prompt is {len(request.prompt)} characters; an ask carries at most "
-            f"{MAX_PROMPT_CHARS}",
-            hint="shorten the prompt (the model's context length, in tokens, bounds prompt + answer too)",
-        )
+    # the one bound a user meets: named in its own words
+    for what, size in (("the prompt", len(request.prompt)),
+                       ("the conversation", sum(len(content) for _, content in request.messages))):
+        if size > MAX_PROMPT_CHARS:
+            raise UsageError(
+                f"the request is not valid: {what} is {size} characters; an ask carries at most {MAX_PROMPT_CHARS}",
+                hint=f"shorten {what} (the model's context length, in tokens, bounds prompt + answer too)",
+            )
     try:
         decode(encode("generate", generate_body(request, "0" * 64, "0" * 16)))
     except ProtocolError as exc:
@@ -320,7 +333,7 @@ def resolve_model(seeds: list[PeerRecord], wanted: str | None, standing: Callabl
             matches = {mid for mid in by_id if wanted in names[mid]}
         if not matches:
             served = ", ".join(sorted({name for counter in names.values() for name in counter}))
-            raise NoSeedError(f"no seed serves model {wanted!r} (the swarm serves: {served})")
+            raise UnknownModelError(f"no seed serves model {wanted!r} (the swarm serves: {served})")
     support = {mid: _support(by_id[mid], standing) for mid in matches}
     ranked = sorted(matches, key=lambda mid: (-support[mid][0], -support[mid][1], -support[mid][2], mid))
     chosen = ranked[0]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .discovery import DEFAULT_TRACKER, TrackerClient, TrackerUnreachable, discover
 from .identity import load_or_create_identity
 from .paths import NODE_LOCK, TRACKER_LOCK, HomeLock, home_dir, lock_home, try_lock_home
+from .protocol import MAX_RECORD_TTL_S, PeerRecord
 from .routing import DEFAULT_MIN_RELAY_AGE_S, RelayRules
 from .transport import new_context
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # imported where used: a relay never loads SQLite tooling, a 
 
 DEFAULT_SEED_BIND = "tcp://127.0.0.1:0"
 PROBE_TIMEOUT_S = 1.0
+ANNOUNCE_SKEW_S = 60.0  # a record's seq may claim a time this far ahead of ours (clocks that run ahead)
 
 
 @dataclass
@@ -56,10 +58,57 @@ async def _until_signalled(stop: asyncio.Event | None = None) -> None:
     await stop.wait()
 
 
+async def _every(interval_s: float, report: Callable[[], None]) -> None:
+    """Call `report` every `interval_s` seconds until cancelled (a node's activity line)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        report()
+
+
 # ---------------------------------------------------------------------- tracker
 
+TRACKER_ROUND_S = 30.0  # = tracker.REANNOUNCE_INTERVAL_S: one round of re-announces per report
 
-def run_tracker(settings: NodeSettings, bind: str, on_ready: Callable[[TrackerService], None]) -> dict[str, int]:
+
+@dataclass(frozen=True)
+class TrackerRound:
+    """What a tracker did in one report interval (`gtorrent tracker`'s activity line)."""
+
+    announces: int  # announces accepted (new peers and refreshes)
+    refused: int  # announces refused (stale sequence, bad record, capacity, storage)
+    expired: int  # records forgotten by the expiry sweeps: their peers stopped re-announcing
+    peers: int  # records listed at the end of the interval
+    interval_s: float
+
+
+@dataclass
+class _TrackerTally:
+    announces: int = 0
+    refused: int = 0
+    expired: int = 0
+
+    def announced(self, accepted: int, refused: int) -> None:
+        self.announces += accepted
+        self.refused += refused
+
+    def swept(self, expired: int) -> None:
+        self.expired += expired
+
+    def take(self, peers: int, interval_s: float) -> TrackerRound | None:
+        """The round so far (None when nothing happened: a quiet tracker prints nothing), then zeroed."""
+        if not (self.announces or self.refused or self.expired):
+            return None
+        done = TrackerRound(self.announces, self.refused, self.expired, peers, interval_s)
+        self.announces = self.refused = self.expired = 0
+        return done
+
+
+def run_tracker(
+    settings: NodeSettings, bind: str, on_ready: Callable[[TrackerService], None], curve_port: int | None = None,
+    *, on_round: Callable[[TrackerRound], None] | None = None, round_s: float = TRACKER_ROUND_S,
+) -> dict[str, int]:
+    """`curve_port`: the CurveZMQ socket's port (None: the bind port + 1; 0: any free port; tracker.py).
+    `on_round`: called every `round_s` seconds in which announces arrived or records expired."""
     from .tracker import TrackerService
 
     lock = lock_home(settings.home, TRACKER_LOCK, "tracker")  # before tracker.db is opened: one writer
@@ -71,12 +120,24 @@ def run_tracker(settings: NodeSettings, bind: str, on_ready: Callable[[TrackerSe
         raise
 
     async def main() -> None:
-        service.bind(bind, settings.advertise)
+        service.bind(bind, settings.advertise, curve_port)
         serving = asyncio.create_task(service.serve())
         on_ready(service)
+        reporting: asyncio.Task[None] | None = None
+        if on_round is not None:
+            tally, report = _TrackerTally(), on_round
+            service.on_announced, service.on_expired = tally.announced, tally.swept
+
+            def tell() -> None:
+                if (done_round := tally.take(service.table.active_count(), round_s)) is not None:
+                    report(done_round)
+
+            reporting = asyncio.create_task(_every(round_s, tell))
         waiting = asyncio.create_task(_until_signalled())
         done, _ = await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
         serving.cancel()
+        if reporting is not None:
+            reporting.cancel()
         for task in done:
             if task is serving and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
@@ -103,6 +164,36 @@ class SeedEvents:
     group_changed: Callable[[str, bool], None] = lambda peer_id, joined: None  # a member joined or left
 
 
+class PortHold:
+    """A seed's listening address, bound before its model loads (a large model takes minutes to load and
+    hash) so that a port another process holds, or a bind address no peer can reach, fails at once.
+
+    It holds the address with a plain transport.Server in a context of its own (so a refused bind says
+    what the seed's would, with its hint) and lets go just before the seed binds
+    the same address (`url`: the address as bound, port 0 resolved to the port taken), so the window in
+    which another process could take the port is the few microseconds between the two."""
+
+    def __init__(self, url: str, advertise: str | None = None) -> None:
+        from .transport import Server
+
+        self._ctx: Any = new_context()
+        self._server: Any = Server(self._ctx, curve_secret=None, name="port-hold")
+        try:
+            endpoint = self._server.bind(url, advertise)  # Server.bind's checks, errors and hints
+            # the address to bind again: as given, with port 0 replaced by the port taken
+            self.url = f"{url.rsplit(':', 1)[0]}:{endpoint.rsplit(':', 1)[1]}"
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Close the socket; returns once the port is free (its context has let it go)."""
+        if self._ctx is not None:
+            self._server.close()
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+
 async def _tracker_alive(ctx: Any, url: str) -> bool:
     try:
         await TrackerClient(ctx, url, PROBE_TIMEOUT_S)._tracker_record()
@@ -121,11 +212,16 @@ def run_seed(
     events: SeedEvents,
     forwarding: str | None = None,
     kv_cache_mb: int | None = None,
+    held: PortHold | None = None,
 ) -> dict[str, int]:
     """Serve `model` (a loaded LanguageModel) until signalled.
 
     `forwarding`: the model group's routing policy (forwarding.POLICIES; None: the default, tree+lb);
-    `kv_cache_mb`: the prefix KV cache's budget in MiB (None: prefix_cache.DEFAULT_MAX_BYTES; 0: none)."""
+    `kv_cache_mb`: the prefix KV cache's budget in MiB (None: prefix_cache.DEFAULT_MAX_BYTES; 0: none);
+    `held`: `bind` held since before the model loaded (PortHold): the seed binds `held.url` instead,
+    released just before."""
+    if held is not None:
+        bind = held.url
     from .forwarding import DEFAULT_POLICY
     from .runtime.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
     from .seed import SeedService
@@ -154,9 +250,13 @@ def run_seed(
                     events.tracker_skipped(DEFAULT_TRACKER, tracker_lock)
                 else:
                     local_tracker = TrackerService(identity, settings.home / "tracker.db")
-                    local_tracker.bind(DEFAULT_TRACKER)
+                    # loopback only, found by its bootstrap port: any free CurveZMQ port (no firewall to
+                    # admit it, and a busy 7701 must not stop a seed that has no --curve-port)
+                    local_tracker.bind(DEFAULT_TRACKER, curve_port=0)
                     tasks.append(asyncio.create_task(local_tracker.serve()))
                     events.tracker_started(local_tracker.url)
+            if held is not None:
+                held.release()
             seed.bind(bind, settings.advertise)
             tasks.append(asyncio.create_task(seed.serve()))
             await seed.announce()
@@ -178,11 +278,47 @@ def run_seed(
             if isinstance(tracker_lock, HomeLock):
                 tracker_lock.release()
 
-    with lock_home(settings.home, NODE_LOCK, "seed"):  # one announcing node per identity
-        return asyncio.run(main())
+    try:
+        with lock_home(settings.home, NODE_LOCK, "seed"):  # one announcing node per identity
+            return asyncio.run(main())
+    finally:
+        if held is not None:
+            held.release()  # a failure before the seed bound must not keep the port
 
 
 # ---------------------------------------------------------------------- relay
+
+
+RELAY_REPORT_S = 10.0  # how often a busy relay says what it carried
+
+
+@dataclass(frozen=True)
+class RelayActivity:
+    """What a relay carried in one report interval (`gtorrent relay`'s activity line)."""
+
+    opened: int  # circuits created through this relay
+    closed: int  # circuits torn down (by either end, a failure or idleness)
+    open: int  # circuits open at the end of the interval
+    cells: int  # cells forwarded either way
+    dropped: int  # messages refused (malformed, replayed, rate-limited, unknown circuit)
+    interval_s: float
+
+    @staticmethod
+    def between(before: dict[str, int], after: dict[str, int], interval_s: float) -> RelayActivity | None:
+        """The activity between two samples of `relay_sample` (None when nothing moved)."""
+        opened = after["circuits"] - before["circuits"]
+        closed = opened - (after["open"] - before["open"])
+        cells, dropped = after["cells"] - before["cells"], after["dropped"] - before["dropped"]
+        if not (opened or closed or cells or dropped):
+            return None
+        return RelayActivity(opened, closed, after["open"], cells, dropped, interval_s)
+
+
+def relay_sample(relay: Any, server: Any) -> dict[str, int]:
+    """A relay's running totals (relay.RelayService and its transport.Server): circuits ever created,
+    circuits open now, cells forwarded, messages dropped."""
+    return {"circuits": relay.counters["circuits"], "open": len(relay.circuits), "cells": relay.counters["cells"],
+            "dropped": relay.counters["dropped"] + server.counters["dropped"]}
 
 
 @dataclass
@@ -190,9 +326,13 @@ class RelayEvents:
     ready: Callable[[Any], None] = lambda relay: None
     announced: Callable[[dict[str, str]], None] = lambda errors: None
     stopping: Callable[[], None] = lambda: None
+    activity: Callable[[RelayActivity], None] | None = None  # every report interval in which something moved
 
 
-def run_relay(settings: NodeSettings, *, bind: str, events: RelayEvents, idle_timeout_s: float = 120.0) -> dict[str, int]:
+def run_relay(
+    settings: NodeSettings, *, bind: str, events: RelayEvents, idle_timeout_s: float = 120.0,
+    report_s: float = RELAY_REPORT_S,
+) -> dict[str, int]:
     """Relay circuits until signalled. Never imports the model runtime."""
     from .relaynode import RelayNode
 
@@ -206,6 +346,17 @@ def run_relay(settings: NodeSettings, *, bind: str, events: RelayEvents, idle_ti
             node.bind(bind, settings.advertise)
             await node.start()
             events.ready((identity, node.server, node.relay))
+            if (on_activity := events.activity) is not None:
+                last = relay_sample(node.relay, node.server)
+
+                def tell() -> None:
+                    nonlocal last
+                    now = relay_sample(node.relay, node.server)
+                    if (moved := RelayActivity.between(last, now, report_s)) is not None:
+                        on_activity(moved)
+                    last = now
+
+                node.tasks.append(asyncio.create_task(_every(report_s, tell)))  # cancelled by stop/close
             await _until_signalled()
             events.stopping()
             await node.stop()
@@ -289,9 +440,22 @@ class PeerRow:
     # share of prompt tokens the seed served from its prefix cache lately (its record's load "cache_hit",
     # the seed's word); None: not listed now, or no valid value (a number in 0..1)
     cache_hit: float | None = None
+    # when the peer signed its latest record known here (`announced_at`); None: its seq is no timestamp
+    announced: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {**self.__dict__}
+
+
+def announced_at(record: PeerRecord, now: float) -> float | None:
+    """When `record` was announced, read from its `seq` (gtorrent signs milliseconds since the epoch,
+    docs/PROTOCOL.md), or None when that reading is implausible: before the record's expiry minus the
+    longest TTL a tracker accepts, or ahead of `now` by more than a clock's skew. The peer's own word,
+    for display only (a peer can claim an older time, never a newer one than `now`)."""
+    issued = record.seq / 1000.0
+    if not record.expires - MAX_RECORD_TTL_S - ANNOUNCE_SKEW_S <= issued <= now + ANNOUNCE_SKEW_S:
+        return None
+    return min(issued, now)
 
 
 async def peer_rows(ctx: Any, trackers: list[str], store: Store, model: str | None = None) -> tuple[list[PeerRow], dict[str, str]]:
@@ -336,6 +500,7 @@ async def peer_rows(ctx: Any, trackers: list[str], store: Store, model: str | No
                 verifiers_agreed=0 if last is None else last.agreed,
                 verdicts=verdicts,
                 cache_hit=hit if peer_id in online and 0.0 <= (hit := record.load.get("cache_hit", -1.0)) <= 1.0 else None,
+                announced=announced_at(record, now),
             )
         )
     # online first, then trusted, unverified, untrusted, each by reputation

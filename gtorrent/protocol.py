@@ -36,6 +36,10 @@ ROLES = frozenset({"seed", "relay", "verifier", "tracker"})
 MAX_MODELS_PER_RECORD = 8
 MAX_RECORD_BYTES = 4096  # canonical size of one signed record; keeps query answers bounded
 MAX_PROMPT_CHARS = 64 * 1024
+# a generate's `messages` (a conversation the seed renders with the model's chat template): at most this
+# many turns, their contents MAX_PROMPT_CHARS in all, as a prompt's
+MAX_CHAT_MESSAGES = 256
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
 MAX_TOKEN_IDS_PER_MESSAGE = 4096  # ids in one `token` message (~40 KiB of JSON at most)
 MAX_ADMITTED_VERIFIERS = 64  # verifiers a tracker may name in its `hello_ok`
 MAX_VERDICTS_PER_ANSWER = 256  # verdicts in one `peers` answer (each ~0.5 KiB; the tracker's budget is smaller)
@@ -100,6 +104,8 @@ def decode(frames: list[bytes], expected: frozenset[str] | None = None) -> Messa
     if expected is not None and kind not in expected:
         raise ProtocolError(f"unexpected message type {kind!r}")
     _check_schema(kind, body)
+    if kind == "generate" and "messages" in body:
+        _check_messages(body)
     return Message(kind, body, tuple(frames[1:]))
 
 
@@ -160,6 +166,28 @@ def _check_value(where: str, value: Any, spec: Field) -> None:
             _check_value(f"{where}[{index}]", item, spec.items)
 
 
+def _check_messages(body: dict[str, Any]) -> None:
+    """A generate's conversation: turns of exactly {role, content}, a known role, text content within
+    MAX_PROMPT_CHARS in all; it replaces the prompt, so `prompt` is empty and `chat` true."""
+    messages = body["messages"]
+    if not messages:
+        raise ProtocolError("generate.messages: empty")
+    total = 0
+    for index, message in enumerate(messages):
+        where = f"generate.messages[{index}]"
+        if set(message) != {"role", "content"}:
+            raise ProtocolError(f"{where}: fields must be exactly role and content")
+        if not isinstance(message["role"], str) or message["role"] not in CHAT_ROLES:
+            raise ProtocolError(f"{where}.role: not one of {', '.join(sorted(CHAT_ROLES))}")
+        if not isinstance(message["content"], str):
+            raise ProtocolError(f"{where}.content: expected str")
+        total += len(message["content"])
+    if total > MAX_PROMPT_CHARS:
+        raise ProtocolError(f"generate.messages: contents longer than {MAX_PROMPT_CHARS} in all")
+    if body["prompt"] != "" or body.get("chat") is not True:
+        raise ProtocolError("generate.messages: needs an empty prompt and chat true")
+
+
 NUMBER = (int, float)
 ID = Field(str, max_len=64)
 MAX_GROUP_SUMMARY_CHARS = 44_000  # b64 of 2,062 16-byte digests (43,992): a group_state stays under 45 KiB
@@ -217,6 +245,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "top_p": Field(NUMBER, minimum=0, maximum=1),
         "seed": Field(int, required=False, minimum=0, maximum=(1 << 63) - 1),
         "chat": Field(bool, required=False),
+        # a conversation in place of the prompt ({role, content} turns, _check_messages), rendered by the
+        # model's chat template; absent: `prompt`, as one user turn when `chat`
+        "messages": Field(list, required=False, max_len=MAX_CHAT_MESSAGES, items=Field(dict, max_len=2)),
         # false: the seed serves the request itself, never passing it to its model group (an asker that
         # refused the signer of a forwarded answer asks the entry again so, asker.SignerRefused)
         "forward": Field(bool, required=False),

@@ -141,6 +141,7 @@ class ServedRequest:
     total_s: float  # from its arrival here to its end
     forwarded_to: str | None = None  # the group member that generated it (this seed was the entry)
     forwarded_by: str | None = None  # the entry that forwarded it here
+    mode: str = "direct"  # how its asker sent it: "direct" (the seed sees who asks) or "private" (circuits)
 
 
 class Responder:
@@ -154,6 +155,7 @@ class Responder:
     gone = False  # the asker can no longer be reached: stop generating for it
 
     forwarded_by: str | None = None  # a `forward`'s responder: the entry that sent it (ForwardResponder)
+    mode = "direct"  # how the asker sent the request: "direct" or "private" (ServedRequest.mode)
     arrived = 0.0  # perf_counter when the request reached this seed (its LB factor's latency starts)
 
     def __init__(self, request: bytes) -> None:
@@ -206,11 +208,21 @@ class ForwardResponder(DirectResponder):
     """The target's side of a `forward`: answers the entry like a direct asker, under the forward's id,
     and signs the transcript over the ORIGINAL request bytes the entry sent."""
 
-    def __init__(self, reply: Reply, forward_id: str, request: bytes, entry: str) -> None:
+    def __init__(self, reply: Reply, forward_id: str, request: bytes, entry: str, mode: str = "direct") -> None:
         Responder.__init__(self, request)
         self.reply, self.request_id, self.count = reply, forward_id, 0
         self.was_accepted = False
         self.forwarded_by = entry
+        self.mode = mode  # the original asker's, as the entry's signed `forward` says
+
+
+def prompt_ids(model: LanguageModel, request: dict[str, Any]) -> list[int]:
+    """The prompt's token ids of a generate request: its `messages` rendered by the model's chat
+    template, else its `prompt` (one user turn when `chat`). A verifier's replay renders the same."""
+    messages = request.get("messages")
+    if messages is not None:
+        return model.encode_messages(messages)
+    return model.encode(str(request["prompt"]), chat=bool(request.get("chat", False)))
 
 
 def parse_private_request(request_bytes: bytes) -> tuple[dict[str, Any], bytes]:
@@ -243,6 +255,7 @@ class PrivateResponder(Responder):
     """Seals each chunk with the asker's reply key and spreads it over the ask's paths (any k suffice)."""
 
     max_chunk_chars = MAX_PRIVATE_CHUNK_CHARS
+    mode = "private"
 
     def __init__(self, seed: SeedService, ask: PrivateAsk, reply_key: bytes, request: bytes, n: int, k: int) -> None:
         super().__init__(request)
@@ -446,7 +459,7 @@ class SeedService:
         if not self.serves(str(request.get("model", ""))):
             return None
         try:
-            ids = await asyncio.to_thread(self.model.encode, str(request["prompt"]), chat=bool(request.get("chat", False)))
+            ids = await asyncio.to_thread(prompt_ids, self.model, request)
         except (GtorrentError, KeyError):
             return None  # serve_request says what is wrong with it
         digests = chunk_hashes(ids)[: max(len(ids) - 1, 0) // CHUNK_TOKENS]  # as the runtime looks them up
@@ -593,7 +606,8 @@ class SeedService:
         await responder.done(info)
         self.counters["forwarded"] += 1
         self.on_served(ServedRequest(len(ids), int(message.get("cached", 0)), int(message.get("prompt_tokens", 0)),
-                                     time.perf_counter() - responder.arrived, forwarded_to=target))
+                                     time.perf_counter() - responder.arrived, forwarded_to=target,
+                                     mode=responder.mode))
         return True, True
 
     async def handle_forward(self, reply: Reply, message: Message) -> None:
@@ -629,7 +643,7 @@ class SeedService:
                                        "id": forward_id})
             return
         self.counters["forwards_served"] += 1
-        await self.serve_request(request, ForwardResponder(reply, forward_id, data, member.peer_id))
+        await self.serve_request(request, ForwardResponder(reply, forward_id, data, member.peer_id, message["mode"]))
 
     # ------------------------------------------------------------------ serving
 
@@ -695,8 +709,10 @@ class SeedService:
 
         def work() -> GenerationResult:
             try:
+                # a conversation (`messages`) goes in as its rendered ids; a prompt as today
+                prompt = prompt_ids(self.model, request) if "messages" in request else request["prompt"]
                 return self.model.generate(
-                    request["prompt"], params, chat=bool(request.get("chat", False)), on_text=on_text,
+                    prompt, params, chat=bool(request.get("chat", False)), on_text=on_text,
                     should_stop=stop.is_set, on_token=on_token,
                 )
             finally:
@@ -752,7 +768,7 @@ class SeedService:
         total_s = time.perf_counter() - responder.arrived
         self.lb.add(total_s)  # end to end at this seed: queueing, prefill and decoding
         self.on_served(ServedRequest(result.tokens, result.cached_tokens, result.prompt_tokens, total_s,
-                                     forwarded_by=responder.forwarded_by))
+                                     forwarded_by=responder.forwarded_by, mode=responder.mode))
 
     # ------------------------------------------------------------------ private asks (circuit terminal)
 

@@ -36,7 +36,8 @@ Rules (`TrackerTable`, pure over an injected clock):
 Ports: the tracker's protocol runs over CurveZMQ like every link, but a client given only
 `tcp://host:port` cannot know the tracker's key yet. So the URL's port is a plain bootstrap socket that
 answers `hello` with the tracker's own signed record, whose endpoint is the CurveZMQ port; a URL of the
-form `tcp://host:port#PEER_ID` pins the tracker's identity.
+form `tcp://host:port#PEER_ID` pins the tracker's identity. The CurveZMQ port is the bootstrap port + 1
+unless chosen (`--curve-port`; 0: any free port), so a firewall can admit both before the tracker starts.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from .errors import UsageError
 from .identity import Identity
 from .paths import create_private, ensure_private_dir
 from .pow import MAX_POW_BITS, work
@@ -77,7 +79,7 @@ from .protocol import (
     Verdict,
     VerdictKey,
 )
-from .transport import Reply, Server, new_context
+from .transport import Reply, Server, check_endpoint, new_context
 
 log = logging.getLogger(__name__)
 
@@ -795,6 +797,24 @@ class TrackerDatabase:
         self.db.close()
 
 
+def curve_port_for(bootstrap_port: int, curve_port: int | None) -> int:
+    """The port of the tracker's CurveZMQ socket: `curve_port` when given (0: any free port), else the
+    bootstrap port + 1 (any free port when the bootstrap port is itself 0: "any")."""
+    if curve_port is None:
+        if bootstrap_port == 0:
+            return 0
+        if bootstrap_port == 65535:
+            raise UsageError("the tracker's CurveZMQ port defaults to the bootstrap port + 1, and 65535 has none",
+                             hint="pass --curve-port PORT, or bind a lower port")
+        return bootstrap_port + 1
+    if not 0 <= curve_port <= 65535:
+        raise UsageError(f"invalid CurveZMQ port {curve_port}", hint="pass --curve-port 0 to 65535 (0: any free port)")
+    if curve_port != 0 and curve_port == bootstrap_port:
+        raise UsageError(f"--curve-port {curve_port} is the bootstrap port too",
+                         hint="the tracker needs two ports: pass another --curve-port (default: the --bind port + 1)")
+    return curve_port
+
+
 class TrackerService:
     """The tracker's two sockets (plain bootstrap + CurveZMQ) over a persisted TrackerTable."""
 
@@ -827,12 +847,28 @@ class TrackerService:
         self.server = Server(self.ctx, curve_secret=identity.curve_secret, name="tracker")
         self.url = ""
         self._record: PeerRecord | None = None
+        # activity, for the tracker's own report (node.run_tracker): (accepted, refused) per announce
+        # burst, and the records each expiry sweep forgot (not re-announced before they expired)
+        self.on_announced: Callable[[int, int], None] = lambda accepted, refused: None
+        self.on_expired: Callable[[int], None] = lambda expired: None
 
-    def bind(self, url: str, advertise: str | None = None) -> str:
-        """Bind the bootstrap socket at `url` and the CurveZMQ socket on a free port of the same host."""
+    def bind(self, url: str, advertise: str | None = None, curve_port: int | None = None) -> str:
+        """Bind the bootstrap socket at `url` and the CurveZMQ socket on `curve_port` of the same host.
+
+        `curve_port` None: the bootstrap port + 1 (`curve_port_for`), so that both ports of a tracker
+        are known before it starts and a firewall can admit them; 0: any free port."""
+        check_endpoint(url, "bind address")
+        host, port = url.rsplit(":", 1)
+        chosen = curve_port_for(int(port), curve_port)
         self.url = self.bootstrap.bind(url, advertise)
-        host = url.rsplit(":", 1)[0]
-        self.server.bind(f"{host}:0", advertise)
+        try:
+            self.server.bind(f"{host}:{chosen}", advertise)
+        except UsageError as exc:  # the host and --advertise passed with the bootstrap socket: the port failed
+            raise UsageError(
+                f"{exc.message}, the tracker's CurveZMQ port (its bootstrap port is {self.url.rsplit(':', 1)[1]})",
+                hint="pass --curve-port PORT with another free port (0: any free port, which a firewall cannot "
+                "admit in advance)",
+            ) from exc
         return self.url
 
     @property
@@ -971,6 +1007,8 @@ class TrackerService:
             answers = [(reply, "error", refused) if kind == "announce_ok" else (reply, kind, body)
                        for reply, kind, body in answers]
         peers = self.table.active_count()
+        accepted = sum(1 for _, kind, _ in answers if kind == "announce_ok")
+        self.on_announced(accepted, len(answers) - accepted)
         for reply, kind, body in answers:
             if kind == "announce_ok":
                 body = {"interval_s": REANNOUNCE_INTERVAL_S, "peers": peers}
@@ -992,7 +1030,9 @@ class TrackerService:
 
     def sweep(self) -> None:
         """Forget expired entries and save what is unsaved; a failed save is logged and retried later."""
+        live = self.table.live
         self.table.expire()
+        self.on_expired(live - self.table.live)  # records that lapsed (withdrawn peers' tombstones not counted)
         self.verdicts.expire()
         if self.database is not None and (self.verdicts.dirty or self.verdicts.dirty_proofs):
             try:

@@ -391,7 +391,11 @@ def score_transcript(model: LanguageModel, request: dict[str, Any], text: str, t
                      finish_reason: str) -> AnswerScore:
     """Score one answer to a challenge request (the JSON the seed received) against `model`."""
     sampling = SamplingParams(float(request["temperature"]), int(request["top_k"]), float(request["top_p"]))
-    prompt_ids = model.encode(str(request["prompt"]), chat=bool(request.get("chat", False)))
+    messages = request.get("messages")  # a conversation in place of the prompt, as the seed renders it
+    if messages is not None:
+        prompt_ids = model.encode_messages(messages)
+    else:
+        prompt_ids = model.encode(str(request["prompt"]), chat=bool(request.get("chat", False)))
     seed = request.get("seed")
     score = score_answer(model, prompt_ids, token_ids, sampling, finish_reason=finish_reason,
                          seed=seed if type(seed) is int else None, max_tokens=int(request["max_tokens"]))

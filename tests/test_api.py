@@ -15,24 +15,28 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from gtorrent_cli.api import request_event, request_line
 
 from gtorrent.api import (
     ApiError,
     ReplayGuard,
+    RequestLog,
     StopFilter,
     app_runner,
     chat_request,
     check_bind,
     completion_request,
     cut_at_stop,
+    error_for,
     finish_reason,
     make_app,
     parse_bind,
     serve_api,
 )
-from gtorrent.asker import AskEvents, AskRequest, AskResult
+from gtorrent.asker import AskEvents, AskRequest, AskResult, NoSeedError, UnknownModelError
 from gtorrent.errors import UsageError
 from gtorrent.node import NodeSettings, PrivacyOptions
+from gtorrent.protocol import MAX_CHAT_MESSAGES, MAX_PROMPT_CHARS
 from gtorrent.runtime import GenerationParams
 
 from .procs import Proc, start_seed, start_tracker
@@ -275,11 +279,12 @@ async def test_a_restarted_ask_never_streams_text_twice(again: str, expected_tex
 class FakeApi:
     """`make_app` over a given asker, under `app_runner`, on 127.0.0.1:0."""
 
-    def __init__(self, asker: Callable[[AskRequest, AskEvents], Awaitable[AskResult]]) -> None:
+    def __init__(self, asker: Callable[[AskRequest, AskEvents], Awaitable[AskResult]],
+                 on_request: Callable[[RequestLog], None] | None = None) -> None:
         async def no_models() -> list[dict[str, Any]]:
             return []
 
-        self.runner = app_runner(make_app(no_models, asker, None))
+        self.runner = app_runner(make_app(no_models, asker, None, on_request))
 
     async def __aenter__(self) -> str:
         await self.runner.setup()
@@ -290,24 +295,225 @@ class FakeApi:
         await self.runner.cleanup()
 
 
+# ---------------------------------------------------------------------- conversations
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one short sentence."},
+    {"role": "user", "content": "What is a list?"},
+    {"role": "assistant", "content": "A list holds items in order."},
+    {"role": "user", "content": [{"type": "text", "text": "And a "}, {"type": "text", "text": "tuple?"}]},
+]
+RENDERED = [{"role": "system", "content": "You answer in one short sentence."},
+            {"role": "user", "content": "What is a list?"},
+            {"role": "assistant", "content": "A list holds items in order."},
+            {"role": "user", "content": "And a tuple?"}]
+
+
+async def test_a_multi_turn_chat_is_the_local_generation_of_the_conversation(swarm: Swarm, api: Any) -> None:
+    """System, user and assistant turns reach the seed whole: the answer is the local generation of
+    the conversation rendered by the model's template, streamed or not, with its prompt tokens."""
+    await swarm.start(relays=0)
+    url = await api()
+    openai_client = client(url)
+    reply = await openai_client.chat.completions.create(
+        model=swarm.model.name, messages=CONVERSATION, max_tokens=10)  # type: ignore[arg-type]
+    ids = swarm.model.encode_messages(RENDERED)
+    local = swarm.model.generate(ids, GenerationParams(max_tokens=10))
+    assert reply.choices[0].message.content == local.text
+    assert reply.usage is not None and reply.usage.prompt_tokens == len(ids) == local.prompt_tokens
+    # the system turn is part of what the seed rendered: without it the answer's prompt is shorter
+    assert swarm.model.encode_messages(RENDERED[1:]) != ids
+    chunks = [c async for c in await openai_client.chat.completions.create(
+        model=swarm.model.name, messages=CONVERSATION, max_tokens=10, stream=True)]  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == local.text
+
+
+async def test_malformed_chat_messages_are_400_naming_messages() -> None:
+    """Refused at the API before any ask: roles the swarm cannot render, too many turns, too much
+    text, content that is not text."""
+    async def never(request: AskRequest, events: AskEvents) -> AskResult:
+        raise AssertionError(f"asked {request}")
+
+    user = {"role": "user", "content": "Hi"}
+    cases = [
+        [{"role": "tool", "content": "x", "tool_call_id": "1"}, user],
+        [{"role": "function", "name": "f", "content": "x"}, user],
+        [{"role": "wizard", "content": "x"}],
+        [{"content": "x"}],
+        [user] * (MAX_CHAT_MESSAGES + 1),
+        [{"role": "system", "content": "x" * MAX_PROMPT_CHARS}, user],
+        [{"role": "user", "content": 5}],
+        [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, user],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+        [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+        "Hi",
+        [],
+    ]
+    async with FakeApi(never) as url, aiohttp.ClientSession() as session:
+        for messages in cases:
+            async with session.post(f"{url}/chat/completions", json={"model": "m", "messages": messages}) as response:
+                assert response.status == 400, messages
+                error = (await response.json())["error"]
+                assert error["param"] == "messages" and error["type"] == "invalid_request_error", error
+    with pytest.raises(ApiError, match=r'"image_url"'):  # the part type refused is named
+        chat_request({"model": "m", "messages": cases[8]})
+
+
+def test_chat_request_mapping_of_conversations() -> None:
+    """One user message is a chat prompt (any seed renders it as one user turn); anything else goes as
+    `messages`, developer messages as system ones; the generate carries them."""
+    from gtorrent.asker import generate_body
+
+    one = chat_request({"model": "m", "messages": [{"role": "user", "content": "Hi"}]}).ask
+    assert (one.prompt, one.chat, one.messages) == ("Hi", True, ())
+    assert "messages" not in generate_body(one, "0" * 64, "r")
+    many = chat_request({"model": "m", "messages": [{"role": "developer", "content": "Be brief."},
+                                                    {"role": "user", "content": "Hi"}]}).ask
+    assert (many.prompt, many.chat, many.messages) == ("", True, (("system", "Be brief."), ("user", "Hi")))
+    assert generate_body(many, "0" * 64, "r")["messages"] == [{"role": "system", "content": "Be brief."},
+                                                             {"role": "user", "content": "Hi"}]
+    alone = chat_request({"model": "m", "messages": [{"role": "assistant", "content": "Hi"}]}).ask
+    assert alone.messages == (("assistant", "Hi"),)  # not a user turn: sent as it is
+
+
+def test_an_unknown_model_is_told_by_its_type() -> None:
+    """UnknownModelError (asker.resolve_model) is 404 whatever its wording; other NoSeedErrors are 503."""
+    assert error_for(UnknownModelError("any words")).status == 404
+    assert error_for(UnknownModelError("any words")).code == "model_not_found"
+    assert error_for(NoSeedError("no seed serves model 'x' (said differently)")).status == 503
+    from gtorrent.asker import resolve_model
+
+    with pytest.raises(UnknownModelError):
+        resolve_model([record_serving("demo")], "other", lambda _: None)  # type: ignore[arg-type,return-value]
+
+
+def record_serving(name: str) -> Any:
+    import time
+
+    from gtorrent.identity import Identity
+    from gtorrent.protocol import ModelInfo, PeerRecord
+
+    return PeerRecord.sign(Identity.generate(), endpoint="tcp://127.0.0.1:5000", roles=("seed",),
+                           models=(ModelInfo("ab" * 32, name, 512),), load={}, seq=1, expires=time.time() + 60)
+
+
+# ---------------------------------------------------------------------- request log
+
+
+async def test_each_request_is_logged_once_with_its_outcome() -> None:
+    """`on_request` hears of every request as it ends: answered (model, tokens, status), refused (the
+    error's code), streamed, unknown routes, and a client that went away (499)."""
+    logs: list[RequestLog] = []
+    asked, five = asyncio.Event(), asyncio.Event()
+
+    def on_request(log: RequestLog) -> None:
+        logs.append(log)
+        if len(logs) == 5:
+            five.set()
+
+    async def asker(request: AskRequest, events: AskEvents) -> AskResult:
+        if request.prompt == "wait":
+            assert events.on_text is not None
+            events.on_text("x")
+            asked.set()
+            await asyncio.Event().wait()
+        if events.on_text is not None:
+            events.on_text("Hi")
+        return AskResult("Hi", 2, "s" * 64, "m" * 64, "eos", 0.1, 0.2, 1, prompt_tokens=5)
+
+    async with FakeApi(asker, on_request) as url, aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/completions", json={"model": "demo\x1b[2J", "prompt": "p"}) as response:
+            assert response.status == 200
+        async with session.post(f"{url}/completions", json={"model": "demo", "prompt": "p", "stream": True}) as response:
+            assert (await response.text()).endswith("data: [DONE]\n\n")
+        async with session.post(f"{url}/completions", json={"model": "demo", "prompt": 5}) as response:
+            assert response.status == 400
+        async with session.get(f"{url}/nowhere") as response:
+            assert response.status == 404
+        response = await session.post(f"{url}/completions", json={"model": "demo", "prompt": "wait", "stream": True})
+        await asyncio.wait_for(asked.wait(), 10)
+        response.close()
+        await asyncio.wait_for(five.wait(), 10)
+    answered, streamed, refused, missing, gone = logs
+    assert (answered.method, answered.path, answered.status, answered.model) == ("POST", "/v1/completions", 200,
+                                                                                 "demo\x1b[2J")
+    assert (answered.prompt_tokens, answered.completion_tokens, answered.model_id) == (5, 2, "m" * 64)
+    assert answered.error is None and not answered.stream and answered.seconds >= 0
+    assert streamed.stream and streamed.status == 200 and streamed.completion_tokens == 2
+    assert (refused.status, refused.error, refused.completion_tokens) == (400, "invalid_value", None)
+    assert (missing.status, missing.path, missing.error) == (404, "/v1/nowhere", "not_found")
+    assert (gone.status, gone.error) == (499, "client_disconnected")
+
+
+def test_the_request_line_shows_client_strings_as_data() -> None:
+    """The human line (rich markup) escapes markup and drops terminal controls from what the client sent;
+    the JSON event keeps the strings exactly, as ASCII."""
+    hostile = RequestLog("POST", "/v1/[bold]x\x1b[2J", 200, 0.25, model="[red]m\x1b]0;t\x07", stream=True,
+                         prompt_tokens=5, completion_tokens=2)
+    line = request_line(hostile)
+    from rich.console import Console
+
+    console = Console(record=True, width=200, color_system=None)
+    console.print(line)
+    shown = console.export_text()
+    assert "[bold]x" in shown and "[red]m" in shown and "\x1b" not in shown and "\x07" not in shown
+    assert "200 POST" in shown and "5 prompt + 2 answer tokens" in shown and "(stream)" in shown
+    event = request_event(hostile)
+    assert event["model"] == hostile.model and event["path"] == hostile.path and event["status"] == 200
+    refused = request_line(RequestLog("POST", "/v1/chat/completions", 404, 0.01, model="nope", error="model_not_found"))
+    assert "404 POST /v1/chat/completions" in refused and "model_not_found" in refused
+
+
 # ---------------------------------------------------------------------- the command
 
 
 @pytest.mark.timeout(120)
 def test_gtorrent_api_serves_the_openai_client(tmp_path: Path) -> None:
+    """The command, with its request log: a line per request on stderr, `--json` one JSON event per line
+    on stdout, `-q` none."""
     tracker, url = start_tracker(tmp_path / "t")
-    seed = api = None
+    seed = api = json_api = quiet = None
     try:
         seed, _ = start_seed(tmp_path / "s", [url])
         api = Proc(["api", "--bind", "127.0.0.1:0", "--tracker", url, "--direct"], tmp_path / "a")
         base = api.wait_for(r"api on (http://\S+)").group(1)
         sync = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60)
         [model] = sync.models.list().data
+        api.wait_for(r"^\d\d:\d\d:\d\d 200 GET /v1/models · ")  # NodeLog's activity lines: local time first
         reply = sync.completions.create(model=model.id, prompt=PROMPT, max_tokens=8)
         assert reply.choices[0].text and reply.usage is not None and reply.usage.completion_tokens == 8
+        line = api.wait_for(r"^\d\d:\d\d:\d\d 200 POST /v1/completions · model (\w+) · (\d+) prompt \+ 8 answer tokens · ")
+        assert line.group(1) == model.id and int(line.group(2)) == reply.usage.prompt_tokens
         assert api.terminate() == 0
+
+        json_api = Proc(["api", "--bind", "127.0.0.1:0", "--tracker", url, "--direct", "--json"], tmp_path / "j")
+        base = json_api.wait_for(r"api on (http://\S+)").group(1)
+        sync = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.NotFoundError):
+            sync.chat.completions.create(model="nope\u202e", messages=[{"role": "user", "content": "hi"}])
+        sync.completions.create(model=model.id, prompt=PROMPT, max_tokens=4)
+        assert json_api.terminate() == 0
+        assert json_api.popen.stdout is not None
+        raw = json_api.popen.stdout.read()
+        assert raw.isascii()
+        ready, refused, answered, stopped = [json.loads(line) for line in raw.splitlines()]
+        assert (ready["event"], ready["url"], ready["mode"], stopped["event"]) == ("ready", base, "direct", "stopped")
+        assert refused["event"] == "request" and refused["status"] == 404 and refused["model"] == "nope\u202e"
+        assert refused["error"] == "model_not_found" and refused["path"] == "/v1/chat/completions"
+        assert answered["status"] == 200 and answered["completion_tokens"] == 4 and answered["model_id"] == model.id
+        assert answered["method"] == "POST" and answered["error"] is None and answered["seconds"] > 0
+
+        quiet = Proc(["api", "--bind", "127.0.0.1:0", "--tracker", url, "--direct", "-q"], tmp_path / "q")
+        base = quiet.wait_for(r"api on (http://\S+)").group(1)
+        openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60).models.list()
+        assert quiet.terminate() == 0
+        assert quiet.popen.stderr is not None and quiet.popen.stdout is not None
+        rest = list(iter(quiet.lines.get, None))  # to the end of its stderr
+        assert not [line for line in rest if "/v1/" in line] and quiet.popen.stdout.read() == ""
+        assert any("api stopped" in line for line in rest)
     finally:
-        for proc in (api, seed, tracker):
+        for proc in (api, json_api, quiet, seed, tracker):
             if proc is not None:
                 proc.kill()
 
@@ -377,7 +583,7 @@ def test_request_mapping() -> None:
     defaults = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "n": 1, "logprobs": False}
     assert completion_request({"model": "m", "prompt": "p", **defaults}).ask == AskRequest("p", "m")
     for bad, param in [
-        ({"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}, "messages"),
+        ({"model": "m", "messages": [{"role": "tool", "content": "s"}, {"role": "user", "content": "u"}]}, "messages"),
         ({"model": "m", "messages": [{"role": "user", "content": "u"}], "n": 2}, "n"),
         ({"model": "m", "messages": [{"role": "user", "content": "u"}], "top_p": 0}, "top_p"),
         ({"model": "m", "messages": [{"role": "user", "content": "u"}], "seed": True}, "seed"),

@@ -192,3 +192,59 @@ def test_a_generate_whose_forward_field_is_not_a_boolean_is_refused(value: objec
     assert decode([json.dumps(valid).encode()]).kind == "generate"  # the frame as sent, re-encoded here
     with pytest.raises(ProtocolError):
         decode([json.dumps({**valid, "forward": value}).encode()])
+
+
+GENERATE = {"id": "x", "model": "m", "prompt": "", "max_tokens": 1, "temperature": 0, "top_k": 0, "top_p": 1,
+            "chat": True}
+
+
+def test_a_generate_carries_a_conversation_as_messages() -> None:
+    """`messages` (system, user and assistant turns) in place of the prompt: kept as sent, and a part
+    of the canonical request bytes a seed signs (garlic.direct_request_bytes)."""
+    from gtorrent.garlic import direct_request_bytes
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": ""}]
+    message = decode(encode("generate", {**GENERATE, "messages": turns}))
+    assert message.body["messages"] == turns
+    assert direct_request_bytes(message.body) != direct_request_bytes({**message.body, "messages": turns[1:]})
+    assert "messages" not in decode(encode("generate", {**GENERATE, "prompt": "p"})).body  # absent: as before
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"messages": []},
+        {"messages": "Hi"},
+        {"messages": [["user", "Hi"]]},
+        {"messages": [{"role": "tool", "content": "Hi"}]},
+        {"messages": [{"role": "developer", "content": "Hi"}]},  # the API maps it to system; the wire has none
+        {"messages": [{"role": 1, "content": "Hi"}]},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": [{"role": "user", "content": None}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]},
+        {"messages": [{"role": "user"}]},
+        {"messages": [{"role": "user", "content": "Hi", "name": "x"}]},
+        {"messages": [{"role": "user", "content": "Hi"}] * 257},
+        {"messages": [{"role": "user", "content": "x" * 40_000}, {"role": "user", "content": "x" * 30_000}]},
+        {"messages": [{"role": "user", "content": "Hi"}], "prompt": "p"},  # one prompt or the other
+        {"messages": [{"role": "user", "content": "Hi"}], "chat": False},
+        {"messages": [{"role": "user", "content": "Hi"}], "chat": None},
+    ],
+)
+def test_a_generate_with_malformed_messages_is_refused(changes: dict[str, object]) -> None:
+    """As a seed decodes a direct request, and a private ask's combined request bytes
+    (seed.parse_private_request): refused as malformed, before any rendering."""
+    from gtorrent.seed import parse_private_request
+
+    body = {**GENERATE, **changes}
+    if body["chat"] is None:
+        del body["chat"]
+    with pytest.raises(ProtocolError):
+        decode([json.dumps({"v": PROTOCOL_VERSION, "t": "generate", **body}).encode()])
+    private = {k: v for k, v in body.items() if k != "id"}
+    with pytest.raises(ProtocolError):
+        parse_private_request(json.dumps({**private, "reply_key": b64(bytes(32))}).encode())
+    good = {k: v for k, v in GENERATE.items() if k != "id"}
+    assert parse_private_request(json.dumps({**good, "messages": [{"role": "user", "content": "Hi"}],
+                                             "reply_key": b64(bytes(32))}).encode())[0]["messages"]

@@ -61,7 +61,9 @@ class Running:
 
 async def start(db: Path | None = None, identity: Identity | None = None, bind: str = "tcp://127.0.0.1:0", **options: Any) -> Running:
     service = TrackerService(identity or Identity.generate(), db, **options)
-    service.bind(bind)
+    # any free CurveZMQ port: a restart on a known bootstrap port would otherwise take that port + 1, which
+    # another test's socket may hold (test_tracker_ports covers the default)
+    service.bind(bind, curve_port=0)
     return Running(service, asyncio.create_task(service.serve()))
 
 

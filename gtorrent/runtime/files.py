@@ -11,7 +11,8 @@ A model is one folder in either of two layouts, MODEL naming the `.onnx` file or
 The model id is SHA-256 over a canonical manifest of those files (name, size, SHA-256 of the bytes),
 so two peers with byte-identical files get the same id, like a torrent's infohash. Hashing a 500 MB
 model takes about a second, so per-file digests are cached in the home directory, keyed by path, size
-and modification time: the id is computed once per file set.
+and modification time: the id is computed once per file set. The first hashing of a large model reports
+its bytes through `model_id`'s `progress` callback (the CLI draws a bar from it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -131,11 +133,13 @@ def _genai_graph(folder: Path) -> Path | None:
     return folder / name
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(_CHUNK_BYTES):
             digest.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return digest.hexdigest()
 
 
@@ -154,13 +158,20 @@ class HashCache:
             except (OSError, ValueError):
                 self._entries = {}  # a damaged cache only costs a re-hash
 
-    def digest(self, path: Path) -> str:
+    def cached(self, path: Path) -> bool:
+        """Whether `path`'s digest is held for its current size and modification time."""
+        stat = path.stat()
+        entry = self._entries.get(str(path.resolve()))
+        return entry is not None and bool(entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns)
+
+    def digest(self, path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+        """`path`'s SHA-256 (hex), from the cache or hashed now (`on_bytes(n)` after each chunk read)."""
         stat = path.stat()
         key = str(path.resolve())
         entry = self._entries.get(key)
         if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
             return str(entry["sha256"])
-        value = _file_sha256(path)
+        value = _file_sha256(path, on_bytes)
         self._entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": value}
         self._dirty = True
         return value
@@ -177,11 +188,26 @@ class HashCache:
         self._dirty = False
 
 
-def model_id(files: ModelFiles, cache_dir: Path | None = None) -> str:
-    """SHA-256 (hex) over the manifest of the model's files; file digests cached under `cache_dir`."""
+def model_id(files: ModelFiles, cache_dir: Path | None = None, progress: Callable[[int, int], None] | None = None) -> str:
+    """SHA-256 (hex) over the manifest of the model's files; file digests cached under `cache_dir`.
+
+    `progress(bytes done, total)` follows the hashing of the files whose digest is not cached (`total`:
+    their sizes): called with 0 first, then after each chunk read, the last time with done == total.
+    Never called when every digest is cached."""
     cache = HashCache(cache_dir)
+    paths = sorted(files.all_files, key=lambda p: p.name)
+    on_bytes: Callable[[int], None] | None = None
+    if progress is not None and (total := sum(p.stat().st_size for p in paths if not cache.cached(p))):
+        report, done = progress, [0]
+
+        def count(size: int) -> None:
+            done[0] += size
+            report(done[0], total)
+
+        on_bytes = count
+        progress(0, total)
     lines = [MODEL_ID_LABEL]
-    for path in sorted(files.all_files, key=lambda p: p.name):
-        lines.append(f"{path.name}\t{path.stat().st_size}\t{cache.digest(path)}")
+    for path in paths:
+        lines.append(f"{path.name}\t{path.stat().st_size}\t{cache.digest(path, on_bytes)}")
     cache.save()
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()

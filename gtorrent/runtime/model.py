@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,25 +316,37 @@ class LanguageModel:
 
     def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
         """Token ids of `prompt`; with `chat`, formatted as one user turn by the model's template."""
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            # a lone surrogate (undecodable bytes in argv, or a "\ud800" escape in a request's JSON)
-            # has no UTF-8 form and no tokens: the request is wrong, not the model
-            raise UsageError(
-                f"the prompt is not valid text: character {exc.start} is a lone surrogate",
-                hint="remove that character from the prompt, or pass the text as UTF-8",
-            ) from None
+        _check_text(prompt, "the prompt")
         if chat:
-            if self.chat_template is None:
-                raise UsageError(
-                    f"model {self.name} has no chat template (no chat_template.jinja, and no chat_template in "
-                    "tokenizer_config.json)",
-                    hint="run without --chat",
-                )
-            text = render_chat(self.chat_template, [{"role": "user", "content": prompt}], self.tokenizer_config)
+            text = render_chat(self._template(), [{"role": "user", "content": prompt}], self.tokenizer_config)
             return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
         return list(self.tokenizer.encode(prompt, add_special_tokens=True).ids)
+
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a conversation ({role, content} turns) rendered by the model's chat template,
+        ending with the assistant's turn opened; one user turn gives `encode(content, chat=True)`'s ids."""
+        turns = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+        for index, turn in enumerate(turns):
+            _check_text(turn["content"], f"message {index}")
+        try:
+            text = render_chat(self._template(), turns, self.tokenizer_config)
+        except UnsupportedModelError as exc:
+            # templates refuse conversations they were not made for (roles out of order, a system turn):
+            # the conversation is what to change, so it is the request's fault, not the seed's
+            raise UsageError(
+                f"model {self.name}'s chat template cannot render this conversation ({exc.__cause__ or exc.message})",
+                hint="many templates want user and assistant turns to alternate, and some take no system turn",
+            ) from exc
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _template(self) -> str:
+        if self.chat_template is None:
+            raise UsageError(
+                f"model {self.name} has no chat template (no chat_template.jinja, and no chat_template in "
+                "tokenizer_config.json)",
+                hint="run without --chat",
+            )
+        return self.chat_template
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
@@ -591,3 +603,15 @@ class LanguageModel:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # a lone surrogate (undecodable bytes in argv, or a "\ud800" escape in a request's JSON)
+        # has no UTF-8 form and no tokens: the request is wrong, not the model
+        raise UsageError(
+            f"{what} is not valid text: character {exc.start} is a lone surrogate",
+            hint=f"remove that character from {what}, or pass the text as UTF-8",
+        ) from None

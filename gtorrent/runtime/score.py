@@ -64,6 +64,7 @@ share scripts/bench_score.py measures.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -588,11 +589,16 @@ def credibility_of(
     *,
     chat: bool = False,
     finish_reason: str | None = None,
+    messages: Sequence[Mapping[str, str]] | None = None,
 ) -> AnswerScore:
     """`score_answer` for an answer known only as text: it is re-tokenized with the reference's
     tokenizer (no special tokens), the paper's way. A detokenize/retokenize round trip may not give the
-    seed's ids back, so prefer the signed token ids where the transcript carries them."""
-    prompt_ids = prompt if isinstance(prompt, list) else model.encode(prompt, chat=chat)
+    seed's ids back, so prefer the signed token ids where the transcript carries them. `messages`: the
+    prompt is that conversation (a generate's `messages`), rendered by the model's chat template."""
+    if messages is not None:
+        prompt_ids = model.encode_messages(messages)
+    else:
+        prompt_ids = prompt if isinstance(prompt, list) else model.encode(prompt, chat=chat)
     answer_ids = list(model.tokenizer.encode(answer_text, add_special_tokens=False).ids)
     return score_answer(model, prompt_ids, answer_ids, sampling, finish_reason=finish_reason)
 
