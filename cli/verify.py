@@ -77,6 +77,10 @@ def verify_command(
         bool, typer.Option("--allow-one-hop", help="Let a private ask use one-hop paths (that relay sees you and the seed)."
                            f"{_AS_USERS}")
     ] = False,
+    bind: Annotated[
+        str, typer.Option("--bind", metavar="URL", help="Where the verifier listens: its record names this socket; "
+                          "no peer contacts it today (tcp://HOST:PORT; port 0: any free port).")
+    ] = "tcp://127.0.0.1:0",
     advertise: AdvertiseOption = None,
 ) -> None:
     """Verify the seeds that serve MODEL (without MODEL: the bundled demo model): hidden challenges over
@@ -93,7 +97,7 @@ def verify_command(
     if recheck_file is not None:
         _recheck(recheck_file, lm, json_out)
         return
-    _verify(node, lm, shape, json_out, max_epochs)
+    _verify(node, lm, shape, json_out, max_epochs, bind)
 
 
 def _recheck(path: Path, lm: Any, json_out: bool) -> None:
@@ -114,7 +118,7 @@ def _recheck(path: Path, lm: Any, json_out: bool) -> None:
         raise typer.Exit(1)
 
 
-def _verify(node: Any, lm: Any, shape: VerifierSettings, json_out: bool, max_epochs: int | None) -> None:
+def _verify(node: Any, lm: Any, shape: VerifierSettings, json_out: bool, max_epochs: int | None, bind: str) -> None:
     from gtorrent.node import run_verifier
     from gtorrent.verifier import ChallengeResult, VerdictResult, VerifierEvents
 
@@ -174,7 +178,7 @@ def _verify(node: Any, lm: Any, shape: VerifierSettings, json_out: bool, max_epo
     summary = run_verifier(
         node, lm, shape,
         VerifierEvents(epoch=on_epoch, challenge=on_challenge, verdict=on_verdict, announced=announced, failed=failed),
-        max_epochs=max_epochs,
+        bind=bind, max_epochs=max_epochs,
     )
     if not json_out:
         output.info(f"verifier stopped ({summary['verdicts']} verdict(s) over {summary['epochs']} epoch(s))")

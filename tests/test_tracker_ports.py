@@ -163,3 +163,14 @@ def test_cli_curve_port_equal_to_bind_port_is_refused(cli) -> None:  # type: ign
     done = cli("tracker", "--bind", "tcp://127.0.0.1:7799", "--curve-port", "7799")
     assert done.code == 2 and "error: --curve-port 7799 is the bootstrap port too" in done.err
     assert "hint:" in done.err
+
+
+def test_the_verifier_listens_where_bind_says(cli) -> None:  # type: ignore[no-untyped-def]
+    """Every port a node listens on is settable, the verifier's too: `verify --bind` is the socket it
+    binds (a held port fails there, before any tracker is asked)."""
+    with held_port() as busy:
+        done = cli("verify", "--bind", f"tcp://127.0.0.1:{busy}", "--tracker", f"tcp://127.0.0.1:{free_port()}",
+                   "--epochs", "1")
+    assert done.code != 0, done
+    assert f"cannot bind tcp://127.0.0.1:{busy}" in done.err and "hint:" in done.err
+    assert "Traceback" not in done.err
