@@ -14,10 +14,21 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gtorrent.api import DEFAULT_API_HOST, DEFAULT_API_PORT
+from gtorrent.private import DEFAULT_HOPS, DEFAULT_PATHS
 from gtorrent.routing import DEFAULT_MIN_RELAY_AGE_S
 
 from . import output
-from .common import TrackerOption, VerifierOption, settings
+from .common import (
+    AllowSameNetworkOption,
+    HopsOption,
+    MinRelayAgeOption,
+    PathsOption,
+    StrictOption,
+    TrackerOption,
+    VerifierOption,
+    check_path_count,
+    settings,
+)
 
 if TYPE_CHECKING:
     from gtorrent.api import RequestLog
@@ -56,17 +67,11 @@ def api_command(
         str | None, typer.Option("--api-key", envvar="GTORRENT_API_KEY", metavar="KEY",
                                  help="Require `Authorization: Bearer KEY` (default: $GTORRENT_API_KEY; none on loopback).")
     ] = None,
-    paths: Annotated[int, typer.Option("--paths", min=1, max=16, help="Disjoint onion paths for a private ask.")] = 4,
-    hops: Annotated[int, typer.Option("--hops", min=1, max=8, help="Relays per path (at most 8).")] = 3,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse instead of using fewer paths or hops.")] = False,
-    min_relay_age: Annotated[
-        float, typer.Option("--min-relay-age", min=0.0, metavar="SECONDS",
-                            help="Use only relays listed at least this long (Sybil friction; 0 turns it off).")
-    ] = DEFAULT_MIN_RELAY_AGE_S,
-    allow_same_network: Annotated[
-        bool, typer.Option("--allow-same-network",
-                           help="Let one path use relays of one /16 (IPv4) or /32 (IPv6) network, e.g. on a LAN.")
-    ] = False,
+    paths: Annotated[int, PathsOption()] = DEFAULT_PATHS,
+    hops: HopsOption = DEFAULT_HOPS,
+    strict: StrictOption = False,
+    min_relay_age: MinRelayAgeOption = DEFAULT_MIN_RELAY_AGE_S,
+    allow_same_network: AllowSameNetworkOption = False,
     quiet: output.QuietOption = False,
     json_events: output.EventsOption = False,
 ) -> None:
@@ -74,6 +79,7 @@ def api_command(
     from gtorrent.api import run_api
     from gtorrent.node import PrivacyOptions
 
+    check_path_count(paths)  # before anything binds: as `ask` checks it
     privacy = PrivacyOptions(direct=direct, paths=paths, hops=hops, strict=strict,
                              min_relay_age_s=min_relay_age, distinct_networks=not allow_same_network)
     mode = "direct" if direct else "private"

@@ -20,10 +20,14 @@ from gtorrent.routing import DEFAULT_MIN_RELAY_AGE_S
 
 from . import output
 from .common import (
+    AllowSameNetworkOption,
     FileOption,
+    HopsOption,
     JsonOption,
+    MinRelayAgeOption,
     PathsOption,
     PromptArgument,
+    StrictOption,
     TopPOption,
     TrackerOption,
     VerboseOption,
@@ -55,19 +59,13 @@ def ask_command(
     chat: Annotated[bool, typer.Option("--chat", help="Format the prompt with the model's chat template.")] = False,
     direct: Annotated[bool, typer.Option("--direct", help="Go straight to the seed (faster; the seed then sees who asks).")] = False,
     paths: Annotated[int, PathsOption()] = DEFAULT_PATHS,
-    hops: Annotated[int, typer.Option("--hops", min=1, max=8, help="Relays per path (at most 8).")] = DEFAULT_HOPS,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse instead of using fewer paths or hops.")] = False,
+    hops: HopsOption = DEFAULT_HOPS,
+    strict: StrictOption = False,
     allow_one_hop: Annotated[
         bool, typer.Option("--allow-one-hop", help="Let a private ask use one-hop paths (that relay sees you and the seed).")
     ] = False,
-    min_relay_age: Annotated[
-        float, typer.Option("--min-relay-age", min=0.0, metavar="SECONDS",
-                            help="Use only relays listed at least this long (Sybil friction; 0 turns it off).")
-    ] = DEFAULT_MIN_RELAY_AGE_S,
-    allow_same_network: Annotated[
-        bool, typer.Option("--allow-same-network",
-                           help="Let one path use relays of one /16 (IPv4) or /32 (IPv6) network, e.g. on a LAN.")
-    ] = False,
+    min_relay_age: MinRelayAgeOption = DEFAULT_MIN_RELAY_AGE_S,
+    allow_same_network: AllowSameNetworkOption = False,
     json_output: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:

@@ -151,6 +151,19 @@ def PathsOption(help_text: str = PATHS_HELP) -> Any:  # noqa: N802 - an Annotate
     return typer.Option("--paths", metavar="N", help=help_text)
 
 
+# the private-ask options `ask` and `api` share (verify states its own help: its challenges ask as users do)
+HopsOption = Annotated[int, typer.Option("--hops", min=1, max=8, help="Relays per path (at most 8).")]
+StrictOption = Annotated[bool, typer.Option("--strict", help="Refuse instead of using fewer paths or hops.")]
+MinRelayAgeOption = Annotated[
+    float, typer.Option("--min-relay-age", min=0.0, metavar="SECONDS",
+                        help="Use only relays listed at least this long (Sybil friction; 0 turns it off).")
+]
+AllowSameNetworkOption = Annotated[
+    bool, typer.Option("--allow-same-network",
+                       help="Let one path use relays of one /16 (IPv4) or /32 (IPv6) network, e.g. on a LAN.")
+]
+
+
 def check_path_count(paths: int) -> None:
     from gtorrent.errors import UsageError
     from gtorrent.private import DEFAULT_K

@@ -518,6 +518,13 @@ def test_gtorrent_api_serves_the_openai_client(tmp_path: Path) -> None:
                 proc.kill()
 
 
+def test_api_privacy_flags_are_checked_as_asks_check_them(cli: Any) -> None:
+    """`api` shares `ask`'s private-ask options, --paths' S-IDA minimum included, refused before it binds."""
+    result = cli("api", "--paths", "2")
+    assert result.code == 2
+    assert "error: --paths must be at least 3 (the S-IDA threshold)" in result.err and "hint:" in result.err
+
+
 def test_a_non_loopback_bind_needs_an_api_key(cli: Any) -> None:
     result = cli("api", "--bind", "0.0.0.0:0")
     assert result.code == 2
