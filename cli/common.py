@@ -72,10 +72,22 @@ TOP_P_HELP = "Nucleus sampling: sample from the smallest set of tokens with this
 TopPOption = Annotated[float, typer.Option("--top-p", metavar="P", help=TOP_P_HELP)]
 
 
-def load_model(model: Path | None, cache_dir: Path, device: str = "auto", spinner: bool = True) -> Any:
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads", min=1, max=4096, show_default=False,
+        help="CPU threads the model computes with (default: ONNX Runtime's, one per core). Where several seeds "
+        "or other work share the machine, give each a share, e.g. --threads 1 for each of 4 seeds on 2 cores.",
+    ),
+]
+
+
+def load_model(
+    model: Path | None, cache_dir: Path, device: str = "auto", spinner: bool = True, threads: int | None = None
+) -> Any:
     """The model at `model` (None: the bundled demo), its files hashed first with a byte progress bar (a
     large model's first use takes a while; later loads find the digests in `cache_dir`), then loaded
-    under a spinner."""
+    under a spinner, with `threads` intra-op threads (None: ONNX Runtime's default)."""
     from contextlib import nullcontext
 
     from gtorrent.runtime import LanguageModel
@@ -84,7 +96,15 @@ def load_model(model: Path | None, cache_dir: Path, device: str = "auto", spinne
     with output.byte_progress("hashing the model's files (first use only)") as progress:
         model_id(locate_model(model), cache_dir, progress)
     with output.err.status("loading model…", spinner="dots") if spinner else nullcontext():
-        return LanguageModel.load(model, device=device, cache_dir=cache_dir)  # type: ignore[arg-type]
+        return LanguageModel.load(model, device=device, cache_dir=cache_dir,  # type: ignore[arg-type]
+                                  intra_op_threads=threads or 0)
+
+
+def compute_text(lm: Any) -> str:
+    """Where a loaded model computes: its execution provider, and its threads where --threads set them."""
+    if not lm.threads:
+        return str(lm.provider)
+    return f"{lm.provider} with {lm.threads} thread{'s' if lm.threads != 1 else ''}"
 
 
 def check_top_p(top_p: float) -> None:

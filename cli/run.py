@@ -10,7 +10,16 @@ import typer
 from gtorrent.paths import home_dir
 
 from . import output
-from .common import FileOption, PromptArgument, TopPOption, check_top_p, load_model, read_prompt
+from .common import (
+    FileOption,
+    PromptArgument,
+    ThreadsOption,
+    TopPOption,
+    check_top_p,
+    compute_text,
+    load_model,
+    read_prompt,
+)
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -30,6 +39,7 @@ def run_command(
     seed: Annotated[int | None, typer.Option("--seed", min=0, help="Seed for reproducible sampling.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Format the prompt with the model's chat template.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto (GPU when usable), cpu or cuda.")] = "auto",
+    threads: ThreadsOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timing and provider after the answer.")] = False,
 ) -> None:
@@ -46,7 +56,7 @@ def run_command(
         sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
         seed=seed,
     )
-    lm = load_model(model, home_dir() / "cache", device, spinner=not json_output)
+    lm = load_model(model, home_dir() / "cache", device, spinner=not json_output, threads=threads)
     result = lm.generate(text, params, chat=chat, on_text=None if json_output else output.write_text)
     if json_output:
         output.print_json(
@@ -61,6 +71,7 @@ def run_command(
                 "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
                 "load_s": round(lm.load_s, 6),
                 "provider": lm.provider,
+                "threads": lm.threads or None,
                 "model": lm.name,
                 "model_id": lm.model_id,
             }
@@ -72,5 +83,5 @@ def run_command(
             f"[dim]model {lm.name} ({lm.model_id[:12]}) · load {output.human_seconds(lm.load_s)} · "
             f"first token {output.human_seconds(result.ttft_s)} · {result.tokens} tokens "
             f"({result.finish_reason}) in {output.human_seconds(result.total_s)} · "
-            f"{result.decode_tokens_per_s:.1f} tokens/s · {lm.provider}[/]"
+            f"{result.decode_tokens_per_s:.1f} tokens/s · {compute_text(lm)}[/]"
         )

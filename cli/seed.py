@@ -17,7 +17,7 @@ from gtorrent.node import DEFAULT_SEED_BIND, PortHold, SeedEvents, run_seed
 from gtorrent.protocol import MAX_MODEL_NAME_CHARS, MODEL_NAME_CHARS, model_name_problem
 
 from . import output
-from .common import AdvertiseOption, TrackerOption, load_model, settings
+from .common import AdvertiseOption, ThreadsOption, TrackerOption, compute_text, load_model, settings
 from .run import MODEL_HELP
 
 NAME_HINT = f"pass --name with 1 to {MAX_MODEL_NAME_CHARS} {MODEL_NAME_CHARS}, e.g. --name my-model"
@@ -57,6 +57,7 @@ def seed_command(
         int, typer.Option("--max-concurrency", min=1, max=64, help="Requests generated at once; the rest queue.")
     ] = 1,
     device: Annotated[str, typer.Option("--device", help="auto (GPU when usable), cpu or cuda.")] = "auto",
+    threads: ThreadsOption = None,
     advertise: AdvertiseOption = None,
     forwarding: Annotated[
         str, typer.Option("--forwarding", help=f"Route requests within the model's group: {', '.join(POLICIES)}.")
@@ -82,15 +83,15 @@ def seed_command(
     lock_home(node.home, NODE_LOCK, "seed").release()  # refuse a busy home before a long model load
     held = PortHold(bind, node.advertise)  # a busy port or an unreachable address fails now, not after the load
     try:
-        lm = load_model(model, node.home / "cache", device)
+        lm = load_model(model, node.home / "cache", device, threads=threads)
         if name is None and (problem := model_name_problem(lm.name)):  # the folder name is the default
             raise UsageError(f"cannot announce the folder name {lm.name!r} as the model name: {problem}", hint=NAME_HINT)
     except BaseException:
         held.release()
         raise
     log.status(f"loaded [bold]{output.remote(name or lm.name)}[/] ({lm.model_id[:12]}) in {output.human_seconds(lm.load_s)} "
-               f"on {lm.provider}", "loaded", model=name or lm.name, model_id=lm.model_id, load_s=round(lm.load_s, 3),
-               provider=lm.provider)
+               f"on {compute_text(lm)}", "loaded", model=name or lm.name, model_id=lm.model_id,
+               load_s=round(lm.load_s, 3), provider=lm.provider, threads=lm.threads or None)
 
     def tracker_started(url: str) -> None:
         output.info(f"[yellow]no tracker answered at {url}: started one in this process[/]")

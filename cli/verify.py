@@ -29,6 +29,7 @@ from .common import (
     AdvertiseOption,
     JsonOption,
     PathsOption,
+    ThreadsOption,
     TrackerOption,
     check_path_count,
     load_model,
@@ -82,6 +83,7 @@ def verify_command(
                           "no peer contacts it today (tcp://HOST:PORT; port 0: any free port).")
     ] = "tcp://127.0.0.1:0",
     advertise: AdvertiseOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Verify the seeds that serve MODEL (without MODEL: the bundled demo model): hidden challenges over
     private paths, scored against MODEL, one signed verdict per seed and epoch."""
@@ -93,7 +95,7 @@ def verify_command(
     shape = VerifierSettings(epoch_s=epoch, challenges=challenges, probation=probation or PROBATION_FACTOR,
                              paths=paths, hops=hops, allow_one_hop=allow_one_hop)
     node = settings(tracker, advertise)
-    lm = load_model(model, node.home / "cache")
+    lm = load_model(model, node.home / "cache", threads=threads)
     if recheck_file is not None:
         _recheck(recheck_file, lm, json_out)
         return

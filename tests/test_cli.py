@@ -29,7 +29,18 @@ def test_run_json_on_bundled_model(cli) -> None:  # type: ignore[no-untyped-def]
     for key in ("text", "tokens", "ttft_s", "total_s", "tokens_per_s", "provider", "model_id"):
         assert key in doc
     assert 1 <= doc["tokens"] <= 12 and doc["provider"] == "CPUExecutionProvider"
+    assert doc["threads"] is None  # ONNX Runtime's own choice
     assert len(doc["model_id"]) == 64
+
+
+def test_run_threads_sets_the_models_threads(cli) -> None:  # type: ignore[no-untyped-def]
+    result = cli("run", "The for statement", "--max-tokens", "2", "--json", "--threads", "1")
+    assert result.code == 0, result
+    assert json.loads(result.out)["threads"] == 1
+    verbose = cli("run", "The for statement", "--max-tokens", "2", "--verbose", "--threads", "2")
+    assert verbose.code == 0 and "CPUExecutionProvider with 2 threads" in verbose.err, verbose
+    refused = cli("run", "x", "--threads", "0")
+    assert_clean_error(refused, 2, "--threads")
 
 
 def test_run_streams_and_verbose(cli) -> None:  # type: ignore[no-untyped-def]

@@ -250,7 +250,9 @@ def test_a_seed_says_one_line_per_request(cli, tmp_path: Path) -> None:  # type:
     tracker, url = start_tracker(tmp_path / "tracker")
     seed = None
     try:
-        seed, _ = start_seed(tmp_path / "seed", [url])
+        seed, _ = start_seed(tmp_path / "seed", [url], "--threads", "1")
+        # the start-up line says where the model computes, with the threads --threads set
+        assert any(" on CPUExecutionProvider with 1 thread" in line for line in seed.seen if "loaded" in line), seed.seen
         asked = cli("ask", "--direct", "--tracker", url, "-n", "4", "The for statement")
         assert asked.code == 0, asked
         seed.wait_for(r"^\d\d:\d\d:\d\d direct ask · served \d+ tokens · cached \d+/\d+ prompt tokens · \d", 30)

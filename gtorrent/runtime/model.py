@@ -241,6 +241,8 @@ class LanguageModel:
         self.tokenizer_config = files.read_json("tokenizer_config.json")
         self.layout = _inspect(session, self.config, files.onnx_path)
         self.provider = session.get_providers()[0]
+        # ONNX Runtime's intra-op threads as set at load; 0: its default (one per physical core)
+        self.threads = session.get_session_options().intra_op_num_threads
         self._ort_device = "cuda" if self.provider == CUDA else "cpu"
         self._device_id = int(session.get_provider_options().get(self.provider, {}).get("device_id", 0))
         # keep the KV cache on the device between steps (IOBinding); by default only on a GPU
