@@ -10,13 +10,15 @@ are 200-440 tokens (not the paper's up to 600), queries 24-50 (the tokenizer has
 words take several), output 16.
 
 1. Cost model, measured here from the real runtime (LanguageModel + PrefixCache on the bundled model,
-   the seeds' default threads): prefill of n tokens from scratch (a + b·n), prefill of n new tokens after
+   one ORT thread, as the real run's seeds: SEED_THREADS): prefill of n tokens from scratch (a + b·n), prefill of n new tokens after
    c cached ones (a + b·n + c·cached), one decode step at context m (d0 + d1·m), the KV bytes per token,
    and the slowdown s(k) of a request when k seed processes generate at once on this machine (k real
    worker processes in a closed loop; s(1) = 1; it sets the real run's default rate, and the validation
-   uses it only where the seeds' own s(k) below has no data).
+   uses it only where the seeds' own s(k) below has no data), and for comparison s(k) with ORT's default
+   threads (one per core, spinning while they wait for work: 4 such seeds on this machine's cores slow
+   each other down beyond their share, and erratically, which is why the real run's seeds take one each).
 2. Real run: a tracker and 4 seeds as real processes on 127.0.0.1 (`gtorrent seed --forwarding P
-   --kv-cache-mb N`), restarted per policy (caches start cold), the same trace for rr, least-load, tree
+   --kv-cache-mb N --threads 1`), restarted per policy (caches start cold), the same trace for rr, least-load, tree
    and tree+lb (`--real-rounds R`: R runs of each, the policies interleaved, pooled). Each request goes to an entry seed drawn uniformly per request, as a direct ask over a
    fresh CurveZMQ connection with a throwaway key (what `gtorrent ask --direct` does after discovery;
    the signature is not checked here). End-to-end latency and TTFT are measured by this client from the
@@ -46,9 +48,15 @@ words take several), output 16.
    requests), its mean latency per policy must be within 15 % of the real run's. The sharing there is
    s(k) as the seeds themselves showed it during the traces: each request's alone time over the time it
    took is the average of 1/s(k) over its generation, k the seeds generating at each moment, fitted by
-   least squares; the worker processes' closed loop overstates it (they never pause between requests,
-   the seeds do). Each policy is checked with the fit from the other policies' traces, never from its
-   own. Then the paper's scale: 8 seeds, one machine each (no sharing, no forward factor),
+   least squares; the worker processes' s(k) is not the seeds' (a seed also runs its event loop, its
+   transport and the relaying of the answers it forwarded, on the same cores). The overheads beyond the
+   seeds' generation (the client's, the entry's, the transport's work) wait for those cores too: the
+   requests that did not wait for their seed show them growing by a share per other seed generating
+   meanwhile (overhead_samples, fit_busy_overhead: about +50 % per seed here), which the simulation
+   applies (CostModel.busy_overhead). And a hit's generation in a trace takes longer than the model
+   says (hit_slowness: about 1.15x; its prefill is as the probes measured it, its decoding is slower than
+   a miss's), which it applies to the hits (CostModel.hit_factor). Each policy is checked with the three
+   fitted from the other policies' traces, never from its own. Then the paper's scale: 8 seeds, one machine each (no sharing, no forward factor),
    `--sim-requests` requests at the rate that keeps round robin
    `--sim-load` busy (found by a pilot rr simulation), and a sweep of that load from 70 % to 99 %.
    The default, 95 %, is what "a load that keeps round robin busy" means here: its seeds idle one
@@ -106,6 +114,10 @@ OUTPUT_TOKENS = 16
 VALIDATE_WITHIN = 0.15
 TARGET_MEAN, TARGET_P99 = 0.40, 0.50
 REAL_SEEDS, SIM_SEEDS = 4, 8
+# the real run's seeds share this machine's cores, each computing with one thread (`gtorrent seed --threads
+# 1`): with ONNX Runtime's default (a thread per core, spinning while it waits for work) seeds generating
+# at once slow each other down beyond their share and erratically (s(2) about 2.5 on 2 cores, against 1.0)
+SEED_THREADS = 1
 READY_SEED = r"seeding as (\w+) on (tcp://\S+)"
 
 WORDS = (
@@ -251,6 +263,12 @@ class CostModel:
     # a forwarded answer's generation over a local one's when entry and target share the machine (the
     # entry relays the tokens as they come, on the same cores): applied only with shared_machine
     forwarded_factor: float = 1.0
+    # with shared_machine: the overheads (and a forward's hop) grow by this share per other seed generating
+    # meanwhile on average, as the client's, the entry's and the transport's work waits for the same cores
+    # (fitted on the traces: overhead_stretch); 0 on machines of their own
+    busy_overhead: float = 0.0
+    # with shared_machine: a hit's generation over what the model above says (Contention.hit_factor)
+    hit_factor: float = 1.0
 
     def prefill_s(self, prompt_tokens: int, cached: int) -> float:
         if cached <= 0:
@@ -276,12 +294,12 @@ def _fit(rows: list[list[float]], ys: list[float]) -> list[float]:
     return [max(float(c), 0.0) for c in coefficients]
 
 
-def measure_cost(repeats: int, model: Path | None = None) -> tuple[CostModel, int]:
-    """The cost model of `model` (default: the bundled demo model), in this process, and its context
-    length in tokens."""
+def measure_cost(repeats: int, model: Path | None = None, threads: int = 0) -> tuple[CostModel, int]:
+    """The cost model of `model` (default: the bundled demo model), in this process with `threads` ORT
+    threads (0: ORT's default), and its context length in tokens."""
     from gtorrent.runtime import GenerationParams, LanguageModel
 
-    lm = LanguageModel.load(model)
+    lm = LanguageModel.load(model, intra_op_threads=threads)
     if lm.context_length < CONTEXT_TOKENS:
         raise SystemExit(f"error: {model} holds {lm.context_length} tokens, fewer than the trace's {CONTEXT_TOKENS}")
     long = lm.context_length >= 1024  # room for the issue's 200-600-token prefixes: measure up to there
@@ -327,11 +345,11 @@ def measure_cost(repeats: int, model: Path | None = None) -> tuple[CostModel, in
     return CostModel(*miss_fit, *hit_fit, *decode_fit, kv_bytes), lm.context_length
 
 
-def _worker(seconds: float) -> None:
+def _worker(seconds: float, threads: int) -> None:
     """`--worker`: one process of the slowdown measurement (a miss request of the trace's size, looped)."""
     from gtorrent.runtime import GenerationParams, LanguageModel
 
-    lm = LanguageModel.load(None, prefix_cache=PrefixCache())
+    lm = LanguageModel.load(None, prefix_cache=PrefixCache(), intra_op_threads=threads)
     rng = np.random.default_rng(os.getpid())
     params = GenerationParams(max_tokens=OUTPUT_TOKENS, stop_at_eos=False)
     lm.generate([int(t) for t in rng.integers(1, 1000, 340)], params)
@@ -345,17 +363,17 @@ def _worker(seconds: float) -> None:
     print(json.dumps({"per_request_s": (time.perf_counter() - started) / done}), flush=True)
 
 
-def measure_slowdown(max_busy: int, seconds: float, rounds: int = 3) -> list[float]:
-    """s(k) for k = 1..max_busy: the time of a request with k worker processes generating at once, over
-    the time alone in the same round; the median over `rounds` interleaved rounds (the machine's other
-    load comes and goes)."""
+def measure_slowdown(max_busy: int, seconds: float, rounds: int = 3, threads: int = SEED_THREADS) -> list[float]:
+    """s(k) for k = 1..max_busy: the time of a request with k worker processes (`threads` ORT threads
+    each; 0: ORT's default) generating at once, over the time alone in the same round; the median over
+    `rounds` interleaved rounds (the machine's other load comes and goes)."""
     ratios: list[list[float]] = [[] for _ in range(max_busy)]
     for _ in range(rounds):
         per_request = []
         for k in range(1, max_busy + 1):
             workers = [
-                subprocess.Popen([sys.executable, __file__, "--worker", str(seconds)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
+                subprocess.Popen([sys.executable, __file__, "--worker", str(seconds), "--worker-threads", str(threads)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 for _ in range(k)
             ]
             for worker in workers:
@@ -436,6 +454,7 @@ class _Job:
     cached: int = 0
     first_token_s: float = 0.0
     started_s: float = 0.0
+    others_s: float = 0.0  # ∫ the other seeds generating, from its arrival (only where it counts: busy_overhead)
 
 
 @dataclass
@@ -479,7 +498,9 @@ def simulate(
     left = max(1.0 - background_cores / (os.cpu_count() or 1), 0.1)
 
     def slower(job: _Job) -> float:
-        return cost.forwarded_factor if shared_machine and job.forwarded else 1.0
+        if not shared_machine:
+            return 1.0
+        return (cost.forwarded_factor if job.forwarded else 1.0) * (cost.hit_factor if job.cached else 1.0)
     index_of = {s.peer_id: i for i, s in enumerate(state)}
 
     def member(s: _SimSeed) -> Any:
@@ -516,12 +537,13 @@ def simulate(
             if s.remaining > 0:
                 return
         arrival = job.request.arrival_s
-        hop = cost.forward_s if job.forwarded else 0.0
+        stretch = 1.0 + cost.busy_overhead * job.others_s / (now - arrival) if now > arrival else 1.0
+        hop = (cost.forward_s if job.forwarded else 0.0) * stretch
         s.lb.add(now - arrival)  # the seed's own view: from receipt to done
         outcomes.append(Outcome(
             job.request.index, job.entry, index_of[s.peer_id], True,
-            latency_s=now - arrival + cost.overhead_s + hop,
-            ttft_s=job.first_token_s - arrival + cost.ttft_overhead_s + hop,
+            latency_s=now - arrival + cost.overhead_s * stretch + hop,
+            ttft_s=job.first_token_s - arrival + cost.ttft_overhead_s * stretch + hop,
             cached=job.cached, prompt_tokens=len(job.request.token_ids), tokens=job.tokens,
             seed_ttft_s=job.first_token_s - job.started_s, seed_total_s=now - job.started_s,
         ))
@@ -539,6 +561,10 @@ def simulate(
         for s in busy:
             s.remaining -= (t_next - now) * rate
             s.busy_s += t_next - now
+        if cost.busy_overhead and shared_machine:
+            for s in state:
+                for job in ([s.job] if s.job is not None else []) + list(s.queue):
+                    job.others_s += (t_next - now) * (len(busy) - (job is s.job))
         now = t_next
         if t_next == t_finish and finishing is not None:
             finishing.remaining = 0.0
@@ -825,7 +851,8 @@ def real_run(workload: Workload, policy: str, kv_cache_mb: int, probes: list[Req
     seeds: list[Proc] = []
     try:
         for i in range(REAL_SEEDS):
-            seeds.append(Proc(["seed", "--tracker", url, "--forwarding", policy, "--kv-cache-mb", str(kv_cache_mb)],
+            seeds.append(Proc(["seed", "--tracker", url, "--forwarding", policy, "--kv-cache-mb", str(kv_cache_mb),
+                               "--threads", str(SEED_THREADS)],
                               base / f"{policy}-seed{i}"))
         peer_ids = [seed.wait_for(READY_SEED, timeout_s=120).group(1) for seed in seeds]
         wait_for_groups(seeds, REAL_SEEDS)
@@ -955,6 +982,38 @@ def busy_shares(outcomes: Sequence[Outcome], workload: Workload, cost: CostModel
     return found
 
 
+def overhead_samples(outcomes: Sequence[Outcome], workload: Workload, cost: CostModel) -> list[tuple[float, float, float]]:
+    """Per answered request of one real run that did not wait for its seed (no other generation of that seed
+    between its arrival and its own generation's start): its overheads as `cost` has them alone (overhead,
+    plus the hop if forwarded), the seeds generating meanwhile besides itself on average from its arrival to
+    its done, and its real time outside its generation (latency - the seed's total_s). Generations as in
+    `busy_shares`."""
+    timed = [o for o in outcomes if o.ok and o.seed_total_s > 0]
+    arrival = {o.index: workload.requests[o.index].arrival_s for o in timed}
+    spans = [(arrival[o.index] + o.latency_s - o.seed_total_s, arrival[o.index] + o.latency_s, o) for o in timed]
+    found = []
+    for start, end, o in spans:
+        began = arrival[o.index]
+        if any(other.server == o.server and other is not o and g_start < start and g_end > began
+               for g_start, g_end, other in spans):
+            continue  # it waited for another request of its seed: queueing, not overhead
+        overlap = sum(max(min(end, g_end) - max(began, g_start), 0.0) for g_start, g_end, _ in spans)
+        others = (overlap - o.seed_total_s) / (end - began)
+        base = cost.overhead_s + (cost.forward_s if o.forwarded else 0.0)
+        found.append((base, max(others, 0.0), o.latency_s - o.seed_total_s))
+    return found
+
+
+def fit_busy_overhead(samples: Sequence[tuple[float, float, float]]) -> float:
+    """The share by which the overheads grow per other seed generating (CostModel.busy_overhead): the least
+    squares fit of outside - base = busy_overhead · base · others over `overhead_samples` (0 without data)."""
+    x = np.asarray([base * others for base, others, _ in samples])
+    y = np.asarray([outside - base for base, _, outside in samples])
+    if len(x) < 10 or float(x @ x) <= 0:
+        return 0.0
+    return max(float(x @ y) / float(x @ x), 0.0)
+
+
 def slowdown_in_seeds(samples: Sequence[tuple[np.ndarray, float, float]], fallback: Sequence[float],
                       least_s: float = 2.0) -> list[float]:
     """s(k) as the seeds showed it while serving traces: processor sharing makes a request's alone time
@@ -977,6 +1036,41 @@ def slowdown_in_seeds(samples: Sequence[tuple[np.ndarray, float, float]], fallba
         else:
             found.append(found[-1] * (k + 1) / k)
     return found
+
+
+def hit_slowness(outcomes: Sequence[Outcome], workload: Workload, cost: CostModel, slowdown: Sequence[float]
+                 ) -> list[float]:
+    """Per answered hit of one real run (done.cached > 0): the time its generation took over what `cost`
+    and processor sharing by `slowdown` predict for it (its busy shares as in `busy_shares`). The prefill
+    of a hit is as the probes say; it is its decoding that takes longer (about 10 % here, beyond a miss's)."""
+    timed = [o for o in outcomes if o.ok and o.seed_total_s > 0]
+    found = []
+    for o, (shares, taken, alone) in zip(timed, busy_shares(outcomes, workload, cost, len(slowdown)), strict=True):
+        if o.cached > 0:
+            found.append(taken * float(sum(share / s for share, s in zip(shares, slowdown, strict=True))) / alone)
+    return found
+
+
+@dataclass
+class Contention:
+    """What the real traces showed of 4 seeds sharing this machine, beyond the idle seeds' timings: s(k)
+    (slowdown_in_seeds), the overheads' growth per other seed generating (fit_busy_overhead), and a hit's
+    generation over the model's (hit_slowness, the median; applied to both its phases)."""
+
+    slowdown: list[float]
+    busy_overhead: float
+    hit_factor: float
+
+    @classmethod
+    def fit(cls, runs: Sequence[Sequence[Outcome]], workload: Workload, cost: CostModel, fallback: Sequence[float]
+            ) -> Contention:
+        slowdown = slowdown_in_seeds([x for run in runs for x in busy_shares(run, workload, cost)], fallback)
+        stretch = fit_busy_overhead([x for run in runs for x in overhead_samples(run, workload, cost)])
+        hits = [x for run in runs for x in hit_slowness(run, workload, cost, slowdown)]
+        return cls(slowdown, stretch, statistics.median(hits) if hits else 1.0)
+
+    def apply(self, cost: CostModel) -> CostModel:
+        return replace(cost, slowdown=self.slowdown, busy_overhead=self.busy_overhead, hit_factor=self.hit_factor)
 
 
 def calibrate(cost: CostModel, probes: Sequence[Outcome], prompts: dict[int, Request]) -> Calibration | None:
@@ -1072,6 +1166,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every figure as JSON")
     parser.add_argument("--report", type=Path, help="write the printed report")
     parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-threads", type=int, default=SEED_THREADS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     compared = tuple(p for p in COMPARED if p in {*args.policies.split(","), "rr", "tree+lb"})
     if args.real_rounds < 1:
@@ -1079,7 +1174,7 @@ def main() -> None:
     if unknown := set(args.policies.split(",")) - set(COMPARED):
         parser.error(f"unknown policies {', '.join(sorted(unknown))} (of {', '.join(COMPARED)})")
     if args.worker is not None:
-        _worker(args.worker)
+        _worker(args.worker, args.worker_threads)
         return
     os.environ.pop("GTORRENT_TRACKERS", None)
     # a terminated bench still stops its tracker and seeds (the `finally` blocks run on SystemExit)
@@ -1092,19 +1187,24 @@ def main() -> None:
     encode = demo_encoder()
     started = time.monotonic()
 
-    cost, _ = measure_cost(repeats=2 if args.quick else 5)
+    cost, _ = measure_cost(repeats=2 if args.quick else 5, threads=SEED_THREADS)
     cost.slowdown = measure_slowdown(REAL_SEEDS, 1.0 if args.quick else 2.0, rounds=1 if args.quick else 3)
+    # what the seeds would do with ONNX Runtime's default threads (why the real run sets --threads)
+    default_slowdown = [] if args.quick else measure_slowdown(REAL_SEEDS, 2.0, rounds=1, threads=0)
     emit(lines, f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
                 f"demo model, context {CONTEXT_TOKENS}")
-    emit(lines, "cost model (measured here, one request alone, the seeds' default ORT threads):")
+    emit(lines, f"cost model (measured here, one request alone, {SEED_THREADS} ORT thread as each real-run seed):")
     emit(lines, f"  prefill, miss:  {cost.miss_base_s * 1e3:.2f} ms + {cost.miss_per_token_s * 1e6:.1f} us/token")
     emit(lines, f"  prefill, hit:   {cost.hit_base_s * 1e3:.2f} ms + {cost.hit_per_token_s * 1e6:.1f} us/new token"
                 f" + {cost.hit_per_cached_s * 1e6:.2f} us/cached token")
     emit(lines, f"  decode:         {cost.decode_base_s * 1e3:.3f} ms + {cost.decode_per_context_s * 1e6:.2f} "
                 "us/context token per step")
     emit(lines, f"  KV state:       {cost.kv_bytes_per_token} bytes/token; each seed's cache {args.kv_cache_mb} MiB")
-    emit(lines, "  slowdown s(k), k seed processes generating at once on this machine: "
+    emit(lines, f"  slowdown s(k), k seed processes generating at once on this machine ({SEED_THREADS} thread each): "
                 + ", ".join(f"s({k + 1})={s:.2f}" for k, s in enumerate(cost.slowdown)))
+    emit(lines, "    the same with ONNX Runtime's default threads (a thread per core, spinning while it waits): "
+                + (", ".join(f"s({k + 1})={s:.2f}" for k, s in enumerate(default_slowdown)) or "not measured (--quick)"))
+    figures["default_threads_slowdown"] = default_slowdown
 
     if args.rate is None:
         probe = make_workload(encode, seed=args.seed, requests=200, rate=1.0, prefixes=args.prefixes,
@@ -1226,34 +1326,37 @@ def main() -> None:
             own_hop = own.hop_s if own is not None and own.hop_s is not None else hop_s
             return own.apply(cost, own_hop) if own is not None else seeds_cost
 
-        def simulate_runs(policy: str, slowdown: list[float], own_timings: bool) -> list[Outcome]:
+        def simulate_runs(policy: str, contention: Contention, own_timings: bool) -> list[Outcome]:
             simulated: list[Outcome] = []
             for outcomes, own, use in runs[policy]:
                 answered = {o.index: o.tokens for o in outcomes if o.ok}
                 tokens = [answered.get(r.index, workload.output_tokens) for r in workload.requests]
-                model = replace(run_cost(own) if own_timings else seeds_cost, slowdown=slowdown)
+                model = contention.apply(run_cost(own) if own_timings else seeds_cost)
                 simulated += simulate(workload, policy, model, seeds=REAL_SEEDS, cache_bytes=cache_bytes,
                                       shared_machine=True, tokens=tokens, background_cores=use.background)[0]
             return simulated
-        shares = {policy: [sample for outcomes, _, _ in runs[policy]
-                           for sample in busy_shares(outcomes, workload, seeds_cost)] for policy in compared}
-        seen = slowdown_in_seeds([x for samples in shares.values() for x in samples], cost.slowdown)
-        emit(lines, "  s(k) as the seeds showed it during the traces (processor sharing fitted on each request's "
-                    "busy seeds): " + ", ".join(f"s({k + 1})={x:.2f}" for k, x in enumerate(seen))
-                    + "; each policy's simulation takes it from the other policies' traces")
-        figures["slowdown_in_seeds"] = {"all": seen}
+        def traces(policies: Sequence[str]) -> list[list[Outcome]]:
+            return [outcomes for policy in policies for outcomes, _, _ in runs[policy]]
+        seen = Contention.fit(traces(compared), workload, seeds_cost, cost.slowdown)
+        emit(lines, "  as the seeds showed it during the traces: s(k) (processor sharing fitted on each request's busy "
+                    "seeds) " + ", ".join(f"s({k + 1})={x:.2f}" for k, x in enumerate(seen.slowdown))
+                    + f"; overheads (client, entry, transport) {seen.busy_overhead:+.0%} per other seed generating "
+                    "meanwhile (fitted on the requests that did not wait for their seed); a hit's generation "
+                    f"{seen.hit_factor:.2f}x the model's; each "
+                    "policy's simulation takes all three from the other policies' traces")
+        figures["contention"] = {"all": asdict(seen)}
         per_run: dict[str, float] = {}
         for policy in compared:
             # the contention of this machine as the other policies' traces showed it: measured on the
             # seeds themselves, never fitted to the run it is checked against
-            others = [x for other in compared if other != policy for x in shares[other]]
-            slowdown = slowdown_in_seeds(others, cost.slowdown)
-            figures["slowdown_in_seeds"][policy] = slowdown
+            contention = Contention.fit(traces([p for p in compared if p != policy]), workload, seeds_cost,
+                                        cost.slowdown)
+            figures["contention"][policy] = asdict(contention)
             # the cost model checked is the one the paper-scale simulations use: the seeds' timings
             # pooled over every run's probes and alone requests (one run's own scatter more than the
             # machine drifts between the interleaved runs)
-            simulated_runs = simulate_runs(policy, slowdown, own_timings=False)
-            per_run[policy] = (summarise(simulate_runs(policy, slowdown, own_timings=True))["mean_s"]
+            simulated_runs = simulate_runs(policy, contention, own_timings=False)
+            per_run[policy] = (summarise(simulate_runs(policy, contention, own_timings=True))["mean_s"]
                                / real[policy]["mean_s"])
             sim = summarise(simulated_runs)
             ratio = sim["mean_s"] / real[policy]["mean_s"]

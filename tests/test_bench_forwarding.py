@@ -329,6 +329,57 @@ def test_the_seeds_slowdown_is_recovered_from_a_trace_served_by_processor_sharin
     assert partial[2:] == pytest.approx([partial[1] * 3 / 2, partial[1] * 4 / 2])  # linear beyond the data
 
 
+def test_overheads_that_grow_with_the_busy_seeds_are_recovered_from_a_trace(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
+    """On one machine the client's, entry's and transport's work waits for the cores the seeds generate on:
+    a trace simulated with overheads growing by a known share per other seed generating gives that share
+    back from the requests that did not wait for their seed; with none, none is found; on machines of their
+    own the share changes nothing."""
+    from dataclasses import replace
+
+    workload = bench.make_workload(encode, seed=14, requests=400, rate=14.0, prefixes=12)
+    slow = replace(cost, overhead_s=0.008, ttft_overhead_s=0.006, forward_s=0.005)
+
+    def fitted(model) -> float:  # type: ignore[no-untyped-def]
+        samples = []
+        for policy in ("rr", "least-load"):
+            outcomes, _ = bench.simulate(workload, policy, model, seeds=4, cache_bytes=8 << 20, shared_machine=True)
+            samples += bench.overhead_samples(outcomes, workload, model)
+        assert 100 < len(samples) < 800  # those that waited for their seed are left out
+        assert any(others > 1.0 for _, others, _ in samples)
+        return bench.fit_busy_overhead(samples)
+
+    assert fitted(replace(slow, busy_overhead=0.5)) == pytest.approx(0.5, rel=0.15)
+    assert fitted(slow) < 0.05
+    assert bench.fit_busy_overhead([]) == 0.0
+
+    def alone(model) -> list[float]:  # type: ignore[no-untyped-def]
+        return [o.latency_s for o in bench.simulate(workload, "rr", model, seeds=8, cache_bytes=8 << 20,
+                                                    shared_machine=False)[0]]
+
+    assert alone(replace(slow, busy_overhead=0.5)) == alone(slow)
+
+
+def test_the_contention_of_a_shared_machine_is_recovered_from_its_traces(bench: ModuleType, encode, cost) -> None:  # type: ignore[no-untyped-def]
+    """Traces served with hits slower than the cost model says (as the real seeds' are, decoding after a
+    hit): Contention.fit gives s(k), the overheads' growth and that hit factor back, and applying it
+    reproduces the traces."""
+    from dataclasses import replace
+
+    truth = bench.Contention([1.0, 1.6, 2.4, 3.3], busy_overhead=0.4, hit_factor=1.25)
+    idle = replace(cost, overhead_s=0.008, ttft_overhead_s=0.006, forward_s=0.005)
+    workload = bench.make_workload(encode, seed=15, requests=400, rate=16.0, prefixes=12)
+    runs = [bench.simulate(workload, policy, truth.apply(idle), seeds=4, cache_bytes=8 << 20, shared_machine=True)[0]
+            for policy in ("rr", "tree+lb")]
+    assert sum(o.cached > 0 for run in runs for o in run) > 200
+    found = bench.Contention.fit(runs, workload, idle, fallback=[1.0, 9.0, 9.0, 9.0])
+    assert found.slowdown == pytest.approx(truth.slowdown, rel=0.05)
+    assert found.busy_overhead == pytest.approx(truth.busy_overhead, rel=0.15)
+    assert found.hit_factor == pytest.approx(truth.hit_factor, rel=0.03)
+    assert bench.Contention.fit([], workload, idle, fallback=[1.0, 2.0]) == bench.Contention([1.0, 2.0], 0.0, 1.0)
+    again = bench.simulate(workload, "rr", found.apply(idle), seeds=4, cache_bytes=8 << 20, shared_machine=True)[0]
+    assert bench.summarise(again)["mean_s"] == pytest.approx(bench.summarise(runs[0])["mean_s"], rel=0.03)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--real-rounds", "0"], "--real-rounds must be at least 1"),
     (["--policies", "rr,fastest"], "unknown policies fastest"),
