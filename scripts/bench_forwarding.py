@@ -10,18 +10,19 @@ are 200-440 tokens (not the paper's up to 600), queries 24-50 (the tokenizer has
 words take several), output 16.
 
 1. Cost model, measured here from the real runtime (LanguageModel + PrefixCache on the bundled model,
-   one ORT thread, as the real run's seeds: SEED_THREADS): prefill of n tokens from scratch (a + b·n), prefill of n new tokens after
-   c cached ones (a + b·n + c·cached), one decode step at context m (d0 + d1·m), the KV bytes per token,
-   and the slowdown s(k) of a request when k seed processes generate at once on this machine (k real
-   worker processes in a closed loop; s(1) = 1; it sets the real run's default rate, and the validation
+   one ORT thread, as the real run's seeds: SEED_THREADS): prefill of n tokens from scratch (a + b·n),
+   prefill of n new tokens after c cached ones (a + b·n + c·cached), one decode step at context m
+   (d0 + d1·m), the KV bytes per token, and the slowdown s(k) of a request when k seed processes generate
+   at once on this machine (k real worker processes in a closed loop; s(1) = 1; it sets the real run's default rate, and the validation
    uses it only where the seeds' own s(k) below has no data), and for comparison s(k) with ORT's default
    threads (one per core, spinning while they wait for work: 4 such seeds on this machine's cores slow
    each other down beyond their share, and erratically, which is why the real run's seeds take one each).
 2. Real run: a tracker and 4 seeds as real processes on 127.0.0.1 (`gtorrent seed --forwarding P
-   --kv-cache-mb N --threads 1`), restarted per policy (caches start cold), the same trace for rr, least-load, tree
-   and tree+lb (`--real-rounds R`: R runs of each, the policies interleaved, pooled). Each request goes to an entry seed drawn uniformly per request, as a direct ask over a
-   fresh CurveZMQ connection with a throwaway key (what `gtorrent ask --direct` does after discovery;
-   the signature is not checked here). End-to-end latency and TTFT are measured by this client from the
+   --kv-cache-mb N --threads 1`), restarted per policy (caches start cold), the same trace for rr,
+   least-load, tree and tree+lb (`--real-rounds R`: R runs of each, the policies interleaved, pooled).
+   Each request goes to an entry seed drawn uniformly per request, as a direct ask over a fresh CurveZMQ
+   connection with a throwaway key (what `gtorrent ask --direct` does after discovery; the signature is
+   not checked here). End-to-end latency and TTFT are measured by this client from the
    request's scheduled arrival (open loop: a late client counts against the policy, never for it); the
    cache hit rate is Σ done.cached / Σ done.prompt_tokens. Before each trace, 24 sequential probes on
    idle seeds (unique prompts, half ~40 and half ~420 tokens) measure the runtime as it runs inside a
@@ -54,11 +55,12 @@ words take several), output 16.
    requests that did not wait for their seed show them growing by a share per other seed generating
    meanwhile (overhead_samples, fit_busy_overhead: about +50 % per seed here), which the simulation
    applies (CostModel.busy_overhead). And a hit's generation in a trace takes longer than the model
-   says (hit_slowness: about 1.15x; its prefill is as the probes measured it, its decoding is slower than
+   says (hit_slowness: 1.1-1.2x; its prefill is as the probes measured it, its decoding is slower than
    a miss's), which it applies to the hits (CostModel.hit_factor). Each policy is checked with the three
-   fitted from the other policies' traces, never from its own. Then the paper's scale: 8 seeds, one machine each (no sharing, no forward factor),
-   `--sim-requests` requests at the rate that keeps round robin
-   `--sim-load` busy (found by a pilot rr simulation), and a sweep of that load from 70 % to 99 %.
+   fitted from the other policies' traces, never from its own. Then the paper's scale: 8 seeds, one
+   machine each (none of the shared machine's contention, no forward factor), `--sim-requests` requests
+   at the rate that keeps round robin `--sim-load` busy (found by a pilot rr simulation), and a sweep of
+   that load from 70 % to 99 %.
    The default, 95 %, is what "a load that keeps round robin busy" means here: its seeds idle one
    moment in twenty, and their queues are still stable, so the figures do not grow with the trace's
    length. The paper's harness ran beyond saturation (72 requests/s onto 8 servers of at most 4
@@ -265,7 +267,7 @@ class CostModel:
     forwarded_factor: float = 1.0
     # with shared_machine: the overheads (and a forward's hop) grow by this share per other seed generating
     # meanwhile on average, as the client's, the entry's and the transport's work waits for the same cores
-    # (fitted on the traces: overhead_stretch); 0 on machines of their own
+    # (fitted on the traces: fit_busy_overhead); 0 on machines of their own
     busy_overhead: float = 0.0
     # with shared_machine: a hit's generation over what the model above says (Contention.hit_factor)
     hit_factor: float = 1.0
