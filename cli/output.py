@@ -111,6 +111,12 @@ EventsOption = Annotated[
 ]
 
 
+def LogIntervalOption(what: str) -> Any:  # noqa: N802 - an Annotated option, named like one
+    """`--log-interval SECONDS` of the nodes that sum their activity up (tracker, relay): say `what` at most
+    this often."""
+    return typer.Option("--log-interval", min=1.0, max=3600.0, metavar="SECONDS", help=f"Say {what} at most this often.")
+
+
 class NodeLog:
     """What a long-running node (seed, tracker, relay) says it does.
 

@@ -22,10 +22,7 @@ def relay_command(
     advertise: AdvertiseOption = None,
     quiet: output.QuietOption = False,
     json_events: output.EventsOption = False,
-    log_interval: Annotated[
-        float, typer.Option("--log-interval", min=1.0, max=3600.0, metavar="SECONDS",
-                            help="Say what was relayed at most this often.")
-    ] = RELAY_REPORT_S,
+    log_interval: Annotated[float, output.LogIntervalOption("what was relayed")] = RELAY_REPORT_S,
 ) -> None:
     """Relay onion-encrypted circuits for other peers' private asks (never loads a model)."""
     log = output.NodeLog(quiet=quiet, json_events=json_events)

@@ -38,10 +38,7 @@ def tracker_command(
     ] = None,
     quiet: output.QuietOption = False,
     json_events: output.EventsOption = False,
-    log_interval: Annotated[
-        float, typer.Option("--log-interval", min=1.0, max=3600.0, metavar="SECONDS",
-                            help="Say what the tracker did at most this often.")
-    ] = TRACKER_ROUND_S,
+    log_interval: Annotated[float, output.LogIntervalOption("what the tracker did")] = TRACKER_ROUND_S,
 ) -> None:
     """Run a tracker: keep the signed records peers announce and answer queries by model and role."""
     log = output.NodeLog(quiet=quiet, json_events=json_events)
